@@ -1,0 +1,266 @@
+"""GracefulProtocol: an asyncio Protocol that knows how its connection closes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, ClassVar, cast
+
+from ._linger import (
+    UNSET,
+    CloseResult,
+    Linger,
+    LingerOptions,
+    _Unset,
+    check_final,
+    check_flag,
+    logger,
+)
+from ._state import HalfCloseState
+
+__all__ = ["GracefulProtocol", "linked_future", "merge_options"]
+
+
+def merge_options(
+    base: LingerOptions,
+    timeout: float | _Unset,
+    idle_timeout: float | _Unset | None,
+    max_discard: int | _Unset | None,
+    reset_on_failure: bool | _Unset,
+) -> LingerOptions:
+    """``base`` with the arguments that were given replacing its fields (validated)."""
+    changes: dict[str, Any] = {}
+    if timeout is not UNSET:
+        changes["timeout"] = timeout
+    if idle_timeout is not UNSET:
+        changes["idle_timeout"] = idle_timeout
+    if max_discard is not UNSET:
+        changes["max_discard"] = max_discard
+    if reset_on_failure is not UNSET:
+        changes["reset_on_failure"] = reset_on_failure
+    if not changes:
+        return base
+    fields = {
+        "timeout": base.timeout,
+        "idle_timeout": base.idle_timeout,
+        "max_discard": base.max_discard,
+        "reset_on_failure": base.reset_on_failure,
+        **changes,
+    }
+    return LingerOptions(**fields)
+
+
+def linked_future(linger: Linger) -> asyncio.Future[CloseResult]:
+    """A new future for one caller, completed with ``linger``'s result.
+
+    Each caller gets its own future so that one caller cancelling (a
+    ``wait_for`` that timed out, say) cannot take the result away from the
+    others. Cancelling it gives up on grace: the connection is aborted, in the
+    manner of trio's ``aclose``, and the other callers see ``ABORTED``.
+    """
+    master = linger.future()
+    mine: asyncio.Future[CloseResult] = linger.loop.create_future()
+    if master.done():
+        mine.set_result(master.result())
+        return mine
+
+    def deliver(done: asyncio.Future[CloseResult]) -> None:
+        if not mine.done():
+            mine.set_result(done.result())
+
+    def on_mine_done(fut: asyncio.Future[CloseResult]) -> None:
+        if fut.cancelled():
+            master.remove_done_callback(deliver)
+            linger.abort()
+
+    master.add_done_callback(deliver)
+    mine.add_done_callback(on_mine_done)
+    return mine
+
+
+class GracefulProtocol(asyncio.Protocol):
+    """An ``asyncio.Protocol`` that tracks its half-close and closes without losing data.
+
+    Subclass it and write ``data_received`` as usual: it is yours and is never
+    wrapped. If you override ``connection_made`` or ``connection_lost``, call
+    ``super()``. What the base class adds:
+
+    * :attr:`state`, :attr:`peer_eof`, :attr:`eof_written`: where the close stands.
+    * When the peer half-closes, the transport stays open for writing and
+      :meth:`on_peer_eof` runs (default: :meth:`close_gracefully`).
+    * When both directions are closed, the transport is closed: no connection
+      is left in CLOSE_WAIT.
+    * :meth:`close_gracefully` lingers (flush, our FIN, discard until the
+      peer's FIN, bounded) and reports a :class:`CloseResult`; :meth:`abort`
+      sends a real RST; :meth:`wait_closed` waits for the result.
+    * :meth:`on_shutdown_notice` is how a :class:`GracefulServer` asks the
+      connection to wind down (default: :meth:`close_gracefully`).
+
+    While a graceful close lingers, what the peer still sends is counted and
+    discarded, not passed to ``data_received``.
+
+    The linger defaults come from the class attribute :attr:`linger`, which a
+    subclass may override; a server created with linger options sets them per
+    connection.
+    """
+
+    #: Linger defaults for :meth:`close_gracefully` (and so for the default hooks).
+    linger: ClassVar[LingerOptions] = LingerOptions()
+
+    transport: asyncio.Transport
+    _graceful: Linger | None = None
+    _linger_options: LingerOptions | None = None
+
+    # -- asyncio callbacks (thin: they feed the state machine) -------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Record the transport and start tracking the connection. Call ``super()``."""
+        self.transport = cast(asyncio.Transport, transport)
+        self._graceful = Linger(asyncio.get_running_loop(), self.transport, self)
+
+    def eof_received(self) -> bool:
+        """The peer half-closed: feed the state machine, then run :meth:`on_peer_eof`."""
+        graceful = self._graceful
+        if graceful is None:  # pragma: no cover - transports call connection_made first
+            return False
+        graceful.peer_eof()
+        if graceful.state is HalfCloseState.PEER_EOF:
+            self._run_hook(self.on_peer_eof)
+        # True keeps the transport open for writing after the peer's FIN: the
+        # answer to what it sent may still be on its way. (asyncio closes the
+        # transport on a false return.) TLS in asyncio cannot half-close and
+        # logs a warning on True, so there the answer is False.
+        return self.transport.can_write_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is gone: complete the close result. Call ``super()``."""
+        graceful = self._graceful
+        if graceful is not None:
+            graceful.lost(exc)
+
+    # -- hooks ---------------------------------------------------------------
+
+    def on_peer_eof(self) -> None:
+        """The peer half-closed; we may still write. Default: :meth:`close_gracefully`.
+
+        Override it to finish answering first; call :meth:`write_eof` or
+        :meth:`close_gracefully` when done (``write_eof`` then closes the
+        transport, since both directions are done).
+        """
+        self.close_gracefully()
+
+    def on_shutdown_notice(self) -> None:
+        """The server is shutting down: tell the peer in protocol terms.
+
+        Called at most once, and only while our write side is open, so it may
+        always write (a GOAWAY, a ``Connection: close``, a BYE line). Default:
+        :meth:`close_gracefully`.
+        """
+        self.close_gracefully()
+
+    # -- queries ---------------------------------------------------------
+
+    @property
+    def state(self) -> HalfCloseState:
+        """The connection's :class:`HalfCloseState` (``OPEN`` before ``connection_made``)."""
+        graceful = self._graceful
+        return HalfCloseState.OPEN if graceful is None else graceful.state
+
+    @property
+    def peer_eof(self) -> bool:
+        """True once the peer's FIN has arrived."""
+        graceful = self._graceful
+        return graceful is not None and graceful.machine.peer_eof
+
+    @property
+    def eof_written(self) -> bool:
+        """True once our FIN has been queued (``write_eof``, or a graceful close)."""
+        graceful = self._graceful
+        return graceful is not None and graceful.machine.eof_written
+
+    @property
+    def close_result(self) -> CloseResult | None:
+        """The :class:`CloseResult`, once ``connection_lost`` has run; else None."""
+        graceful = self._graceful
+        return None if graceful is None else graceful.result
+
+    # -- actions ---------------------------------------------------------
+
+    def write_eof(self) -> None:
+        """Half-close our side (send our FIN after what is buffered). Idempotent.
+
+        If the peer's FIN is already in, the transport is closed. A peer reset
+        met here ends the connection with ``PEER_RESET``; nothing is raised.
+        """
+        self._require().write_eof()
+
+    def close_gracefully(
+        self,
+        *,
+        timeout: float | _Unset = UNSET,
+        idle_timeout: float | _Unset | None = UNSET,
+        max_discard: int | _Unset | None = UNSET,
+        final: bytes = b"",
+        keep_trailing: bool = False,
+        reset_on_failure: bool | _Unset = UNSET,
+    ) -> asyncio.Future[CloseResult]:
+        """Start a lingering close; return a future of its :class:`CloseResult`.
+
+        Flush, write ``final``, send our FIN, then discard (or keep, with
+        ``keep_trailing``) what the peer sends until its FIN, within
+        ``timeout`` seconds in all, ``idle_timeout`` seconds of silence and
+        ``max_discard`` bytes; options left out come from :attr:`linger`.
+
+        Idempotent: a second call starts nothing (its options are ignored) and
+        its future gets the same result. Each call returns a future of its own;
+        a synchronous callback may call this and never await it. Cancelling
+        the returned future aborts the connection (RST).
+        """
+        options = merge_options(
+            self._linger_options or self.linger,
+            timeout,
+            idle_timeout,
+            max_discard,
+            reset_on_failure,
+        )
+        data = check_final(final)
+        keep = check_flag("keep_trailing", keep_trailing)
+        graceful = self._require()
+        graceful.begin(options, final=data, keep_trailing=keep)
+        return linked_future(graceful)
+
+    def abort(self) -> None:
+        """Reset the connection now: SO_LINGER {1, 0}, then close (a real RST).
+
+        The close result's outcome is ``ABORTED``. A no-op once the connection
+        is gone.
+        """
+        self._require().abort()
+
+    async def wait_closed(self) -> CloseResult:
+        """Wait for the connection to end; return its :class:`CloseResult`.
+
+        Cancelling this wait does not touch the connection.
+        """
+        return await asyncio.shield(self._require().future())
+
+    # -- helpers -----------------------------------------------------------
+
+    def _require(self) -> Linger:
+        graceful = self._graceful
+        if graceful is None:
+            raise RuntimeError(f"{type(self).__name__} is not connected (no connection_made yet)")
+        return graceful
+
+    def _run_hook(self, hook: Callable[[], None]) -> None:
+        """Run a user hook; if it raises, log it and close the connection gracefully."""
+        try:
+            hook()
+        except Exception:
+            logger.exception(
+                "%s.%s raised; closing the connection", type(self).__name__, hook.__name__
+            )
+            self.close_gracefully()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._graceful!r}>"

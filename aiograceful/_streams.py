@@ -1,0 +1,167 @@
+"""The lingering close behind asyncio's streams API: ``graceful_close`` and ``abort``."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Final
+
+from ._linger import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_DISCARD,
+    DEFAULT_TIMEOUT,
+    CloseOutcome,
+    CloseResult,
+    Linger,
+    LingerOptions,
+    _Discarder,
+    check_final,
+    check_flag,
+)
+from ._protocol import GracefulProtocol
+from ._socket import reset
+
+__all__ = ["abort", "graceful_close", "linger_of"]
+
+# The close of each writer, so that a second graceful_close() (or the server's,
+# after a handler's own) returns the same result instead of starting another.
+_LINGERS: Final[weakref.WeakKeyDictionary[asyncio.StreamWriter, Linger]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def linger_of(transport: asyncio.BaseTransport) -> Linger | None:
+    """The :class:`Linger` record driving ``transport``, if aiograceful has one."""
+    protocol = transport.get_protocol()
+    if isinstance(protocol, _Discarder):
+        return protocol.linger
+    if isinstance(protocol, GracefulProtocol):
+        return protocol._graceful
+    return None
+
+
+def _take_unread(protocol: asyncio.BaseProtocol | None) -> tuple[bytes, bool]:
+    """Take the bytes a stream's reader holds unread; also say if it saw the peer's FIN.
+
+    asyncio gives no public way to reach a writer's reader or to empty it
+    without awaiting, so this reads CPython's ``StreamReaderProtocol._stream_reader``
+    and ``StreamReader._buffer`` (both present from 3.8 to 3.13, and used by
+    uvloop too, which runs asyncio's own streams). If they are missing, the
+    unread bytes are simply not counted.
+    """
+    reader = getattr(protocol, "_stream_reader", None)
+    if not isinstance(reader, asyncio.StreamReader):
+        return b"", False
+    buffer = getattr(reader, "_buffer", None)
+    data = b""
+    if isinstance(buffer, bytearray) and buffer:
+        data = bytes(buffer)
+        buffer.clear()
+    return data, reader.at_eof()
+
+
+def _check_writer(writer: object) -> asyncio.StreamWriter:
+    if not isinstance(writer, asyncio.StreamWriter):
+        raise TypeError(f"writer must be an asyncio.StreamWriter, got {type(writer).__name__}")
+    return writer
+
+
+async def graceful_close(
+    writer: asyncio.StreamWriter,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    max_discard: int | None = DEFAULT_MAX_DISCARD,
+    final: bytes = b"",
+    keep_trailing: bool = False,
+    reset_on_failure: bool = True,
+) -> CloseResult:
+    """Close a stream without losing what was written to it.
+
+    Flush ``writer``, write ``final`` if given, half-close (our FIN), then read
+    and discard what the peer still sends until its FIN, for at most
+    ``timeout`` seconds in all, ``idle_timeout`` seconds of silence (``None``:
+    no idle limit) and ``max_discard`` bytes (``None``: no cap). Then close,
+    wait for the transport to be gone, and return a :class:`CloseResult`. An
+    outcome other than ``CLEAN`` ends in a RST unless ``reset_on_failure`` is
+    False. With ``keep_trailing=True`` the peer's bytes are kept in
+    ``result.trailing`` (up to ``max_discard``), which is how a client reads a
+    server's last answers after its own FIN; the stream's unread bytes count
+    among them.
+
+    Works on a server's writer and a client's alike. Idempotent: a second call
+    returns the first one's result (its options are ignored). Cancelling it
+    still closes the transport, by abort, and ``CancelledError`` propagates.
+    On a TLS writer, where asyncio has no half-close, the close is bounded by
+    ``timeout`` all the same. The writer's own ``wait_closed()`` completes too.
+
+    Raises ``TypeError``/``ValueError`` for bad arguments, before touching the
+    connection.
+    """
+    stream = _check_writer(writer)
+    options = LingerOptions(
+        timeout=timeout,
+        idle_timeout=idle_timeout,
+        max_discard=max_discard,
+        reset_on_failure=reset_on_failure,
+    )
+    data = check_final(final)
+    keep = check_flag("keep_trailing", keep_trailing)
+    linger = _LINGERS.get(stream)
+    if linger is None:
+        transport = stream.transport
+        existing = linger_of(transport)
+        if existing is not None:
+            linger = existing
+        else:
+            # Typeshed says get_protocol() never returns None; asyncio's
+            # transports do return None once connection_lost has run.
+            protocol: asyncio.BaseProtocol | None = transport.get_protocol()
+            if protocol is None:
+                # asyncio drops the protocol once connection_lost has run:
+                # the connection is already gone, and wait_closed() says how.
+                return await _already_closed(stream)
+            linger = Linger(asyncio.get_running_loop(), transport, protocol)  # type: ignore[arg-type]
+            unread, peer_eof = _take_unread(protocol)
+            linger.begin(options, final=data, keep_trailing=keep, unread=unread, peer_eof=peer_eof)
+        _LINGERS[stream] = linger
+    try:
+        return await asyncio.shield(linger.future())
+    except asyncio.CancelledError:
+        linger.abort()
+        raise
+
+
+async def _already_closed(writer: asyncio.StreamWriter) -> CloseResult:
+    try:
+        await writer.wait_closed()
+    except OSError:
+        return CloseResult(CloseOutcome.PEER_RESET, 0, 0.0)
+    return CloseResult(CloseOutcome.CLEAN, 0, 0.0)
+
+
+def abort(writer_or_transport: asyncio.StreamWriter | asyncio.BaseTransport) -> None:
+    """Reset a connection now: SO_LINGER {1, 0}, then close, so the peer gets a RST.
+
+    ``transport.abort()`` alone is a plain close in asyncio and uvloop (a FIN
+    when nothing is queued). Accepts a ``StreamWriter`` or a transport. If a
+    graceful close is under way, its result becomes ``ABORTED``.
+    """
+    target: object = writer_or_transport
+    if isinstance(target, asyncio.StreamWriter):
+        linger = _LINGERS.get(target)
+        transport: asyncio.BaseTransport = target.transport
+    elif isinstance(target, asyncio.BaseTransport):
+        linger = None
+        transport = target
+    else:
+        raise TypeError(
+            "writer_or_transport must be an asyncio.StreamWriter or transport, "
+            f"got {type(writer_or_transport).__name__}"
+        )
+    if linger is None:
+        linger = linger_of(transport)
+    if linger is not None:
+        linger.abort()
+    else:
+        reset(transport)

@@ -1,0 +1,46 @@
+"""Test configuration: every async test runs on asyncio's loop and on uvloop.
+
+The loop's exception handler is replaced for each async test; anything that
+reaches it (an exception in a callback, a never-retrieved future, a
+transport that failed) fails the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import pytest
+import uvloop
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {"asyncio": asyncio.SelectorEventLoop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+async def loop_exception_guard() -> AsyncIterator[list[dict[str, Any]]]:
+    """Fail the test if anything reached the running loop's exception handler."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+
+    def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        seen.append(context)
+
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(handler)
+    try:
+        yield seen
+        # Let callbacks scheduled by the test's last step run before judging.
+        for _ in range(3):
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    if seen:
+        messages = "; ".join(
+            f"{ctx.get('message')}: {ctx.get('exception')!r}" for ctx in seen
+        )
+        pytest.fail(f"the loop's exception handler was called: {messages}")
