@@ -91,11 +91,19 @@ async def accepted(made: list[Recorder]) -> Recorder:
 
 
 class Answerer(Recorder):
-    """Answers the request with 1 MiB once the peer has half-closed, then writes its EOF."""
+    """Answers with 1 MiB a little after the peer has half-closed, then writes its EOF.
+
+    The answer is deliberately late (not written inside the hook), so that it
+    only arrives if the transport really stayed open after the peer's FIN.
+    """
 
     def on_peer_eof(self) -> None:
         self.snapshot("peer-eof")
         assert bytes(self.received) == b"GET /big\n"
+        asyncio.get_running_loop().call_later(0.05, self.answer)
+
+    def answer(self) -> None:
+        self.snapshot("answering")
         self.transport.write(RESPONSE)
         self.write_eof()
         self.snapshot("after-write-eof")
@@ -173,6 +181,7 @@ async def test_protocol_states_through_a_connection() -> None:
     assert proto.states == [
         ("made", HalfCloseState.OPEN, False, False),
         ("peer-eof", HalfCloseState.PEER_EOF, True, False),
+        ("answering", HalfCloseState.PEER_EOF, True, False),
         ("after-write-eof", HalfCloseState.CLOSING, True, True),
         ("lost-before-super", HalfCloseState.CLOSING, True, True),
         ("lost", HalfCloseState.CLOSED, True, True),
