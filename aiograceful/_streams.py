@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Final, cast
+from typing import Final, TypeGuard, cast
 
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
@@ -137,6 +137,16 @@ async def _already_closed(writer: asyncio.StreamWriter) -> CloseResult:
     return CloseResult(CloseOutcome.CLEAN, 0, 0.0)
 
 
+def _is_transport(obj: object) -> TypeGuard[asyncio.BaseTransport]:
+    # uvloop's transports do not derive from (nor register with)
+    # asyncio.BaseTransport, so a transport is recognised by what abort needs.
+    if isinstance(obj, asyncio.BaseTransport):
+        return True
+    return all(
+        callable(getattr(obj, name, None)) for name in ("abort", "get_extra_info", "is_closing")
+    )
+
+
 def abort(writer_or_transport: asyncio.StreamWriter | asyncio.BaseTransport) -> None:
     """Reset a connection now: SO_LINGER {1, 0}, then close, so the peer gets a RST.
 
@@ -148,7 +158,7 @@ def abort(writer_or_transport: asyncio.StreamWriter | asyncio.BaseTransport) -> 
     if isinstance(target, asyncio.StreamWriter):
         linger = _LINGERS.get(target)
         transport: asyncio.BaseTransport = target.transport
-    elif isinstance(target, asyncio.BaseTransport):
+    elif _is_transport(target):
         linger = None
         transport = target
     else:
