@@ -515,6 +515,16 @@ class Linger:
             return True
         return False
 
+    def observe(self) -> None:
+        """Route the transport's callbacks through this record without starting a close.
+
+        Used before an abort of a connection nobody was closing, so that
+        ``connection_lost`` still makes the result.
+        """
+        if self._options is None:
+            self._options = LingerOptions()
+        self.transport.set_protocol(_Discarder(self, self._forward))
+
     def watch_idle(self, idle_timeout: float, on_idle: Callable[[], bool]) -> None:
         """Before any close: call ``on_idle()`` once nothing was read for ``idle_timeout``.
 

@@ -168,6 +168,16 @@ def abort(writer_or_transport: asyncio.StreamWriter | asyncio.BaseTransport) -> 
         )
     if linger is None:
         linger = linger_of(transport)
+    if linger is None and isinstance(target, asyncio.StreamWriter):
+        # Give the writer a record, so that a graceful_close() after this
+        # abort reports ABORTED rather than guessing from wait_closed().
+        protocol: asyncio.BaseProtocol | None = transport.get_protocol()
+        if protocol is not None and not transport.is_closing():
+            linger = Linger(
+                asyncio.get_running_loop(), cast(asyncio.Transport, transport), protocol
+            )
+            linger.observe()
+            _LINGERS[target] = linger
     if linger is not None:
         linger.abort()
     else:

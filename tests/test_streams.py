@@ -212,6 +212,20 @@ async def test_streams_abort_writer_sends_rst() -> None:
         abort(writer)  # twice: harmless
 
 
+async def test_streams_graceful_close_after_abort_reports_aborted() -> None:
+    """graceful_close(writer) after abort(writer) returns the abort's result: ABORTED."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        abort(writer)
+        result = await asyncio.wait_for(graceful_close(writer, timeout=1), 5)
+        assert result.outcome is CloseOutcome.ABORTED
+        await writer.wait_closed()
+    finally:
+        server.close()
+
+
 async def test_streams_abort_transport_sends_rst() -> None:
     """abort(transport) resets too, where transport.abort() alone is a FIN."""
     async with one_connection() as ((_reader, writer), sock):
