@@ -320,20 +320,28 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
             task.cancel()
 
     def _idle(self) -> bool:
-        """The idle timer fired: close if nothing is pending; True if it did."""
+        """The idle timer fired: close if the handler waits for a request; True if it did."""
         graceful = self._graceful
         if graceful is None or graceful.transport.get_write_buffer_size():
-            return False
-        if _take_unread_len(self._conn_reader):
-            # Bytes of an unfinished request are buffered: not idle.
-            return False
+            return False  # our reply is still going out
+        if not _waiting_for_request(self._conn_reader):
+            return False  # unread request bytes, or the handler is busy with one
         self._close_now(self._server._linger_options)
         return True
 
 
-def _take_unread_len(reader: asyncio.StreamReader) -> int:
-    buffer = getattr(reader, "_buffer", None)  # CPython's StreamReader buffer; see _take_unread
-    return len(buffer) if isinstance(buffer, bytearray) else 0
+def _waiting_for_request(reader: asyncio.StreamReader) -> bool:
+    """True when the handler is blocked reading ``reader`` and nothing is buffered.
+
+    The keep-alive race: closing while a request is half-received, or while
+    the handler works on one, would lose it. asyncio has no public view of
+    either, so this reads CPython's ``StreamReader._buffer`` and ``_waiter``
+    (the future a pending read waits on), as ``_take_unread`` does.
+    """
+    buffer = getattr(reader, "_buffer", None)
+    if not isinstance(buffer, bytearray) or buffer:
+        return False
+    return getattr(reader, "_waiter", None) is not None
 
 
 class _ProtocolConnection:
@@ -675,6 +683,7 @@ class GracefulServer:
         for graceful in report_conns:
             if graceful.result is not None:
                 outcomes[graceful.result.outcome] += 1
+        self._report_conns = set()  # late arrivals still join; drop the references
         return ShutdownReport(
             connections=len(report_conns),
             closed_clean=closed_clean,

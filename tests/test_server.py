@@ -655,6 +655,23 @@ async def test_idle_timeout_waits_for_an_unfinished_request() -> None:
         writer.close()
 
 
+async def test_idle_timeout_spares_a_busy_handler() -> None:
+    """A handler working on a request longer than idle_timeout is not cut off."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            await asyncio.sleep(0.6)  # no traffic either way while it works
+            writer.write(b"done " + line)
+
+    async with await start_server(handler, LOCALHOST, 0, idle_timeout=0.2) as server:
+        reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+        writer.write(b"slow\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"done slow\n"
+        # Then idle for real: closed with a FIN.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+
 async def test_idle_timeout_protocol_uses_kernel_activity() -> None:
     """A protocol connection with traffic is not idle; once quiet, on_idle_timeout closes it."""
 
