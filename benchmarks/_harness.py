@@ -39,6 +39,7 @@ __all__ = [
     "Config",
     "Control",
     "cpu_seconds",
+    "fit_scale",
     "loop_factory",
     "machine_info",
     "median",
@@ -120,6 +121,22 @@ def raise_nofile_limit() -> int:
 def nofile_limit() -> tuple[int, int]:
     """This process's (soft, hard) RLIMIT_NOFILE."""
     return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def fit_scale(wanted: int, spare: int = 200) -> tuple[int, str | None]:
+    """The connection count one process can hold under its hard fd limit, and a note if cut.
+
+    Each child raises its soft limit to the hard one; a server holding N
+    connections needs N descriptors plus a few (listener, pipes, the loop's own).
+    """
+    hard = nofile_limit()[1]
+    if hard == resource.RLIM_INFINITY or wanted + spare <= hard:
+        return wanted, None
+    scaled = max(1, hard - spare)
+    return scaled, (
+        f"Scaled down from {wanted:,} to {scaled:,} connections: the RLIMIT_NOFILE hard "
+        f"limit is {hard:,} (raise it, e.g. `ulimit -Hn`, as root, to run the full count)."
+    )
 
 
 def cpu_seconds() -> float:

@@ -16,6 +16,7 @@ __all__ = [
     "Section",
     "median_of",
     "paired",
+    "ratio_rows",
     "ratio_summary",
     "render_markdown",
     "render_section",
@@ -115,6 +116,35 @@ def median_of(runs: Sequence[dict[str, Any]], loop_name: str, variant: str, key:
     """The median of ``key`` over the runs of (loop, variant)."""
     values = [float(r[key]) for r in _select(runs, loop_name, variant) if r.get(key) is not None]
     return median(values)
+
+
+def ratio_rows(
+    runs: Sequence[dict[str, Any]],
+    loops: Sequence[str],
+    variants: Sequence[str],
+    baseline: str,
+    key: str,
+    medians: Sequence[str],
+    target: str | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (loop, variant): medians of ``medians`` keys, and ``key``'s ratio to baseline.
+
+    ``target`` is shown beside the uvloop ratios (the loop the targets are set for).
+    """
+    rows: list[dict[str, Any]] = []
+    for loop_name in loops:
+        for variant in variants:
+            row: dict[str, Any] = {"loop": loop_name, "variant": variant}
+            for name in medians:
+                row[name] = median_of(runs, loop_name, variant, name)
+            if variant != baseline:
+                ratio, ratios = ratio_summary(runs, loop_name, variant, baseline, key)
+                row["ratio"] = ratio
+                row["ratios"] = " ".join(f"{x:.3f}" for x in ratios)
+                if target is not None and loop_name == "uvloop":
+                    row["target"] = target
+            rows.append(row)
+    return rows
 
 
 def _table(section: Section) -> list[str]:

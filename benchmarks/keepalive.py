@@ -16,7 +16,7 @@ from aiograceful import GracefulProtocol
 
 from ._harness import HOST, Child, Config, Control, run_load, serve_commands
 from ._load import REPLY, REQUEST_SIZE
-from ._report import Column, Section, median_of, paired, ratio_summary
+from ._report import Column, Section, paired, ratio_rows
 
 NAME = "keepalive"
 VARIANTS = ("bare", "graceful")
@@ -125,22 +125,15 @@ def run(cfg: Config) -> Section:
         ],
     )
     section.runs = paired(cfg, VARIANTS, lambda lp, v, r: _run_one(cfg, lp, v, r))
-    for loop_name in cfg.loops:
-        for variant in VARIANTS:
-            row: dict[str, Any] = {
-                "loop": loop_name,
-                "variant": variant,
-                "cpu_us_per_req": median_of(section.runs, loop_name, variant, "cpu_us_per_req"),
-                "req_per_s": median_of(section.runs, loop_name, variant, "req_per_s"),
-            }
-            if variant != "bare":
-                ratio, ratios = ratio_summary(
-                    section.runs, loop_name, variant, "bare", "cpu_us_per_req"
-                )
-                row["ratio"] = ratio
-                row["ratios"] = " ".join(f"{x:.3f}" for x in ratios)
-                row["target"] = f"<= {TARGET}" if loop_name == "uvloop" else ""
-            section.rows.append(row)
+    section.rows = ratio_rows(
+        section.runs,
+        cfg.loops,
+        VARIANTS,
+        "bare",
+        "cpu_us_per_req",
+        ["cpu_us_per_req", "req_per_s"],
+        target=f"<= {TARGET}",
+    )
     errors = sum(int(r["client_errors"]) for r in section.runs)
     if errors:
         section.notes.append(f"{errors} client connection(s) failed across all runs.")
