@@ -241,7 +241,7 @@ class GracefulProtocol(asyncio.Protocol):
         keep = check_flag("keep_trailing", keep_trailing)
         graceful = self._require()
         graceful.begin(options, final=data, keep_trailing=keep)
-        return linked_future(graceful)
+        return graceful.waiter()
 
     def abort(self) -> None:
         """Reset the connection now: SO_LINGER {1, 0}, then close (a real RST).

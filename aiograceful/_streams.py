@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from typing import Final, TypeGuard, cast
 
@@ -98,12 +99,7 @@ async def graceful_close(
     connection.
     """
     stream = _check_writer(writer)
-    options = LingerOptions(
-        timeout=timeout,
-        idle_timeout=idle_timeout,
-        max_discard=max_discard,
-        reset_on_failure=reset_on_failure,
-    )
+    options = _options(timeout, idle_timeout, max_discard, reset_on_failure)
     data = check_final(final)
     keep = check_flag("keep_trailing", keep_trailing)
     linger = _LINGERS.get(stream)
@@ -123,10 +119,34 @@ async def graceful_close(
             linger.begin(options, final=data, keep_trailing=keep, unread=unread, peer_eof=peer_eof)
         _LINGERS[stream] = linger
     try:
-        return await asyncio.shield(linger.future())
+        # Our own waiter: cancelling this task cancels it, which aborts.
+        return await linger.waiter()
     except asyncio.CancelledError:
         linger.abort()
         raise
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _cached_options(
+    timeout: float, idle_timeout: float | None, max_discard: int | None, reset_on_failure: bool
+) -> LingerOptions:
+    return LingerOptions(timeout, idle_timeout, max_discard, reset_on_failure)
+
+
+def _options(
+    timeout: float, idle_timeout: float | None, max_discard: int | None, reset_on_failure: bool
+) -> LingerOptions:
+    """The validated :class:`LingerOptions`, built once per distinct set of arguments.
+
+    Validating them costs more than the rest of a close's bookkeeping, and a
+    server passes the same ones on every connection. (Invalid ones raise, and
+    an exception is never cached; unhashable ones go straight to the check.)
+    """
+    try:
+        hash((timeout, idle_timeout, max_discard, reset_on_failure))
+    except TypeError:
+        return LingerOptions(timeout, idle_timeout, max_discard, reset_on_failure)
+    return _cached_options(timeout, idle_timeout, max_discard, reset_on_failure)
 
 
 async def _already_closed(writer: asyncio.StreamWriter) -> CloseResult:
