@@ -646,7 +646,7 @@ class GracefulServer:
         started = loop.time()
         report_conns = self._report_conns = set(self._conns)
         self._notice._set()
-        self._stop_accepting()
+        await self._stop_accepting()
         # 2. The notice, once per connection (drained ones are notified as
         # they attach).
         for graceful in list(report_conns):
@@ -661,6 +661,8 @@ class GracefulServer:
         await self._wait_closed(lambda: report_conns, grace_end)
         forced = [g for g in report_conns if g.result is None]
         closed_clean = len(report_conns) - len(forced)
+        # (A connection that attaches after this, an in-flight TLS handshake,
+        # say, counts as forced: connections == closed_clean + forced.)
         # 4. Close the rest with a short linger (the rejected ones too).
         leftovers = [self._conns.get(g) for g in forced]
         for conn in leftovers:
@@ -687,18 +689,31 @@ class GracefulServer:
         return ShutdownReport(
             connections=len(report_conns),
             closed_clean=closed_clean,
-            forced=len(forced),
+            forced=len(report_conns) - closed_clean,
             duration=loop.time() - started,
             outcomes=dict(outcomes),
             drained=self._drained,
             rejected=self._rejected_total,
         )
 
-    def _stop_accepting(self) -> None:
+    async def _stop_accepting(self) -> None:
         """Close the listeners without resetting the queue; drain it through dups."""
         server = self._server
         if server is None:
             return
+        # asyncio accepts in a reader callback on the listening socket and
+        # makes each transport one task step later (_accept_connection2),
+        # where asyncio.Server._attach asserts that the server is still open:
+        # a connection accepted in the iteration in which the shutdown began
+        # would be dropped without a word (logged in debug mode only). So stop
+        # the loop's own accepting first, and give those transports a step to
+        # be made; they join the shutdown as they attach. uvloop accepts and
+        # attaches in one callback; remove_reader() of a descriptor it did not
+        # add is a no-op there.
+        for sock in server.sockets:
+            self._loop.remove_reader(sock.fileno())
+        await asyncio.sleep(0)  # the transports are made...
+        await asyncio.sleep(0)  # ...and connection_made, scheduled by them, runs
         dups: list[socket.socket] = []
         for sock in server.sockets:
             try:

@@ -322,8 +322,13 @@ async def test_shutdown_naive_close_resets_the_accept_queue() -> None:
     assert results.count("RST") == 20
 
 
-async def test_shutdown_drains_the_accept_queue() -> None:
-    """Connections still in the accept queue at shutdown get the notice, then EOF, not RST."""
+@pytest.mark.parametrize("loop_turn_first", [False, True], ids=["at-once", "after-a-loop-turn"])
+async def test_shutdown_drains_the_accept_queue(loop_turn_first: bool) -> None:
+    """Connections still in the accept queue at shutdown get the notice, then EOF, not RST.
+
+    "after-a-loop-turn": the shutdown starts in the iteration in which the loop's
+    own accept callback has taken the queue but not yet made the transports.
+    """
     server = await create_server(ByeProtocol, LOCALHOST, 0, backlog=64, grace=3)
     results: list[object] = []
     threads = await fill_accept_queue(port_of(server), 20, results)
@@ -331,11 +336,14 @@ async def test_shutdown_drains_the_accept_queue() -> None:
     assert stats is not None
     assert stats.depth == 20
     assert stats.backlog == 64
+    if loop_turn_first:
+        await asyncio.sleep(0)
     report = await server.shutdown()
     await join(threads)
     assert results == [b"BYE\n"] * 20
     assert report.connections == 20
-    assert report.drained >= 19  # uvloop may have accepted one before the shutdown ran
+    if not loop_turn_first:
+        assert report.drained > 0  # the loop itself may have accepted a few first
     assert report.closed_clean == 20
     assert report.outcomes == {CloseOutcome.CLEAN: 20}
 

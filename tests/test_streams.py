@@ -214,7 +214,13 @@ async def test_streams_abort_writer_sends_rst() -> None:
 
 async def test_streams_graceful_close_after_abort_reports_aborted() -> None:
     """graceful_close(writer) after abort(writer) returns the abort's result: ABORTED."""
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -224,6 +230,7 @@ async def test_streams_graceful_close_after_abort_reports_aborted() -> None:
         await writer.wait_closed()
     finally:
         server.close()
+        await server.wait_closed()
 
 
 async def test_streams_abort_transport_sends_rst() -> None:
