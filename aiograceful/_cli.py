@@ -19,7 +19,7 @@ from . import _demo, _probe
 __all__ = ["main"]
 
 PROG: Final = "python -m aiograceful"
-DEFAULT_ROUNDS: Final = 5
+DEFAULT_ROUNDS: Final = 20
 MAX_ROUNDS: Final = 200
 
 EXIT_OK: Final = 0
@@ -74,7 +74,7 @@ def _size(text: str) -> int:
 def _escaped(text: str) -> bytes:
     """``--send`` text with backslash escapes (``\\r\\n``) decoded, as bytes."""
     try:
-        decoded, _ = codecs.escape_decode(text.encode("utf-8"))  # type: ignore[attr-defined]
+        decoded, _ = codecs.escape_decode(text.encode("utf-8"))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"bad escape in {text!r}: {exc}") from None
     if not isinstance(decoded, bytes) or not decoded:

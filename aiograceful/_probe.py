@@ -189,11 +189,13 @@ class _Requests:
         self.path = path
         self.host = str(target) if target.port not in (80, 443) else target.host
         self.raw = send if send is not None else _RAW_REQUEST
+        self.prefix = send if send is not None else b""
 
     def upload_head(self, body_size: int) -> bytes:
         if not self.http:
-            # A request, then a line with no end: a server with a line limit answers early.
-            return self.raw
+            # A line with no end (after --send, if given): a server with a line
+            # limit, or one that rejects what it cannot parse, answers early.
+            return self.prefix
         return (
             f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\n"
             "User-Agent: aiograceful-probe\r\nContent-Type: application/octet-stream\r\n"
@@ -281,7 +283,9 @@ def check_early_answer(
     what = (
         f"POST {requests.path} announcing a {_size(body_size)} body"
         if requests.http
-        else f"{requests.raw!r} then {_size(body_size)} with no line end"
+        else f"{requests.prefix!r} then {_size(body_size)} with no line end"
+        if requests.prefix
+        else f"{_size(body_size)} with no line end"
     )
     try:
         sock = _connect(target, timeout)
