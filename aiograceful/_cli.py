@@ -191,18 +191,15 @@ def _run_probe(args: argparse.Namespace) -> int:
     if args.send is not None and args.http:
         raise UsageError("--send is for raw probes; with --http the probe writes the requests")
 
-    started = False
-
     def show(verdict: _probe.Verdict) -> None:
         print(_probe.format_verdict(verdict), flush=True)
 
+    print(
+        f"aiograceful probe {args.target} ({'HTTP/1.1' if args.http else 'raw TCP'}); "
+        f"idle-close wait up to {args.wait:g} s",
+        flush=True,
+    )
     try:
-        print(
-            f"aiograceful probe {args.target} ({'HTTP/1.1' if args.http else 'raw TCP'}); "
-            f"idle-close wait up to {args.wait:g} s",
-            flush=True,
-        )
-        started = True
         _, verdicts = _probe.run_probe(
             host,
             port,
@@ -217,7 +214,6 @@ def _run_probe(args: argparse.Namespace) -> int:
     except _probe.ProbeError as exc:
         print(f"{PROG} probe: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    assert started
     print(_probe.format_report(verdicts))
     return _probe.exit_status(verdicts)
 
@@ -233,8 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_demo(args)
         return _run_probe(args)
     except UsageError as exc:
-        command = getattr(exc, "command", "")
-        print(f"{PROG}{command}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
