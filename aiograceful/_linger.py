@@ -345,7 +345,9 @@ class Linger:
         self.transport = transport
         self.machine = HalfCloseMachine()
         self._forward = forward
-        self._timer = DeadlineTimer(loop, self._on_timer)
+        # Made on first use: a connection that never lingers (nor watches
+        # for idleness) never pays for it.
+        self._timer: DeadlineTimer | None = None
         self._options: LingerOptions | None = None
         self._started: float | None = None
         self._deadline = math.inf
@@ -514,7 +516,9 @@ class Linger:
         machine = self.machine
         if machine.state is HalfCloseState.CLOSED:
             return
-        self._timer.cancel()
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
         outcome = self.outcome
         if exc is not None and outcome in (None, CloseOutcome.CLEAN):
             # A close we believed clean failed while flushing, or the peer
@@ -593,27 +597,33 @@ class Linger:
         self._idle_timeout = idle_timeout
         self._on_idle = on_idle
         self.last_read = self.loop.time()
-        self._timer.at(self.last_read + idle_timeout)
+        self._clock().at(self.last_read + idle_timeout)
 
     def shorten(self, seconds: float) -> None:
         """Bring the close's total deadline forward to at most ``seconds`` from now."""
         if self._started is None or self.machine.state is HalfCloseState.CLOSED:
             return
         self._deadline = min(self._deadline, self.loop.time() + seconds)
-        self._timer.at(self._deadline)
+        self._clock().at(self._deadline)
+
+    def _clock(self) -> DeadlineTimer:
+        timer = self._timer
+        if timer is None:
+            timer = self._timer = DeadlineTimer(self.loop, self._on_timer)
+        return timer
 
     def _arm(self) -> None:
         if self._started is None:
             idle = self._idle_timeout
             if idle is not None:
-                self._timer.at(self.last_read + idle)
+                self._clock().at(self.last_read + idle)
             return
         options = self._options
         assert options is not None
         deadline = self._deadline
         if options.idle_timeout is not None and self.machine.state is HalfCloseState.LINGERING:
             deadline = min(deadline, self.last_read + options.idle_timeout)
-        self._timer.at(deadline)
+        self._clock().at(deadline)
 
     def _on_timer(self) -> None:
         if self.machine.state is HalfCloseState.CLOSED:
@@ -678,8 +688,9 @@ class Linger:
         parts = [self.machine.state.name]
         if self._started is not None:
             parts.append(f"discarded={self.discarded}")
-        if self._timer.armed:
-            parts.append(f"deadline={self._timer.when:.3f}")
+        timer = self._timer
+        if timer is not None and timer.armed:
+            parts.append(f"deadline={timer.when:.3f}")
         if self.outcome is not None:
             parts.append(f"outcome={self.outcome.name}")
         return f"<Linger {' '.join(parts)}>"

@@ -29,6 +29,8 @@ def merge_options(
     reset_on_failure: bool | _Unset,
 ) -> LingerOptions:
     """``base`` with the arguments that were given replacing its fields (validated)."""
+    if timeout is idle_timeout is max_discard is reset_on_failure is UNSET:
+        return base
     changes: dict[str, Any] = {}
     if timeout is not UNSET:
         changes["timeout"] = timeout

@@ -148,7 +148,13 @@ class HalfCloseMachine:
 
     def feed(self, event: Event) -> HalfCloseState:
         """Apply ``event``; return the new state. Raises :class:`StateError` if not allowed."""
-        self.state = next_state(self.state, event)
+        # next_state(), inlined: this runs a few times per connection.
+        try:
+            self.state = _TRANSITIONS[self.state, event]
+        except KeyError:
+            raise StateError(
+                f"event {event.name} is not allowed in state {self.state.name}"
+            ) from None
         if event is Event.PEER_EOF:
             self.peer_eof = True
         elif event is Event.EOF_WRITTEN:
