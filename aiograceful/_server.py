@@ -771,7 +771,12 @@ async def _no_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     raise AssertionError("unreachable: a protocol server has no stream handler")
 
 
-def _server_options(
+async def _serve(
+    handler: StreamHandler | None,
+    protocol_factory: Callable[[], GracefulProtocol] | None,
+    host: Any,
+    port: Any,
+    *,
     grace: object,
     force_timeout: object,
     linger_timeout: object,
@@ -779,11 +784,14 @@ def _server_options(
     max_discard: object,
     reset_on_failure: object,
     max_connections: object,
-    on_reject: object,
-    on_notice: object,
+    on_reject: Any,
+    on_notice: Any,
     idle_timeout: object,
     backlog: object,
-) -> tuple[float, float, LingerOptions, int | None, float | None, int]:
+    reuse_port: bool | None,
+    create_kwargs: dict[str, Any],
+) -> GracefulServer:
+    """Validate the options of start_server/create_server, then make and start the server."""
     grace_s = _check_seconds("grace", grace)
     force_s = _check_seconds("force_timeout", force_timeout)
     assert grace_s is not None
@@ -824,7 +832,20 @@ def _server_options(
         raise ValueError(f"backlog must be >= 0, got {backlog}")
     else:
         backlog_n = backlog
-    return grace_s, force_s, linger, max_connections, idle_s, backlog_n
+    server = GracefulServer(
+        handler=handler,
+        protocol_factory=protocol_factory,
+        grace=grace_s,
+        force_timeout=force_s,
+        linger=linger,
+        max_connections=max_connections,
+        on_reject=on_reject,
+        on_notice=on_notice,
+        idle_timeout=idle_s,
+        create_kwargs=create_kwargs,
+    )
+    await server._start(host, port, backlog_n, reuse_port)
+    return server
 
 
 async def start_server(
@@ -881,33 +902,25 @@ async def start_server(
             "client_connected_cb must be a coroutine function, "
             f"got {type(client_connected_cb).__name__}"
         )
-    grace_s, force_s, linger, max_conns, idle_s, backlog_n = _server_options(
-        grace,
-        force_timeout,
-        linger_timeout,
-        linger_idle_timeout,
-        max_discard,
-        reset_on_failure,
-        max_connections,
-        on_reject,
-        on_notice,
-        idle_timeout,
-        backlog,
-    )
-    server = GracefulServer(
-        handler=client_connected_cb,
-        protocol_factory=None,
-        grace=grace_s,
-        force_timeout=force_s,
-        linger=linger,
-        max_connections=max_conns,
+    return await _serve(
+        client_connected_cb,
+        None,
+        host,
+        port,
+        grace=grace,
+        force_timeout=force_timeout,
+        linger_timeout=linger_timeout,
+        linger_idle_timeout=linger_idle_timeout,
+        max_discard=max_discard,
+        reset_on_failure=reset_on_failure,
+        max_connections=max_connections,
         on_reject=on_reject,
         on_notice=on_notice,
-        idle_timeout=idle_s,
+        idle_timeout=idle_timeout,
+        backlog=backlog,
+        reuse_port=reuse_port,
         create_kwargs={**kwargs, "limit": limit},
     )
-    await server._start(host, port, backlog_n, reuse_port)
-    return server
 
 
 async def create_server(
@@ -941,30 +954,22 @@ async def create_server(
     """
     if not callable(protocol_factory):
         raise TypeError(f"protocol_factory must be callable, got {type(protocol_factory).__name__}")
-    grace_s, force_s, linger, max_conns, idle_s, backlog_n = _server_options(
-        grace,
-        force_timeout,
-        linger_timeout,
-        linger_idle_timeout,
-        max_discard,
-        reset_on_failure,
-        max_connections,
-        on_reject,
+    return await _serve(
         None,
-        idle_timeout,
-        backlog,
-    )
-    server = GracefulServer(
-        handler=None,
-        protocol_factory=protocol_factory,
-        grace=grace_s,
-        force_timeout=force_s,
-        linger=linger,
-        max_connections=max_conns,
+        protocol_factory,
+        host,
+        port,
+        grace=grace,
+        force_timeout=force_timeout,
+        linger_timeout=linger_timeout,
+        linger_idle_timeout=linger_idle_timeout,
+        max_discard=max_discard,
+        reset_on_failure=reset_on_failure,
+        max_connections=max_connections,
         on_reject=on_reject,
         on_notice=None,
-        idle_timeout=idle_s,
+        idle_timeout=idle_timeout,
+        backlog=backlog,
+        reuse_port=reuse_port,
         create_kwargs=dict(kwargs),
     )
-    await server._start(host, port, backlog_n, reuse_port)
-    return server
