@@ -40,7 +40,5 @@ async def loop_exception_guard() -> AsyncIterator[list[dict[str, Any]]]:
     finally:
         loop.set_exception_handler(previous)
     if seen:
-        messages = "; ".join(
-            f"{ctx.get('message')}: {ctx.get('exception')!r}" for ctx in seen
-        )
+        messages = "; ".join(f"{ctx.get('message')}: {ctx.get('exception')!r}" for ctx in seen)
         pytest.fail(f"the loop's exception handler was called: {messages}")
