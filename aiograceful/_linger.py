@@ -120,7 +120,8 @@ class _Unset(enum.Enum):
 UNSET: Final = _Unset.UNSET
 
 
-def _check_time(name: str, value: object, *, allow_none: bool) -> float | None:
+def check_seconds(name: str, value: object, *, allow_none: bool) -> float | None:
+    """Validate a time argument: a finite number >= 0 (or None when allowed)."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -154,8 +155,8 @@ class LingerOptions:
     reset_on_failure: bool = True
 
     def __post_init__(self) -> None:
-        timeout = _check_time("timeout", self.timeout, allow_none=False)
-        idle = _check_time("idle_timeout", self.idle_timeout, allow_none=True)
+        timeout = check_seconds("timeout", self.timeout, allow_none=False)
+        idle = check_seconds("idle_timeout", self.idle_timeout, allow_none=True)
         cap = self.max_discard
         if cap is not None:
             if isinstance(cap, bool) or not isinstance(cap, int):
@@ -285,8 +286,11 @@ class Linger:
     """The close of one connection: state, deadlines, counts, outcome, result."""
 
     __slots__ = (
+        "_deadline",
         "_forward",
         "_future",
+        "_idle_timeout",
+        "_on_idle",
         "_options",
         "_scratch",
         "_started",
@@ -296,6 +300,7 @@ class Linger:
         "last_read",
         "loop",
         "machine",
+        "on_lost",
         "outcome",
         "result",
         "transport",
@@ -314,6 +319,11 @@ class Linger:
         self._timer = DeadlineTimer(loop, self._on_timer)
         self._options: LingerOptions | None = None
         self._started: float | None = None
+        self._deadline = math.inf
+        self._idle_timeout: float | None = None
+        self._on_idle: Callable[[], bool] | None = None
+        #: Called (synchronously) at the end of :meth:`lost`, once the result is made.
+        self.on_lost: Callable[[Linger], None] | None = None
         self._future: asyncio.Future[CloseResult] | None = None
         self._trailing: bytearray | None = None
         self._scratch = _SCRATCH
@@ -395,6 +405,7 @@ class Linger:
         now = self.loop.time()
         self._options = options
         self._started = now
+        self._deadline = now + options.timeout
         self.last_read = now
         if keep_trailing:
             self._trailing = bytearray()
@@ -483,6 +494,10 @@ class Linger:
         fut = self._future
         if fut is not None and not fut.done():
             fut.set_result(self.result)
+        on_lost = self.on_lost
+        if on_lost is not None:
+            self.on_lost = None
+            on_lost(self)
 
     # -- internals ---------------------------------------------------------
 
@@ -503,23 +518,48 @@ class Linger:
             return True
         return False
 
+    def watch_idle(self, idle_timeout: float, on_idle: Callable[[], bool]) -> None:
+        """Before any close: call ``on_idle()`` once nothing was read for ``idle_timeout``.
+
+        Reads are reported by setting :attr:`last_read` (a float store; the
+        timer re-arms lazily). ``on_idle`` returns True when it acted (started
+        a close); False means "not idle after all", and the watch goes on from
+        :attr:`last_read`, which ``on_idle`` may have moved.
+        """
+        self._idle_timeout = idle_timeout
+        self._on_idle = on_idle
+        self.last_read = self.loop.time()
+        self._timer.at(self.last_read + idle_timeout)
+
+    def shorten(self, seconds: float) -> None:
+        """Bring the close's total deadline forward to at most ``seconds`` from now."""
+        if self._started is None or self.machine.state is HalfCloseState.CLOSED:
+            return
+        self._deadline = min(self._deadline, self.loop.time() + seconds)
+        self._timer.at(self._deadline)
+
     def _arm(self) -> None:
+        if self._started is None:
+            idle = self._idle_timeout
+            if idle is not None:
+                self._timer.at(self.last_read + idle)
+            return
         options = self._options
-        started = self._started
         assert options is not None
-        assert started is not None
-        deadline = started + options.timeout
+        deadline = self._deadline
         if options.idle_timeout is not None and self.machine.state is HalfCloseState.LINGERING:
             deadline = min(deadline, self.last_read + options.idle_timeout)
         self._timer.at(deadline)
 
     def _on_timer(self) -> None:
-        options = self._options
-        started = self._started
-        if options is None or started is None or self.machine.state is HalfCloseState.CLOSED:
+        if self.machine.state is HalfCloseState.CLOSED:
             return
         now = self.loop.time()
-        if now >= started + options.timeout:
+        options = self._options
+        if self._started is None or options is None:
+            self._on_idle_timer(now)
+            return
+        if now >= self._deadline:
             self._fail(CloseOutcome.TIMEOUT)
         elif options.idle_timeout is not None and self.machine.state is HalfCloseState.LINGERING:
             if self.transport.get_write_buffer_size():
@@ -532,6 +572,21 @@ class Linger:
             self._arm()
         else:
             self._arm()
+
+    def _on_idle_timer(self, now: float) -> None:
+        idle = self._idle_timeout
+        on_idle = self._on_idle
+        if idle is None or on_idle is None or not self.machine.live:
+            return
+        if now < self.last_read + idle:
+            self._arm()
+            return
+        if on_idle():
+            return
+        if self.last_read + idle <= now:
+            # Declined with nothing new to go on: look again a full period later.
+            self.last_read = now
+        self._arm()
 
     def _fail(self, outcome: CloseOutcome) -> None:
         """Give up on grace: record ``outcome`` and close by force."""

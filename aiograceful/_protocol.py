@@ -109,7 +109,9 @@ class GracefulProtocol(asyncio.Protocol):
 
     transport: asyncio.Transport
     _graceful: Linger | None = None
+    # Set per instance by a GracefulServer's protocol factory.
     _linger_options: LingerOptions | None = None
+    _graceful_attach: Callable[[GracefulProtocol], None] | None = None
 
     # -- asyncio callbacks (thin: they feed the state machine) -------------
 
@@ -117,6 +119,9 @@ class GracefulProtocol(asyncio.Protocol):
         """Record the transport and start tracking the connection. Call ``super()``."""
         self.transport = cast(asyncio.Transport, transport)
         self._graceful = Linger(asyncio.get_running_loop(), self.transport, self)
+        attach = self._graceful_attach
+        if attach is not None:
+            attach(self)
 
     def eof_received(self) -> bool:
         """The peer half-closed: feed the state machine, then run :meth:`on_peer_eof`."""
@@ -155,6 +160,15 @@ class GracefulProtocol(asyncio.Protocol):
         Called at most once, and only while our write side is open, so it may
         always write (a GOAWAY, a ``Connection: close``, a BYE line). Default:
         :meth:`close_gracefully`.
+        """
+        self.close_gracefully()
+
+    def on_idle_timeout(self) -> None:
+        """No data moved for the server's ``idle_timeout``. Default: :meth:`close_gracefully`.
+
+        Override it to decline while a request is half-received (return
+        without closing; the server asks again after another period). Only a
+        :class:`GracefulServer` with ``idle_timeout`` calls it.
         """
         self.close_gracefully()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Final
+from typing import Final, cast
 
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
@@ -18,7 +18,6 @@ from ._linger import (
     check_final,
     check_flag,
 )
-from ._protocol import GracefulProtocol
 from ._socket import reset
 
 __all__ = ["abort", "graceful_close", "linger_of"]
@@ -35,9 +34,9 @@ def linger_of(transport: asyncio.BaseTransport) -> Linger | None:
     protocol = transport.get_protocol()
     if isinstance(protocol, _Discarder):
         return protocol.linger
-    if isinstance(protocol, GracefulProtocol):
-        return protocol._graceful
-    return None
+    # GracefulProtocol and the server's stream protocol keep their record here.
+    linger = getattr(protocol, "_graceful", None)
+    return linger if isinstance(linger, Linger) else None
 
 
 def _take_unread(protocol: asyncio.BaseProtocol | None) -> tuple[bytes, bool]:
@@ -109,19 +108,17 @@ async def graceful_close(
     keep = check_flag("keep_trailing", keep_trailing)
     linger = _LINGERS.get(stream)
     if linger is None:
-        transport = stream.transport
-        existing = linger_of(transport)
-        if existing is not None:
-            linger = existing
-        else:
-            # Typeshed says get_protocol() never returns None; asyncio's
-            # transports do return None once connection_lost has run.
-            protocol: asyncio.BaseProtocol | None = transport.get_protocol()
+        transport = cast(asyncio.Transport, stream.transport)
+        # Typeshed says get_protocol() never returns None; asyncio's
+        # transports do return None once connection_lost has run.
+        protocol: asyncio.BaseProtocol | None = transport.get_protocol()
+        linger = linger_of(transport)
+        if linger is None:
             if protocol is None:
-                # asyncio drops the protocol once connection_lost has run:
-                # the connection is already gone, and wait_closed() says how.
+                # The connection is already gone; wait_closed() says how.
                 return await _already_closed(stream)
-            linger = Linger(asyncio.get_running_loop(), transport, protocol)  # type: ignore[arg-type]
+            linger = Linger(asyncio.get_running_loop(), transport, protocol)
+        if not linger.lingering:
             unread, peer_eof = _take_unread(protocol)
             linger.begin(options, final=data, keep_trailing=keep, unread=unread, peer_eof=peer_eof)
         _LINGERS[stream] = linger
