@@ -145,3 +145,98 @@ def veth_namespace() -> Iterator[VethNamespace]:
         yield ns
     finally:
         ns.destroy()
+
+
+# -- a load of well-defined clients (in this process, or as a subprocess) -------------
+
+REQUEST = b"request\n"
+REPLY = b"reply\n"
+
+
+class LoadClient(asyncio.Protocol):
+    """A client that sends one request line, reads the reply, then acts per ``path``.
+
+    * ``clean``/``shutdown``: waits for the server's FIN, then closes (FIN).
+    * ``timeout``: never sends its FIN; the server's timer must end it.
+    * ``overflow``: floods 4 KiB after the reply.
+    * ``reset``: resets (SO_LINGER {1, 0}) as soon as the reply is in.
+    * ``abort``: waits; the server aborts.
+    """
+
+    def __init__(self, path: str, done: asyncio.Future[bytes]) -> None:
+        self.path = path
+        self.done = done
+        self.transport: asyncio.Transport | None = None
+        self.got = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(REQUEST)
+
+    def data_received(self, data: bytes) -> None:
+        self.got += data
+        if self.got != REPLY or self.transport is None:
+            return
+        if self.path == "overflow":
+            self.transport.write(b"f" * 4096)
+        elif self.path == "reset":
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        # The reply is complete: close our side too (False: the transport
+        # closes), except on the timeout path, where the peer keeps its side
+        # open. Neither loop reads after EOF, so a RST would go unnoticed:
+        # probe with a byte now and then (discarded by the lingering server)
+        # until the write fails.
+        if self.path == "timeout":
+            self._probe()
+            return True
+        return False
+
+    def _probe(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(b"?")
+        asyncio.get_running_loop().call_later(0.05, self._probe)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(self.got)
+        self.transport = None
+
+
+async def run_clients(
+    path: str, host: str, port: int, count: int, concurrency: int
+) -> dict[str, int]:
+    """Run ``count`` clients, ``concurrency`` at a time; count the replies they read."""
+    loop = asyncio.get_running_loop()
+    replies: dict[str, int] = {}
+
+    async def one() -> None:
+        done: asyncio.Future[bytes] = loop.create_future()
+        await loop.create_connection(lambda: LoadClient(path, done), host, port)
+        got = (await done).decode(errors="replace")
+        replies[got] = replies.get(got, 0) + 1
+
+    for start in range(0, count, concurrency):
+        size = min(concurrency, count - start)
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(size))), 60.0)
+    return replies
+
+
+def _main(argv: list[str]) -> None:
+    """``python _faults.py PATH HOST PORT COUNT CONCURRENCY``: print the replies (JSON)."""
+    import json
+
+    path, host, port, count, concurrency = argv
+    replies = uvloop.run(run_clients(path, host, int(port), int(count), int(concurrency)))
+    print(json.dumps(replies), flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])
