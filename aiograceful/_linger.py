@@ -37,7 +37,7 @@ import enum
 import logging
 import math
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from ._socket import reset, shutdown_error
 from ._state import Event, HalfCloseMachine, HalfCloseState
@@ -49,6 +49,7 @@ __all__ = [
     "UNSET",
     "CloseOutcome",
     "CloseResult",
+    "CloseWaiter",
     "DeadlineTimer",
     "Linger",
     "LingerOptions",
@@ -216,7 +217,9 @@ class DeadlineTimer:
                 return
             handle.cancel()
         self.when = when
-        self._handle = self._loop.call_at(when, self._fire)
+        # The timer itself is the callback (see __call__): no bound method
+        # is allocated per arming.
+        self._handle = self._loop.call_at(when, self)
 
     def cancel(self) -> None:
         """Cancel the handle, if any, and drop the reference to it."""
@@ -226,7 +229,7 @@ class DeadlineTimer:
             self._handle = None
             self.when = math.inf
 
-    def _fire(self) -> None:
+    def __call__(self) -> None:
         self._handle = None
         self.when = math.inf
         self._callback()
@@ -282,6 +285,31 @@ class _Discarder(asyncio.BufferedProtocol):
         return f"<_Discarder {self._linger!r}>"
 
 
+class CloseWaiter(asyncio.Future[CloseResult]):
+    """One caller's future of a close's :class:`CloseResult`.
+
+    Each caller gets its own, so that one caller cancelling (a ``wait_for``
+    that timed out, say) cannot take the result away from the others.
+    Cancelling it gives up on grace: the connection is aborted, in the manner
+    of trio's ``aclose``, and the other callers see ``ABORTED``. Overriding
+    ``cancel`` (which ``Task.cancel`` and ``wait_for`` call on the future a
+    task awaits) costs nothing until it happens, where a done callback would
+    cost an allocation and a loop iteration on every close.
+    """
+
+    __slots__ = ("_linger",)
+
+    _linger: Linger | None
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        cancelled = super().cancel(msg)
+        linger = self._linger
+        if cancelled and linger is not None:
+            self._linger = None
+            linger.abort()
+        return cancelled
+
+
 class Linger:
     """The close of one connection: state, deadlines, counts, outcome, result."""
 
@@ -296,6 +324,7 @@ class Linger:
         "_started",
         "_timer",
         "_trailing",
+        "_waiters",
         "discarded",
         "last_read",
         "loop",
@@ -325,6 +354,7 @@ class Linger:
         #: Called (synchronously) at the end of :meth:`lost`, once the result is made.
         self.on_lost: Callable[[Linger], None] | None = None
         self._future: asyncio.Future[CloseResult] | None = None
+        self._waiters: list[CloseWaiter] | None = None
         self._trailing: bytearray | None = None
         self._scratch = _SCRATCH
         self.discarded = 0
@@ -355,6 +385,22 @@ class Linger:
             if self.result is not None:
                 fut.set_result(self.result)
         return fut
+
+    def waiter(self) -> CloseWaiter:
+        """A new :class:`CloseWaiter` for one caller, completed with the result."""
+        waiter = CloseWaiter(loop=self.loop)
+        result = self.result
+        if result is not None:
+            waiter._linger = None
+            waiter.set_result(result)
+            return waiter
+        waiter._linger = self
+        waiters = self._waiters
+        if waiters is None:
+            self._waiters = [waiter]
+        else:
+            waiters.append(waiter)
+        return waiter
 
     # -- events from the owner -------------------------------------------
 
@@ -497,6 +543,17 @@ class Linger:
         fut = self._future
         if fut is not None and not fut.done():
             fut.set_result(self.result)
+        waiters = self._waiters
+        if waiters is not None:
+            self._waiters = None
+            for waiter in waiters:
+                waiter._linger = None
+                if not waiter.done():
+                    waiter.set_result(self.result)
+        # Nothing forwards to the old protocol any more: drop the reference,
+        # so that the protocol and this record (which point at each other)
+        # are freed by reference counting, not left to the cyclic GC.
+        self._forward = None
         on_lost = self.on_lost
         if on_lost is not None:
             self.on_lost = None
@@ -520,6 +577,16 @@ class Linger:
             self._fail(CloseOutcome.OVERFLOW)
             return True
         return False
+
+    def observe(self) -> None:
+        """Route the transport's callbacks through this record without starting a close.
+
+        Used before an abort of a connection nobody was closing, so that
+        ``connection_lost`` still makes the result.
+        """
+        if self._options is None:
+            self._options = LingerOptions()
+        self.transport.set_protocol(_Discarder(self, self._forward))
 
     def watch_idle(self, idle_timeout: float, on_idle: Callable[[], bool]) -> None:
         """Before any close: call ``on_idle()`` once nothing was read for ``idle_timeout``.

@@ -18,7 +18,7 @@ from ._linger import (
 )
 from ._state import HalfCloseState
 
-__all__ = ["GracefulProtocol", "linked_future", "merge_options"]
+__all__ = ["GracefulProtocol", "merge_options"]
 
 
 def merge_options(
@@ -48,34 +48,6 @@ def merge_options(
         **changes,
     }
     return LingerOptions(**fields)
-
-
-def linked_future(linger: Linger) -> asyncio.Future[CloseResult]:
-    """A new future for one caller, completed with ``linger``'s result.
-
-    Each caller gets its own future so that one caller cancelling (a
-    ``wait_for`` that timed out, say) cannot take the result away from the
-    others. Cancelling it gives up on grace: the connection is aborted, in the
-    manner of trio's ``aclose``, and the other callers see ``ABORTED``.
-    """
-    master = linger.future()
-    mine: asyncio.Future[CloseResult] = linger.loop.create_future()
-    if master.done():
-        mine.set_result(master.result())
-        return mine
-
-    def deliver(done: asyncio.Future[CloseResult]) -> None:
-        if not mine.done():
-            mine.set_result(done.result())
-
-    def on_mine_done(fut: asyncio.Future[CloseResult]) -> None:
-        if fut.cancelled():
-            master.remove_done_callback(deliver)
-            linger.abort()
-
-    master.add_done_callback(deliver)
-    mine.add_done_callback(on_mine_done)
-    return mine
 
 
 class GracefulProtocol(asyncio.Protocol):
@@ -241,7 +213,7 @@ class GracefulProtocol(asyncio.Protocol):
         keep = check_flag("keep_trailing", keep_trailing)
         graceful = self._require()
         graceful.begin(options, final=data, keep_trailing=keep)
-        return linked_future(graceful)
+        return graceful.waiter()
 
     def abort(self) -> None:
         """Reset the connection now: SO_LINGER {1, 0}, then close (a real RST).

@@ -320,20 +320,28 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
             task.cancel()
 
     def _idle(self) -> bool:
-        """The idle timer fired: close if nothing is pending; True if it did."""
+        """The idle timer fired: close if the handler waits for a request; True if it did."""
         graceful = self._graceful
         if graceful is None or graceful.transport.get_write_buffer_size():
-            return False
-        if _take_unread_len(self._conn_reader):
-            # Bytes of an unfinished request are buffered: not idle.
-            return False
+            return False  # our reply is still going out
+        if not _waiting_for_request(self._conn_reader):
+            return False  # unread request bytes, or the handler is busy with one
         self._close_now(self._server._linger_options)
         return True
 
 
-def _take_unread_len(reader: asyncio.StreamReader) -> int:
-    buffer = getattr(reader, "_buffer", None)  # CPython's StreamReader buffer; see _take_unread
-    return len(buffer) if isinstance(buffer, bytearray) else 0
+def _waiting_for_request(reader: asyncio.StreamReader) -> bool:
+    """True when the handler is blocked reading ``reader`` and nothing is buffered.
+
+    The keep-alive race: closing while a request is half-received, or while
+    the handler works on one, would lose it. asyncio has no public view of
+    either, so this reads CPython's ``StreamReader._buffer`` and ``_waiter``
+    (the future a pending read waits on), as ``_take_unread`` does.
+    """
+    buffer = getattr(reader, "_buffer", None)
+    if not isinstance(buffer, bytearray) or buffer:
+        return False
+    return getattr(reader, "_waiter", None) is not None
 
 
 class _ProtocolConnection:
@@ -638,7 +646,7 @@ class GracefulServer:
         started = loop.time()
         report_conns = self._report_conns = set(self._conns)
         self._notice._set()
-        self._stop_accepting()
+        await self._stop_accepting()
         # 2. The notice, once per connection (drained ones are notified as
         # they attach).
         for graceful in list(report_conns):
@@ -653,6 +661,8 @@ class GracefulServer:
         await self._wait_closed(lambda: report_conns, grace_end)
         forced = [g for g in report_conns if g.result is None]
         closed_clean = len(report_conns) - len(forced)
+        # (A connection that attaches after this, an in-flight TLS handshake,
+        # say, counts as forced: connections == closed_clean + forced.)
         # 4. Close the rest with a short linger (the rejected ones too).
         leftovers = [self._conns.get(g) for g in forced]
         for conn in leftovers:
@@ -675,21 +685,35 @@ class GracefulServer:
         for graceful in report_conns:
             if graceful.result is not None:
                 outcomes[graceful.result.outcome] += 1
+        self._report_conns = set()  # late arrivals still join; drop the references
         return ShutdownReport(
             connections=len(report_conns),
             closed_clean=closed_clean,
-            forced=len(forced),
+            forced=len(report_conns) - closed_clean,
             duration=loop.time() - started,
             outcomes=dict(outcomes),
             drained=self._drained,
             rejected=self._rejected_total,
         )
 
-    def _stop_accepting(self) -> None:
+    async def _stop_accepting(self) -> None:
         """Close the listeners without resetting the queue; drain it through dups."""
         server = self._server
         if server is None:
             return
+        # asyncio accepts in a reader callback on the listening socket and
+        # makes each transport one task step later (_accept_connection2),
+        # where asyncio.Server._attach asserts that the server is still open:
+        # a connection accepted in the iteration in which the shutdown began
+        # would be dropped without a word (logged in debug mode only). So stop
+        # the loop's own accepting first, and give those transports a step to
+        # be made; they join the shutdown as they attach. uvloop accepts and
+        # attaches in one callback; remove_reader() of a descriptor it did not
+        # add is a no-op there.
+        for sock in server.sockets:
+            self._loop.remove_reader(sock.fileno())
+        await asyncio.sleep(0)  # the transports are made...
+        await asyncio.sleep(0)  # ...and connection_made, scheduled by them, runs
         dups: list[socket.socket] = []
         for sock in server.sockets:
             try:

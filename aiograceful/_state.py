@@ -44,6 +44,11 @@ __all__ = ["Event", "HalfCloseMachine", "HalfCloseState", "StateError"]
 class HalfCloseState(enum.Enum):
     """Where a connection stands in its close."""
 
+    # Members are singletons, so identity is equality: hash by identity in C
+    # instead of Enum's Python-level hash of the name. The state table is
+    # looked up on every event of every connection.
+    __hash__ = object.__hash__
+
     #: Both directions are open.
     OPEN = "open"
     #: The peer sent its FIN; we may still write (TCP's CLOSE_WAIT).
@@ -60,6 +65,8 @@ class HalfCloseState(enum.Enum):
 
 class Event(enum.Enum):
     """What can happen to a connection (internal)."""
+
+    __hash__ = object.__hash__  # see HalfCloseState
 
     PEER_EOF = "peer-eof"  # eof_received: the peer's FIN
     EOF_WRITTEN = "eof-written"  # we called transport.write_eof()

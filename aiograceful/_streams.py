@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
-from typing import Final, cast
+from typing import Final, TypeGuard, cast
 
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
@@ -98,12 +99,7 @@ async def graceful_close(
     connection.
     """
     stream = _check_writer(writer)
-    options = LingerOptions(
-        timeout=timeout,
-        idle_timeout=idle_timeout,
-        max_discard=max_discard,
-        reset_on_failure=reset_on_failure,
-    )
+    options = _options(timeout, idle_timeout, max_discard, reset_on_failure)
     data = check_final(final)
     keep = check_flag("keep_trailing", keep_trailing)
     linger = _LINGERS.get(stream)
@@ -123,10 +119,34 @@ async def graceful_close(
             linger.begin(options, final=data, keep_trailing=keep, unread=unread, peer_eof=peer_eof)
         _LINGERS[stream] = linger
     try:
-        return await asyncio.shield(linger.future())
+        # Our own waiter: cancelling this task cancels it, which aborts.
+        return await linger.waiter()
     except asyncio.CancelledError:
         linger.abort()
         raise
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _cached_options(
+    timeout: float, idle_timeout: float | None, max_discard: int | None, reset_on_failure: bool
+) -> LingerOptions:
+    return LingerOptions(timeout, idle_timeout, max_discard, reset_on_failure)
+
+
+def _options(
+    timeout: float, idle_timeout: float | None, max_discard: int | None, reset_on_failure: bool
+) -> LingerOptions:
+    """The validated :class:`LingerOptions`, built once per distinct set of arguments.
+
+    Validating them costs more than the rest of a close's bookkeeping, and a
+    server passes the same ones on every connection. (Invalid ones raise, and
+    an exception is never cached; unhashable ones go straight to the check.)
+    """
+    try:
+        hash((timeout, idle_timeout, max_discard, reset_on_failure))
+    except TypeError:
+        return LingerOptions(timeout, idle_timeout, max_discard, reset_on_failure)
+    return _cached_options(timeout, idle_timeout, max_discard, reset_on_failure)
 
 
 async def _already_closed(writer: asyncio.StreamWriter) -> CloseResult:
@@ -135,6 +155,16 @@ async def _already_closed(writer: asyncio.StreamWriter) -> CloseResult:
     except OSError:
         return CloseResult(CloseOutcome.PEER_RESET, 0, 0.0)
     return CloseResult(CloseOutcome.CLEAN, 0, 0.0)
+
+
+def _is_transport(obj: object) -> TypeGuard[asyncio.BaseTransport]:
+    # uvloop's transports do not derive from (nor register with)
+    # asyncio.BaseTransport, so a transport is recognised by what abort needs.
+    if isinstance(obj, asyncio.BaseTransport):
+        return True
+    return all(
+        callable(getattr(obj, name, None)) for name in ("abort", "get_extra_info", "is_closing")
+    )
 
 
 def abort(writer_or_transport: asyncio.StreamWriter | asyncio.BaseTransport) -> None:
@@ -148,7 +178,7 @@ def abort(writer_or_transport: asyncio.StreamWriter | asyncio.BaseTransport) -> 
     if isinstance(target, asyncio.StreamWriter):
         linger = _LINGERS.get(target)
         transport: asyncio.BaseTransport = target.transport
-    elif isinstance(target, asyncio.BaseTransport):
+    elif _is_transport(target):
         linger = None
         transport = target
     else:
@@ -158,6 +188,16 @@ def abort(writer_or_transport: asyncio.StreamWriter | asyncio.BaseTransport) -> 
         )
     if linger is None:
         linger = linger_of(transport)
+    if linger is None and isinstance(target, asyncio.StreamWriter):
+        # Give the writer a record, so that a graceful_close() after this
+        # abort reports ABORTED rather than guessing from wait_closed().
+        protocol: asyncio.BaseProtocol | None = transport.get_protocol()
+        if protocol is not None and not transport.is_closing():
+            linger = Linger(
+                asyncio.get_running_loop(), cast(asyncio.Transport, transport), protocol
+            )
+            linger.observe()
+            _LINGERS[target] = linger
     if linger is not None:
         linger.abort()
     else:

@@ -1,0 +1,171 @@
+"""Small helpers shared by the test files: loopback servers, raw peers, TCP states.
+
+Everything here talks to real sockets on 127.0.0.1; nothing is mocked.
+
+* :func:`tcp_states` / :func:`close_wait_count`: the kernel's view of the
+  sockets on a port, parsed from ``/proc/net/tcp`` (no ``ss`` needed).
+* :func:`tcp_state`: one socket's own state, from ``TCP_INFO`` (Linux).
+* :func:`stream_server`: an ``asyncio.start_server`` on 127.0.0.1:0 as an
+  async context manager yielding the port.
+* :func:`connect`: a blocking client socket with a timeout; :func:`recv_until_eof`
+  reads until the peer's FIN or RST and says which.
+* :func:`http_post`: stdlib ``http.client`` POST of a large body, run in a
+  thread; returns the status or the exception it met.
+* :func:`make_cert`: a self-signed certificate made with ``openssl``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+#: Linux TCP states (include/net/tcp_states.h), as /proc/net/tcp and TCP_INFO give them.
+TCP_ESTABLISHED = 1
+TCP_CLOSE = 7
+TCP_CLOSE_WAIT = 8
+
+#: A request line and headers announcing a body, ending where a server stops reading.
+UPLOAD_HEAD = (
+    b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Type: application/octet-stream\r\n"
+    b"Content-Length: %d\r\n\r\n"
+)
+#: The early answer a server gives to an upload it refuses.
+REPLY_413 = (
+    b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"
+)
+
+
+def tcp_states(port: int) -> list[tuple[int, int, int]]:
+    """``(local_port, remote_port, state)`` of every IPv4/IPv6 TCP socket touching ``port``."""
+    found: list[tuple[int, int, int]] = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local = int(fields[1].rsplit(":", 1)[1], 16)
+            remote = int(fields[2].rsplit(":", 1)[1], 16)
+            if port in (local, remote):
+                found.append((local, remote, int(fields[3], 16)))
+    return found
+
+
+def close_wait_count(port: int) -> int:
+    """How many sockets whose local port is ``port`` sit in CLOSE_WAIT."""
+    return sum(
+        1 for local, _, state in tcp_states(port) if local == port and state == TCP_CLOSE_WAIT
+    )
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's state of ``sock`` (first byte of ``struct tcp_info``, Linux)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    return int(info[0])
+
+
+async def wait_until(predicate: Callable[[], bool], within: float = 2.0) -> None:
+    """Poll ``predicate`` every 5 ms until it holds; raise TimeoutError after ``within`` s.
+
+    For conditions no callback announces: kernel socket states, bytes a
+    protocol under test has collected, a server's first accepted connection.
+    """
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - nothing to wait on but the condition
+            await asyncio.sleep(0.005)
+
+
+async def wait_for_tcp_state(sock: socket.socket, state: int, within: float = 2.0) -> int:
+    """Poll ``sock``'s state until it is ``state`` or ``within`` seconds pass; return the last."""
+    deadline = time.monotonic() + within
+    current = tcp_state(sock)
+    while current != state and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        current = tcp_state(sock)
+    return current
+
+
+@contextlib.asynccontextmanager
+async def stream_server(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    **kwargs: object,
+) -> AsyncIterator[int]:
+    """Serve ``handler`` on 127.0.0.1, an ephemeral port; yield the port."""
+    server = await asyncio.start_server(handler, HOST, 0, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def connect(port: int, timeout: float = 5.0) -> socket.socket:
+    """A blocking client socket connected to 127.0.0.1:``port``."""
+    return socket.create_connection((HOST, port), timeout=timeout)
+
+
+def set_linger_zero(sock: socket.socket) -> None:
+    """Make ``sock.close()`` send a RST (SO_LINGER {1, 0})."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def recv_until_eof(
+    sock: socket.socket, limit: int = 64 * 1024 * 1024
+) -> tuple[bytes, OSError | None]:
+    """Read until the peer's FIN (error None) or an error such as a RST; at most ``limit``."""
+    chunks: list[bytes] = []
+    total = 0
+    while total < limit:
+        try:
+            chunk = sock.recv(256 * 1024)
+        except OSError as exc:
+            return b"".join(chunks), exc
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks), None
+
+
+def http_post(port: int, size: int) -> int | OSError:
+    """POST ``size`` bytes with stdlib http.client; the reply's status, or the error met."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("POST", "/upload", body=b"x" * size)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except OSError as exc:
+        return exc
+    finally:
+        conn.close()
+
+
+def make_cert(directory: Path) -> tuple[Path, Path] | None:
+    """A self-signed certificate and key for 127.0.0.1 in ``directory``; None without openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key

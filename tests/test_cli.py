@@ -1,0 +1,102 @@
+"""The command line: user mistakes give one line on stderr and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from aiograceful import _cli, _demo
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "choose a command"),
+        (["bogus"], "invalid choice"),
+        (["demo", "--rounds", "0"], "must be 1.."),
+        (["demo", "--rounds", "many"], "not a whole number"),
+        (["demo", "--loop", "trio"], "invalid choice"),
+        (["demo", "--frobnicate"], "unrecognized arguments"),
+        (["probe"], "required: HOST:PORT"),
+        (["probe", "localhost"], "expected HOST:PORT"),
+        (["probe", "127.0.0.1:http"], "bad port"),
+        (["probe", "127.0.0.1:0"], "bad port"),
+        (["probe", "127.0.0.1:99999"], "bad port"),
+        (["probe", "::1:80"], "brackets"),
+        (["probe", "127.0.0.1:80", "--wait", "-1"], "must be more than 0"),
+        (["probe", "127.0.0.1:80", "--wait", "nan"], "must be more than 0"),
+        (["probe", "127.0.0.1:80", "--body-size", "lots"], "not a size"),
+        (["probe", "127.0.0.1:80", "--path", "no-slash"], "must start with /"),
+        (["probe", "127.0.0.1:80", "--http", "--send", "x"], "--send is for raw probes"),
+    ],
+)
+def test_cli_usage_error_one_line_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad command line prints one line naming the problem and returns 2."""
+    assert _cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert message in err
+    assert err.startswith("python -m aiograceful")
+
+
+def test_cli_unreachable_port_one_line_exit_2() -> None:
+    """Probing a loopback port nobody listens on: one line, exit 2, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "aiograceful", "probe", f"127.0.0.1:{_free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot connect" in proc.stderr
+    assert "refused" in proc.stderr.lower()
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_cli_bad_option_in_subprocess_no_traceback() -> None:
+    """``python -m aiograceful demo --rounds -3`` exits 2 with one line, as a user sees it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "aiograceful", "demo", "--rounds", "-3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_uvloop_missing_one_line_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Asking for uvloop where it is not installed is a usage error, not a crash."""
+    only_asyncio = {"asyncio": _demo.available_loops()["asyncio"]}
+    monkeypatch.setattr(_demo, "available_loops", lambda: only_asyncio)
+    assert _cli.main(["demo", "--loop", "uvloop"]) == 2
+    assert "uvloop is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["probe", "--help"]])
+def test_cli_help_exits_0(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` prints usage and exits 0."""
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(argv)
+    assert exc.value.code == 0
+    assert "usage:" in capsys.readouterr().out

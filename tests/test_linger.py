@@ -1,0 +1,459 @@
+"""The lingering closer: H1 reproduced and fixed, the bounds, the options, the timer (issue 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from _util import (
+    HOST,
+    REPLY_413,
+    TCP_CLOSE,
+    TCP_CLOSE_WAIT,
+    UPLOAD_HEAD,
+    connect,
+    http_post,
+    recv_until_eof,
+    stream_server,
+    wait_for_tcp_state,
+    wait_until,
+)
+
+from aiograceful import CloseOutcome, CloseResult, GracefulProtocol, LingerOptions, graceful_close
+from aiograceful._linger import DeadlineTimer
+
+MIB = 1024 * 1024
+BODY = 4 * MIB
+ROUNDS = 10
+
+
+# -- H1: a server answers an upload early and closes -------------------------
+
+
+def refusing_handler(
+    graceful: bool, results: list[CloseResult]
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]:
+    """A streams handler that reads the headers, answers 413 and closes (naively or not)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+            return
+        writer.write(REPLY_413)
+        if graceful:
+            results.append(await graceful_close(writer, timeout=10.0, idle_timeout=5.0))
+        else:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    return handler
+
+
+async def streams_upload(port: int, size: int) -> int | OSError:
+    """An asyncio streams client: write headers and the whole body, drain, then read the reply."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(UPLOAD_HEAD % size)
+        writer.write(b"x" * size)
+        await writer.drain()
+        reply = await reader.read()
+        return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else -1
+    except OSError as exc:
+        return exc
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def stdlib_upload(port: int, size: int) -> int | OSError:
+    return await asyncio.to_thread(http_post, port, size)
+
+
+CLIENTS = {"http.client": stdlib_upload, "streams": streams_upload}
+
+
+async def wait_results(results: list[CloseResult], count: int) -> None:
+    await wait_until(lambda: len(results) >= count, 5)
+
+
+@pytest.mark.parametrize("client", list(CLIENTS))
+async def test_linger_h1_naive_close_loses_the_reply(client: str) -> None:
+    """H1 reproduced: writer.close() with the body unread makes some uploads lose the 413."""
+    upload = CLIENTS[client]
+    async with stream_server(refusing_handler(False, [])) as port:
+        outcomes = [await upload(port, BODY) for _ in range(ROUNDS)]
+    lost = [o for o in outcomes if isinstance(o, ConnectionResetError | BrokenPipeError)]
+    assert len(lost) >= 1, outcomes
+    assert all(o == 413 or o in lost for o in outcomes), outcomes
+
+
+@pytest.mark.parametrize("client", list(CLIENTS))
+async def test_linger_h1_graceful_close_delivers_the_reply(client: str) -> None:
+    """H1 fixed: graceful_close delivers every 413; every close is CLEAN with discarded > 0."""
+    upload = CLIENTS[client]
+    results: list[CloseResult] = []
+    async with stream_server(refusing_handler(True, results)) as port:
+        outcomes = [await upload(port, BODY) for _ in range(ROUNDS)]
+        await wait_results(results, ROUNDS)
+    assert outcomes == [413] * ROUNDS
+    assert [r.outcome for r in results] == [CloseOutcome.CLEAN] * ROUNDS
+    assert all(0 < r.discarded <= BODY for r in results), results
+
+
+class NaiveRefuser(asyncio.Protocol):
+    """A plain Protocol: answers 413 after the headers and closes the transport."""
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            self.transport.write(REPLY_413)
+            self.transport.close()
+            self.transport = None
+
+
+class GracefulRefuser(GracefulProtocol):
+    """A GracefulProtocol: answers 413 after the headers and calls close_gracefully()."""
+
+    results: list[CloseResult]
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            self.transport.write(REPLY_413)
+            fut = self.close_gracefully(timeout=10.0)
+            fut.add_done_callback(lambda f: self.results.append(f.result()))
+
+
+@contextlib.asynccontextmanager
+async def protocol_server(factory: Callable[[], asyncio.BaseProtocol]) -> AsyncIterator[int]:
+    server = await asyncio.get_running_loop().create_server(factory, HOST, 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("client", list(CLIENTS))
+async def test_linger_h1_naive_protocol_loses_the_reply(client: str) -> None:
+    """H1 with a plain Protocol: transport.close() with the body unread loses some replies."""
+    async with protocol_server(NaiveRefuser) as port:
+        outcomes = [await CLIENTS[client](port, BODY) for _ in range(ROUNDS)]
+    assert any(isinstance(o, ConnectionResetError | BrokenPipeError) for o in outcomes), outcomes
+
+
+@pytest.mark.parametrize("client", list(CLIENTS))
+async def test_linger_h1_graceful_protocol_delivers_the_reply(client: str) -> None:
+    """H1 fixed with GracefulProtocol.close_gracefully(): every reply arrives, every close CLEAN."""
+    results: list[CloseResult] = []
+
+    def factory() -> GracefulRefuser:
+        proto = GracefulRefuser()
+        proto.results = results
+        return proto
+
+    async with protocol_server(factory) as port:
+        outcomes = [await CLIENTS[client](port, BODY) for _ in range(ROUNDS)]
+        await wait_results(results, ROUNDS)
+    assert outcomes == [413] * ROUNDS
+    assert [r.outcome for r in results] == [CloseOutcome.CLEAN] * ROUNDS
+    assert all(r.discarded > 0 for r in results), results
+
+
+# -- the bounds: a peer that never closes, dribbles, or floods ---------------
+
+
+async def linger_against(
+    peer: Callable[[socket.socket, threading.Event], None], **options: object
+) -> tuple[CloseResult, float, socket.socket]:
+    """Serve one connection that answers b"reply" then lingers with ``options``.
+
+    ``peer`` runs in a thread with the client socket (after it has sent a
+    request line) until the close result is in, or the event is set.
+    Returns the result, the seconds graceful_close took, and the client socket
+    (still open; the caller closes it).
+    """
+    done: asyncio.Future[tuple[CloseResult, float]] = asyncio.get_running_loop().create_future()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"reply")
+        start = time.monotonic()
+        result = await graceful_close(writer, **options)  # type: ignore[arg-type]
+        done.set_result((result, time.monotonic() - start))
+
+    stop = threading.Event()
+    async with stream_server(handler) as port:
+        sock = connect(port)
+        sock.sendall(b"request\n")
+        thread = asyncio.create_task(asyncio.to_thread(peer, sock, stop))
+        try:
+            result, elapsed = await asyncio.wait_for(done, 10)
+        finally:
+            stop.set()
+            await thread
+    return result, elapsed, sock
+
+
+def silent_peer(sock: socket.socket, stop: threading.Event) -> None:
+    stop.wait(10)
+
+
+async def test_linger_peer_never_closes_times_out() -> None:
+    """A peer that never sends its FIN: TIMEOUT within timeout + margin, then a RST."""
+    result, elapsed, sock = await linger_against(silent_peer, timeout=0.4, idle_timeout=None)
+    try:
+        assert result.outcome is CloseOutcome.TIMEOUT
+        assert elapsed < 0.4 + 2.0
+        assert result.duration < 0.4 + 2.0
+        assert sock.recv(16) == b"reply"
+        assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
+    finally:
+        sock.close()
+
+
+async def test_linger_peer_silent_idle_timeout() -> None:
+    """A silent peer under an idle limit: IDLE_TIMEOUT within idle_timeout + margin."""
+    result, elapsed, sock = await linger_against(silent_peer, timeout=10.0, idle_timeout=0.3)
+    sock.close()
+    assert result.outcome is CloseOutcome.IDLE_TIMEOUT
+    assert elapsed < 0.3 + 2.0
+
+
+async def test_linger_no_reset_on_failure_leaves_a_plain_close() -> None:
+    """reset_on_failure=False: a timed-out linger sends no RST (the peer stays in CLOSE_WAIT)."""
+    result, _, sock = await linger_against(
+        silent_peer, timeout=0.3, idle_timeout=None, reset_on_failure=False
+    )
+    try:
+        assert result.outcome is CloseOutcome.TIMEOUT
+        await asyncio.sleep(0.1)
+        assert await wait_for_tcp_state(sock, TCP_CLOSE_WAIT, 0.5) == TCP_CLOSE_WAIT
+    finally:
+        sock.close()
+
+
+async def test_linger_flushing_to_a_stalled_reader_is_not_idle() -> None:
+    """An unsent reply keeps the idle timer waiting; the total timeout ends a non-reading peer."""
+    done: asyncio.Future[tuple[CloseResult, float]] = asyncio.get_running_loop().create_future()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"r" * (32 * MIB))
+        start = time.monotonic()
+        result = await graceful_close(writer, timeout=1.0, idle_timeout=0.2)
+        done.set_result((result, time.monotonic() - start))
+
+    async with stream_server(handler) as port:
+        sock = connect(port)
+        try:
+            sock.sendall(b"request\n")
+            result, elapsed = await asyncio.wait_for(done, 5)
+        finally:
+            sock.close()
+    assert result.outcome is CloseOutcome.TIMEOUT
+    assert elapsed < 1.0 + 2.0
+
+
+async def test_linger_protocol_peer_never_closes() -> None:
+    """close_gracefully() against a silent peer: IDLE_TIMEOUT within the bound, peer reset."""
+    made: list[GracefulProtocol] = []
+
+    class Server(GracefulProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            made.append(self)
+
+    async with protocol_server(Server) as port:
+        sock = connect(port)
+        try:
+            await wait_until(lambda: bool(made))
+            start = time.monotonic()
+            result = await asyncio.wait_for(made[0].close_gracefully(idle_timeout=0.3), 3)
+            assert result.outcome is CloseOutcome.IDLE_TIMEOUT
+            assert time.monotonic() - start < 0.3 + 2.0
+            assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
+        finally:
+            sock.close()
+
+
+def dribbling_peer(period: float) -> Callable[[socket.socket, threading.Event], None]:
+    def peer(sock: socket.socket, stop: threading.Event) -> None:
+        for _ in range(100):
+            if stop.wait(period):
+                return
+            try:
+                sock.send(b".")
+            except OSError:
+                return
+
+    return peer
+
+
+async def test_linger_dribbling_peer_hits_total_timeout() -> None:
+    """A byte every half idle_timeout keeps the idle timer quiet; the total timeout ends it."""
+    result, elapsed, sock = await linger_against(
+        dribbling_peer(0.15), timeout=1.0, idle_timeout=0.3
+    )
+    sock.close()
+    assert result.outcome is CloseOutcome.TIMEOUT
+    assert result.discarded >= 3
+    assert elapsed < 1.0 + 2.0
+
+
+def flooding_peer(sock: socket.socket, stop: threading.Event) -> None:
+    chunk = b"f" * 65536
+    deadline = time.monotonic() + 10
+    sock.settimeout(0.5)
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            sock.send(chunk)
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+
+
+async def test_linger_flood_overflows_at_the_cap() -> None:
+    """A peer that keeps sending: OVERFLOW once max_discard is passed, within one read of it."""
+    cap = MIB
+    result, _, sock = await linger_against(flooding_peer, timeout=10.0, max_discard=cap)
+    sock.close()
+    assert result.outcome is CloseOutcome.OVERFLOW
+    assert cap < result.discarded <= cap + 64 * 1024
+
+
+async def test_linger_flood_keep_trailing_keeps_the_cap() -> None:
+    """With keep_trailing, a flood keeps exactly max_discard bytes and ends OVERFLOW."""
+    cap = 256 * 1024
+    result, _, sock = await linger_against(
+        flooding_peer, timeout=10.0, max_discard=cap, keep_trailing=True
+    )
+    sock.close()
+    assert result.outcome is CloseOutcome.OVERFLOW
+    assert len(result.trailing) == cap
+    assert set(result.trailing) == {ord("f")}
+
+
+async def test_linger_zero_cap_with_quiet_peer_is_clean() -> None:
+    """max_discard=0 with a peer that sends nothing more: still CLEAN."""
+
+    def closing_peer(sock: socket.socket, stop: threading.Event) -> None:
+        recv_until_eof(sock)
+        sock.close()
+
+    result, _, sock = await linger_against(closing_peer, timeout=5.0, max_discard=0)
+    sock.close()
+    assert result.outcome is CloseOutcome.CLEAN
+    assert result.discarded == 0
+
+
+# -- LingerOptions -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc_type", "name"),
+    [
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"timeout": math.nan}, ValueError, "timeout"),
+        ({"timeout": math.inf}, ValueError, "timeout"),
+        ({"timeout": None}, TypeError, "timeout"),
+        ({"timeout": True}, TypeError, "timeout"),
+        ({"timeout": "3"}, TypeError, "timeout"),
+        ({"idle_timeout": -0.1}, ValueError, "idle_timeout"),
+        ({"idle_timeout": math.nan}, ValueError, "idle_timeout"),
+        ({"idle_timeout": b"1"}, TypeError, "idle_timeout"),
+        ({"max_discard": -1}, ValueError, "max_discard"),
+        ({"max_discard": 2.0}, TypeError, "max_discard"),
+        ({"max_discard": False}, TypeError, "max_discard"),
+        ({"reset_on_failure": 0}, TypeError, "reset_on_failure"),
+    ],
+)
+def test_linger_options_reject_bad_values(
+    kwargs: dict[str, object], exc_type: type[Exception], name: str
+) -> None:
+    """LingerOptions refuses bad fields with an error naming the field."""
+    with pytest.raises(exc_type, match=f"^{name} "):
+        LingerOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_linger_options_normalise_numbers() -> None:
+    """Integer seconds become floats; None lifts the idle limit and the cap."""
+    options = LingerOptions(timeout=2, idle_timeout=None, max_discard=None)
+    assert options.timeout == 2.0
+    assert isinstance(options.timeout, float)
+    assert options.idle_timeout is None
+    assert options.max_discard is None
+    assert LingerOptions(idle_timeout=1).idle_timeout == 1.0
+
+
+# -- DeadlineTimer -------------------------------------------------------------
+
+
+async def test_linger_timer_fires_once_and_drops_its_handle() -> None:
+    """The timer fires at its deadline, then holds no handle."""
+    loop = asyncio.get_running_loop()
+    fired: list[float] = []
+    timer = DeadlineTimer(loop, lambda: fired.append(loop.time()))
+    assert not timer.armed
+    assert "unarmed" in repr(timer)
+    when = loop.time() + 0.05
+    timer.at(when)
+    assert timer.armed
+    assert f"{when:.3f}" in repr(timer)
+    await asyncio.sleep(0.2)
+    assert len(fired) == 1
+    assert fired[0] >= when - 0.01
+    assert not timer.armed
+    assert timer.when == math.inf
+
+
+async def test_linger_timer_rearms_only_earlier() -> None:
+    """A later deadline keeps the armed one (lazy); an earlier one replaces it."""
+    loop = asyncio.get_running_loop()
+    fired: list[int] = []
+    timer = DeadlineTimer(loop, lambda: fired.append(1))
+    now = loop.time()
+    timer.at(now + 5)
+    timer.at(now + 9)
+    assert timer.when == now + 5
+    timer.at(now + 0.02)
+    assert timer.when == now + 0.02
+    await asyncio.sleep(0.15)
+    assert fired == [1]
+    assert not timer.armed
+
+
+async def test_linger_timer_cancel() -> None:
+    """A cancelled timer never fires and holds no handle."""
+    loop = asyncio.get_running_loop()
+    fired: list[int] = []
+    timer = DeadlineTimer(loop, lambda: fired.append(1))
+    timer.at(loop.time() + 0.02)
+    timer.cancel()
+    timer.cancel()
+    assert not timer.armed
+    await asyncio.sleep(0.1)
+    assert fired == []

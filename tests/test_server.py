@@ -1,0 +1,815 @@
+"""GracefulServer: asymmetric shutdown, grace then force, drained accept queue, rejection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import http.client
+import logging
+import math
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+import aiograceful
+from aiograceful import (
+    CloseOutcome,
+    GracefulProtocol,
+    GracefulServer,
+    ShutdownReport,
+    create_server,
+    start_server,
+)
+
+LOCALHOST = "127.0.0.1"
+
+
+def port_of(server: GracefulServer | asyncio.Server) -> int:
+    return int(server.sockets[0].getsockname()[1])
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``predicate`` every few ms; fail the test if it is still false after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.005)
+
+
+# -- seed 002: the simultaneous-shutdown race --------------------------------------------
+
+
+class RaceLineServer(GracefulProtocol):
+    """``REQ n`` -> ``ANS n``; the shutdown notice is a ``BYE`` line."""
+
+    def data_received(self, data: bytes) -> None:
+        for line in data.splitlines():
+            if line.startswith(b"REQ "):
+                self.transport.write(b"ANS " + line[4:] + b"\n")
+
+    def on_shutdown_notice(self) -> None:
+        self.transport.write(b"BYE\n")
+
+
+class NaiveRaceServer(asyncio.Protocol):
+    """The same protocol, shut down symmetrically: the server half-closes at once."""
+
+    def __init__(self, registry: set[NaiveRaceServer]) -> None:
+        self.registry = registry
+        self.eof_written = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.registry.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.eof_written:
+            return  # the write side is closed: these requests cannot be answered
+        for line in data.splitlines():
+            if line.startswith(b"REQ "):
+                self.transport.write(b"ANS " + line[4:] + b"\n")
+
+    def eof_received(self) -> bool:
+        self.transport.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.registry.discard(self)
+
+    def shutdown(self) -> None:
+        if not self.transport.is_closing():
+            self.eof_written = True
+            self.transport.write_eof()
+
+
+async def race_client(port: int, *, rng: random.Random) -> tuple[int, int]:
+    """Send requests on a random schedule; stop and half-close on BYE or EOF, or when done.
+
+    Returns (requests sent, answers received).
+    """
+    reader, writer = await asyncio.open_connection(LOCALHOST, port)
+    answers = 0
+    ended = asyncio.Event()
+
+    async def read_all() -> None:
+        nonlocal answers
+        with contextlib.suppress(ConnectionError):
+            while line := await reader.readline():
+                if line.startswith(b"ANS "):
+                    answers += 1
+                elif line == b"BYE\n":
+                    ended.set()
+        ended.set()
+
+    read_task = asyncio.create_task(read_all())
+    sent = 0
+    try:
+        for i in range(rng.randint(1, 8)):
+            if ended.is_set() or writer.transport.is_closing():
+                break
+            writer.write(b"REQ %d\n" % i)
+            sent += 1
+            await asyncio.sleep(rng.uniform(0, 0.002))
+        if not writer.transport.is_closing():
+            writer.write_eof()
+        await asyncio.wait_for(read_task, 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return sent, answers
+
+
+async def graceful_round(clients: list[Awaitable[tuple[int, int]]], delay: float) -> list[object]:
+    """One round against a GracefulServer: the notice, then the client's FIN, then ours."""
+    server = await create_server(RaceLineServer, LOCALHOST, 0, grace=5.0)
+
+    async def stop() -> None:
+        await asyncio.sleep(delay)
+        report = await server.shutdown()
+        assert report.forced == 0
+
+    return await asyncio.gather(stop(), *(c(port_of(server)) for c in clients))
+
+
+async def naive_round(clients: list[Awaitable[tuple[int, int]]], delay: float) -> list[object]:
+    """One round against a server that shuts down symmetrically (half-closes at once)."""
+    registry: set[NaiveRaceServer] = set()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: NaiveRaceServer(registry), LOCALHOST, 0)
+
+    async def stop() -> None:
+        await asyncio.sleep(delay)
+        server.close()
+        for proto in list(registry):
+            proto.shutdown()
+        await wait_until(lambda: not registry)
+
+    results = await asyncio.gather(stop(), *(c(port_of(server)) for c in clients))
+    await server.wait_closed()
+    return results
+
+
+async def run_race(rounds: int, seed: int, *, graceful: bool) -> tuple[int, int]:
+    """Run the randomized race; return (requests sent, requests lost) over all rounds."""
+    rng = random.Random(seed)
+    sent_total = lost_total = 0
+    play = graceful_round if graceful else naive_round
+    for _ in range(rounds):
+        n_clients = rng.randint(1, 4)
+        delay = rng.uniform(0, 0.008)
+        seeds = [rng.random() for _ in range(n_clients)]
+        clients = [functools.partial(race_client, rng=random.Random(s)) for s in seeds]
+        results = await play(clients, delay)  # type: ignore[arg-type]
+        for sent, answered in results[1:]:  # type: ignore[misc]
+            sent_total += sent
+            lost_total += sent - answered
+    return sent_total, lost_total
+
+
+async def test_shutdown_race_loses_nothing_with_the_notice() -> None:
+    """Seed 002: over 200 random rounds, every request sent before the client's FIN is answered."""
+    sent, lost = await run_race(200, seed=2002, graceful=True)
+    assert sent > 200
+    assert lost == 0, f"{lost} of {sent} requests lost"
+
+
+async def test_shutdown_race_symmetric_close_loses_requests() -> None:
+    """The same schedule with a server that half-closes at once loses some requests."""
+    sent, lost = await run_race(200, seed=2002, graceful=False)
+    assert sent > 200
+    assert lost > 0, "the naive symmetric shutdown lost nothing: the race was not reproduced"
+
+
+# -- shutdown at scale --------------------------------------------------------------------
+
+
+async def test_shutdown_1000_connections_counts_are_exact() -> None:
+    """A burst of 1000: idle and mid-request ones end CLEAN, ignorers are forced after grace."""
+    n_idle, n_busy, n_ignore = 600, 250, 150
+    grace, force = 1.5, 0.5
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            if line == b"SLOW\n":
+                await asyncio.sleep(0.5)  # mid-request when the shutdown starts
+            writer.write(b"DONE " + line)
+            await writer.drain()
+
+    def on_notice(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"BYE\n")
+
+    server = await start_server(
+        handler, LOCALHOST, 0, grace=grace, force_timeout=force, on_notice=on_notice
+    )
+    port = port_of(server)
+    outcome: dict[str, list[bytes | str]] = {"idle": [], "busy": [], "ignore": []}
+    requested = asyncio.Event()
+    release = asyncio.Event()
+    busy_sent = 0
+
+    async def client(kind: str) -> None:
+        nonlocal busy_sent
+        reader, writer = await asyncio.open_connection(LOCALHOST, port)
+        try:
+            if kind == "busy":
+                writer.write(b"SLOW\n")
+                busy_sent += 1
+                if busy_sent == n_busy:
+                    requested.set()
+            got = b""
+            with contextlib.suppress(ConnectionError):
+                bye = await reader.readline()
+                if kind == "ignore":
+                    # Never half-closes, never closes, even after the
+                    # server's FIN: it waits to be forced.
+                    got = bye + await reader.read()
+                    await release.wait()
+                else:
+                    writer.write_eof()
+                    got = bye + await reader.read()
+            outcome[kind].append(got)
+        except ConnectionResetError:
+            outcome[kind].append("RST")
+        finally:
+            writer.close()
+
+    clients = [asyncio.create_task(client("idle")) for _ in range(n_idle)]
+    clients += [asyncio.create_task(client("busy")) for _ in range(n_busy)]
+    clients += [asyncio.create_task(client("ignore")) for _ in range(n_ignore)]
+    await asyncio.wait_for(requested.wait(), 20)
+    await wait_until(lambda: server.connections == n_idle + n_busy + n_ignore, 20)
+    await asyncio.sleep(0.05)  # the SLOW lines reach their handlers
+
+    started = time.monotonic()
+    report = await server.shutdown()
+    elapsed = time.monotonic() - started
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*clients), 20)
+
+    assert report.connections == 1000
+    assert report.closed_clean == n_idle + n_busy
+    assert report.forced == n_ignore
+    assert report.outcomes.get(CloseOutcome.CLEAN, 0) == n_idle + n_busy
+    # The ignorers' short linger ran out: the peer never sent its FIN.
+    forced_outcomes = {CloseOutcome.TIMEOUT, CloseOutcome.IDLE_TIMEOUT}
+    assert set(report.outcomes) - {CloseOutcome.CLEAN} <= forced_outcomes
+    assert sum(report.outcomes.values()) == 1000
+    assert server.connections == 0
+    assert elapsed <= grace + force + 3.0
+    assert set(outcome["idle"]) == {b"BYE\n"}
+    # The busy ones got the notice, then their answer, then EOF.
+    assert set(outcome["busy"]) == {b"BYE\nDONE SLOW\n"}
+    # They read the notice, then our FIN (the forced close lingers first).
+    assert outcome["ignore"] == [b"BYE\n"] * n_ignore
+
+
+# -- the accept queue (seed 003) ----------------------------------------------------------
+
+
+def queued_client(port: int, results: list[object]) -> None:
+    """Connect (the handshake completes into the accept queue), then read until EOF or error."""
+    with socket.create_connection((LOCALHOST, port), timeout=10) as sock:
+        data = b""
+        try:
+            while chunk := sock.recv(4096):
+                data += chunk
+                if data.endswith(b"BYE\n"):
+                    sock.shutdown(socket.SHUT_WR)
+            results.append(data)
+        except ConnectionResetError:
+            results.append("RST")
+
+
+class ByeProtocol(GracefulProtocol):
+    def on_shutdown_notice(self) -> None:
+        self.transport.write(b"BYE\n")
+
+
+async def fill_accept_queue(port: int, n: int, results: list[object]) -> list[threading.Thread]:
+    """Start ``n`` blocking clients while the loop is blocked, so none is accepted yet."""
+    threads = [threading.Thread(target=queued_client, args=(port, results)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    # Block the loop: the clients' handshakes complete into the kernel's
+    # accept queue, and nobody calls accept().
+    time.sleep(0.5)  # noqa: ASYNC251 - blocking the loop is the point
+    return threads
+
+
+async def join(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        await asyncio.to_thread(t.join, 15)
+        assert not t.is_alive()
+
+
+async def test_shutdown_naive_close_resets_the_accept_queue() -> None:
+    """asyncio's Server.close() with connections in the accept queue resets them (seed 003)."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(asyncio.Protocol, LOCALHOST, 0, backlog=64)
+    results: list[object] = []
+    threads = await fill_accept_queue(port_of(server), 20, results)
+    server.close()  # same loop iteration: nothing was accepted
+    await join(threads)
+    await server.wait_closed()
+    assert results.count("RST") == 20
+
+
+@pytest.mark.parametrize("loop_turn_first", [False, True], ids=["at-once", "after-a-loop-turn"])
+async def test_shutdown_drains_the_accept_queue(loop_turn_first: bool) -> None:
+    """Connections still in the accept queue at shutdown get the notice, then EOF, not RST.
+
+    "after-a-loop-turn": the shutdown starts in the iteration in which the loop's
+    own accept callback has taken the queue but not yet made the transports.
+    """
+    server = await create_server(ByeProtocol, LOCALHOST, 0, backlog=64, grace=3)
+    results: list[object] = []
+    threads = await fill_accept_queue(port_of(server), 20, results)
+    stats = server.accept_queue()
+    assert stats is not None
+    assert stats.depth == 20
+    assert stats.backlog == 64
+    if loop_turn_first:
+        await asyncio.sleep(0)
+    report = await server.shutdown()
+    await join(threads)
+    assert results == [b"BYE\n"] * 20
+    assert report.connections == 20
+    if not loop_turn_first:
+        assert report.drained > 0  # the loop itself may have accepted a few first
+    assert report.closed_clean == 20
+    assert report.outcomes == {CloseOutcome.CLEAN: 20}
+
+
+# -- rejection at a connection limit (seed 001) -------------------------------------------
+
+REJECTION = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+BODY = b"x" * (4 * 1024 * 1024)
+
+
+def post_big_body(port: int) -> int | str:
+    """POST 4 MiB with stdlib http.client; the status, or the error's name."""
+    conn = http.client.HTTPConnection(LOCALHOST, port, timeout=15)
+    try:
+        conn.request("POST", "/upload", body=BODY)
+        return conn.getresponse().status
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        conn.close()
+
+
+async def hold_one_connection(port: int) -> asyncio.StreamWriter:
+    _reader, writer = await asyncio.open_connection(LOCALHOST, port)
+    return writer
+
+
+async def test_reject_naive_close_loses_the_503() -> None:
+    """A server that writes 503 at its limit and closes resets the client still sending."""
+    live = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal live
+        if live >= 1:
+            writer.write(REJECTION)
+            writer.close()
+            return
+        live += 1
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(handler, LOCALHOST, 0)
+    holder = await hold_one_connection(port_of(server))
+    await wait_until(lambda: live == 1)
+    statuses = [await asyncio.to_thread(post_big_body, port_of(server)) for _ in range(5)]
+    holder.close()
+    server.close()
+    await server.wait_closed()
+    assert any(s in ("ConnectionResetError", "BrokenPipeError") for s in statuses), statuses
+
+
+async def test_reject_over_the_limit_delivers_the_503() -> None:
+    """Over max_connections, http.client posting 4 MiB reads the 503 every time."""
+    rejected: list[asyncio.Transport] = []
+
+    def on_reject(transport: asyncio.Transport) -> None:
+        rejected.append(transport)
+        transport.write(REJECTION)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await start_server(handler, LOCALHOST, 0, max_connections=1, on_reject=on_reject)
+    holder = await hold_one_connection(port_of(server))
+    await wait_until(lambda: server.connections == 1)
+    statuses = [await asyncio.to_thread(post_big_body, port_of(server)) for _ in range(5)]
+    assert statuses == [503] * 5
+    assert len(rejected) == 5
+    assert server.connections == 1
+    holder.close()
+    report = await server.shutdown()
+    assert report.rejected == 5
+
+
+async def test_reject_default_closes_gracefully_without_writing() -> None:
+    """With no on_reject, an extra connection sees EOF (no bytes), not a reset."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async with await start_server(handler, LOCALHOST, 0, max_connections=1) as server:
+        holder = await hold_one_connection(port_of(server))
+        await wait_until(lambda: server.connections == 1)
+        reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+        writer.write(b"hello")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        holder.close()
+
+
+# -- hooks, handlers, lifecycle -----------------------------------------------------------
+
+
+async def test_notice_hook_that_raises_is_logged_and_shutdown_completes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A raising notice hook is logged on 'aiograceful'; the connection still closes."""
+
+    class Broken(GracefulProtocol):
+        def on_shutdown_notice(self) -> None:
+            raise RuntimeError("hook failed")
+
+    server = await create_server(Broken, LOCALHOST, 0, grace=2)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    await wait_until(lambda: server.connections == 1)
+    with caplog.at_level(logging.ERROR, logger="aiograceful"):
+        report = await server.shutdown()
+    assert "hook failed" in caplog.text
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert report.connections == 1
+    assert sum(report.outcomes.values()) == 1
+    assert server.connections == 0
+
+
+async def test_stream_notice_hook_that_raises_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A raising on_notice(writer) is logged and its connection closed gracefully."""
+
+    def on_notice(writer: asyncio.StreamWriter) -> None:
+        raise ValueError("notice broke")
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await start_server(handler, LOCALHOST, 0, on_notice=on_notice, grace=2)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    await wait_until(lambda: server.connections == 1)
+    with caplog.at_level(logging.ERROR, logger="aiograceful"):
+        shutdown = asyncio.create_task(server.shutdown())
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.write_eof()
+        report = await shutdown
+    assert "notice broke" in caplog.text
+    assert report.closed_clean == 1
+    writer.close()
+
+
+async def test_async_notice_hook_is_awaited() -> None:
+    """An on_notice that returns a coroutine runs to completion during the shutdown."""
+
+    async def on_notice(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.01)
+        writer.write(b"GOAWAY\n")
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await start_server(handler, LOCALHOST, 0, on_notice=on_notice, grace=2)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    await wait_until(lambda: server.connections == 1)
+    shutdown = asyncio.create_task(server.shutdown())
+    assert await asyncio.wait_for(reader.readline(), 5) == b"GOAWAY\n"
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    report = await shutdown
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}
+    writer.close()
+
+
+async def test_handler_that_raises_is_logged_and_writer_closed_gracefully(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler's exception is logged; what it wrote still arrives, then EOF."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"partial answer\n")
+        raise KeyError("handler bug")
+
+    async with await start_server(handler, LOCALHOST, 0) as server:
+        reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+        with caplog.at_level(logging.ERROR, logger="aiograceful"):
+            writer.write(b"request\n" + b"y" * 100_000)  # unread bytes behind the request
+            assert await asyncio.wait_for(reader.read(), 5) == b"partial answer\n"
+            writer.close()
+            await wait_until(lambda: server.connections == 0)
+        assert "handler bug" in caplog.text
+
+
+async def test_handler_return_closes_writer_gracefully_with_unread_data() -> None:
+    """A handler that returns with the client still sending: the reply is delivered, FIN follows."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+
+    async with await start_server(handler, LOCALHOST, 0) as server:
+        statuses = [await asyncio.to_thread(post_big_body, port_of(server)) for _ in range(3)]
+    assert statuses == [413] * 3
+
+
+async def test_shutdown_is_idempotent_and_shared() -> None:
+    """Concurrent and later shutdown() calls share one shutdown and one report."""
+    server = await create_server(ByeProtocol, LOCALHOST, 0, grace=0.5)
+    _reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    await wait_until(lambda: server.connections == 1)
+    first, second = await asyncio.gather(server.shutdown(), server.shutdown())
+    third = await server.shutdown()
+    assert first is second is third
+    assert isinstance(first, ShutdownReport)
+    writer.close()
+    assert not server.is_serving()
+
+
+async def test_shutdown_with_no_connections_is_quick() -> None:
+    """An idle server shuts down without waiting for grace."""
+    server = await create_server(ByeProtocol, LOCALHOST, 0, grace=30)
+    started = time.monotonic()
+    report = await server.shutdown()
+    assert time.monotonic() - started < 5
+    assert report.connections == report.closed_clean == report.forced == 0
+
+
+async def test_shutdown_forces_ignorers_within_bounds() -> None:
+    """A peer that ignores the notice and never closes is forced; the report says so."""
+    server = await create_server(ByeProtocol, LOCALHOST, 0, grace=0.3, force_timeout=0.2)
+    _reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    await wait_until(lambda: server.connections == 1)
+    started = time.monotonic()
+    report = await server.shutdown()
+    elapsed = time.monotonic() - started
+    assert report.forced == 1
+    assert report.closed_clean == 0
+    assert elapsed < 0.3 + 0.2 + 2.0
+    assert report.outcomes.get(CloseOutcome.CLEAN, 0) == 0
+    writer.close()
+
+
+async def test_async_with_and_serve_forever_on_shutdown() -> None:
+    """serve_forever() returns once shutdown() has run; async with shuts down on exit."""
+    async with await create_server(ByeProtocol, LOCALHOST, 0, grace=0.5) as server:
+        serving = asyncio.create_task(server.serve_forever())
+        await asyncio.sleep(0.05)
+        assert server.is_serving()
+        await server.shutdown()
+        await asyncio.wait_for(serving, 5)
+    assert not server.is_serving()
+
+
+async def test_server_with_sock_and_start_serving_false() -> None:
+    """A server given sock= and start_serving=False serves after start_serving() and shuts down."""
+    sock = socket.socket()
+    sock.bind((LOCALHOST, 0))
+    server = await create_server(ByeProtocol, sock=sock, start_serving=False, grace=1)
+    assert not server.is_serving()
+    await server.start_serving()
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    await wait_until(lambda: server.connections == 1)
+    shutdown = asyncio.create_task(server.shutdown())
+    assert await asyncio.wait_for(reader.readline(), 5) == b"BYE\n"
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    report = await shutdown
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}
+    writer.close()
+
+
+async def test_registry_never_leaks() -> None:
+    """Connections leave the registry as they close, whichever side closes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+
+    async with await start_server(handler, LOCALHOST, 0) as server:
+        writers = []
+        for _ in range(20):
+            _r, w = await asyncio.open_connection(LOCALHOST, port_of(server))
+            writers.append(w)
+        await wait_until(lambda: server.connections == 20)
+        try:
+            for i, w in enumerate(writers):
+                if i % 2:
+                    w.write(b"x")  # the handler returns; the server closes
+                    w.write_eof()
+                else:
+                    w.close()  # the client goes away first
+            await wait_until(lambda: server.connections == 0)
+        finally:
+            for w in writers:
+                w.close()
+
+
+# -- idle timeout ---------------------------------------------------------------------------
+
+
+async def test_idle_timeout_closes_with_fin_not_rst() -> None:
+    """An idle connection is closed after idle_timeout: the client reads EOF, not a reset."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(line)
+
+    async with await start_server(handler, LOCALHOST, 0, idle_timeout=0.3) as server:
+        reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+        writer.write(b"ping\n")
+        assert await reader.readline() == b"ping\n"
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert time.monotonic() - started >= 0.25
+        writer.close()
+        await wait_until(lambda: server.connections == 0)
+
+
+async def test_idle_timeout_waits_for_an_unfinished_request() -> None:
+    """Bytes of an unfinished request keep a connection from the idle close."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.8)  # the handler is slow to read what is buffered
+        line = await reader.readline()
+        writer.write(b"got " + line)
+
+    async with await start_server(handler, LOCALHOST, 0, idle_timeout=0.2) as server:
+        reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+        writer.write(b"request\n")
+        data = await asyncio.wait_for(reader.read(), 5)
+        assert data == b"got request\n"
+        writer.close()
+
+
+async def test_idle_timeout_spares_a_busy_handler() -> None:
+    """A handler working on a request longer than idle_timeout is not cut off."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            await asyncio.sleep(0.6)  # no traffic either way while it works
+            writer.write(b"done " + line)
+
+    async with await start_server(handler, LOCALHOST, 0, idle_timeout=0.2) as server:
+        reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+        writer.write(b"slow\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"done slow\n"
+        # Then idle for real: closed with a FIN.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+
+async def test_idle_timeout_protocol_uses_kernel_activity() -> None:
+    """A protocol connection with traffic is not idle; once quiet, on_idle_timeout closes it."""
+
+    class Echo(GracefulProtocol):
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    async with await create_server(Echo, LOCALHOST, 0, idle_timeout=0.4) as server:
+        reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+        started = time.monotonic()
+        for _ in range(8):  # 0.8 s of traffic, twice the idle timeout
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - started >= 0.8
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+
+# -- SIGTERM -----------------------------------------------------------------------------------
+
+SERVER_SCRIPT = r"""
+import asyncio, sys
+import aiograceful
+
+class Bye(aiograceful.GracefulProtocol):
+    def on_shutdown_notice(self):
+        self.transport.write(b"BYE\n")
+
+async def main():
+    server = await aiograceful.create_server(Bye, "127.0.0.1", 0, grace=5)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+    print("exited", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_sigterm_notifies_clients_and_exits() -> None:
+    """SIGTERM to a server process: connected clients get the notice, and the process exits 0."""
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SERVER_SCRIPT, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
+        reader, writer = await asyncio.open_connection(LOCALHOST, port)
+        writer.write(b"hello")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        proc.terminate()
+        assert await asyncio.wait_for(reader.readline(), 10) == b"BYE\n"
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert (await proc.stdout.read()).strip() == b"exited"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+# -- bad arguments ----------------------------------------------------------------------------
+
+
+async def _noop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"grace": -1}, ValueError, "grace"),
+        ({"grace": math.nan}, ValueError, "grace"),
+        ({"grace": "10"}, TypeError, "grace"),
+        ({"force_timeout": -0.5}, ValueError, "force_timeout"),
+        ({"linger_timeout": math.inf}, ValueError, "linger_timeout"),
+        ({"linger_idle_timeout": -1}, ValueError, "linger_idle_timeout"),
+        ({"max_discard": -1}, ValueError, "max_discard"),
+        ({"max_connections": 0}, ValueError, "max_connections"),
+        ({"max_connections": 1.5}, TypeError, "max_connections"),
+        ({"on_reject": 3}, TypeError, "on_reject"),
+        ({"on_notice": "x"}, TypeError, "on_notice"),
+        ({"idle_timeout": 0}, ValueError, "idle_timeout"),
+        ({"backlog": -2}, ValueError, "backlog"),
+    ],
+)
+async def test_start_server_bad_arguments(
+    kwargs: dict[str, object], error: type[Exception], name: str
+) -> None:
+    """Bad options raise TypeError/ValueError naming the argument, before binding anything."""
+    with pytest.raises(error, match=name):
+        await start_server(_noop, LOCALHOST, 0, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_create_server_rejects_non_graceful_factories() -> None:
+    """create_server needs a callable; shutdown's grace is checked too."""
+    with pytest.raises(TypeError, match="protocol_factory"):
+        await create_server(42, LOCALHOST, 0)  # type: ignore[arg-type]
+    server = await create_server(ByeProtocol, LOCALHOST, 0)
+    with pytest.raises(ValueError, match="grace"):
+        await server.shutdown(grace=-1)
+    await server.shutdown()
+
+
+def read_somaxconn() -> int:
+    with open("/proc/sys/net/core/somaxconn") as f:
+        return int(f.read())
+
+
+async def test_default_backlog_is_bounded_by_somaxconn() -> None:
+    """The listen backlog defaults to 2048, bounded by somaxconn (seen via TCP_INFO)."""
+    somaxconn = read_somaxconn()
+    async with await create_server(ByeProtocol, LOCALHOST, 0) as server:
+        stats = server.accept_queue()
+        assert stats is not None
+        assert stats.backlog == min(aiograceful.DEFAULT_BACKLOG, somaxconn)
+        assert stats.depth == 0
+        assert stats.overflows is None or stats.overflows >= 0
+
+
+def test_tcp_info_layout_matches_the_kernel() -> None:
+    """The TCP_INFO offsets used for the accept queue read a listening socket's backlog."""
+    with socket.socket() as sock:
+        sock.bind((LOCALHOST, 0))
+        sock.listen(37)
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        unacked, sacked = struct.unpack_from("II", raw, 8 + 4 * 4)
+    assert (unacked, sacked) == (0, 37)
