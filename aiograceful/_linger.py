@@ -536,9 +536,6 @@ class Linger:
         self.outcome = outcome
         self._trailing = None
         self._scratch = _SCRATCH
-        # Drop the protocol: a stream's protocol holds its writer, the key of
-        # _streams._LINGERS, and a value must not keep its weak key alive.
-        self._forward = None
         machine.feed(Event.LOST)
         fut = self._future
         if fut is not None and not fut.done():
