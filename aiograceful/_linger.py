@@ -446,6 +446,9 @@ class Linger:
         machine = self.machine
         if self._started is not None or not machine.live:
             return
+        if final and machine.eof_written:
+            # Both loops refuse write() after write_eof(); refuse before touching anything.
+            raise RuntimeError("cannot write final: write_eof() was already called")
         transport = self.transport
         now = self.loop.time()
         self._options = options
