@@ -376,6 +376,12 @@ class Linger:
         return self._started is not None
 
     @property
+    def timer_armed(self) -> bool:
+        """True while this connection's timer handle is scheduled."""
+        timer = self._timer
+        return timer is not None and timer.armed
+
+    @property
     def scratch(self) -> memoryview:
         return self._scratch
 
@@ -551,6 +557,9 @@ class Linger:
                 waiter._linger = None
                 if not waiter.done():
                     waiter.set_result(self.result)
+        # The idle watch's callback holds its owner (a server connection, and
+        # through it the stream's writer, a key of _streams._LINGERS): drop it.
+        self._on_idle = None
         # Nothing forwards to the old protocol any more: drop the reference,
         # so that the protocol and this record (which point at each other)
         # are freed by reference counting, not left to the cyclic GC.

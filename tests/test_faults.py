@@ -131,7 +131,7 @@ class Ours:
         linger = self._linger
         if linger is not None:
             assert linger.result == result
-            assert not linger._timer.armed, f"a timer is still armed: {linger!r}"
+            assert not linger.timer_armed, f"a timer is still armed: {linger!r}"
         assert self.transport.is_closing()
 
 

@@ -138,12 +138,13 @@ class Baseline:
         self.tasks = len(asyncio.all_tasks())
         self.memory = tracemalloc.get_traced_memory()[0]
         self.snapshot = tracemalloc.take_snapshot()
+        self.lingers = _live(Linger, _Discarder, GracefulProtocol, LoadClient)
 
 
 def _check_back_at(base: Baseline, label: str, seconds: float, extra: str) -> None:
     after = Baseline()
     grown = after.memory - base.memory
-    lingers = _live(Linger, _Discarder, GracefulProtocol, LoadClient)
+    lingers = after.lingers - base.lingers
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     diff = after.snapshot.compare_to(base.snapshot, "lineno")
     blocks = sum(stat.count_diff for stat in diff)

@@ -280,7 +280,7 @@ class ConnectionMachine(RuleBasedStateMachine):
                     proto.close_gracefully(final=final, timeout=timeout)
                 assert proto.state is state
                 assert not graceful.lingering
-                assert not graceful._timer.armed
+                assert not graceful.timer_armed
                 FIGURES["final after write_eof refused"] += 1
                 return
             fut = proto.close_gracefully(
@@ -437,7 +437,7 @@ class ConnectionMachine(RuleBasedStateMachine):
             assert waiter.done(), f"a waiter is still pending after connection_lost: {waiter!r}"
             if not waiter.cancelled():
                 assert waiter.result() == result
-        assert not graceful._timer.armed, f"a timer is still armed after the close: {graceful!r}"
+        assert not graceful.timer_armed, f"a timer is still armed after the close: {graceful!r}"
         assert proto.transport.is_closing()
         assert result.duration >= 0.0
 

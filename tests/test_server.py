@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import http.client
 import logging
 import math
@@ -678,6 +679,29 @@ async def test_idle_timeout_spares_a_busy_handler() -> None:
         # Then idle for real: closed with a FIN.
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
+
+
+async def test_idle_watch_releases_closed_connections() -> None:
+    """With idle_timeout set, a closed stream connection leaves no record or writer alive."""
+    from aiograceful._linger import Linger
+
+    def live_lingers() -> int:
+        for _ in range(3):
+            gc.collect()
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, Linger))
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    before = live_lingers()
+    async with await start_server(handler, LOCALHOST, 0, idle_timeout=5) as server:
+        for _ in range(10):
+            _reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+            writer.write_eof()
+            await _reader.read()
+            writer.close()
+        await wait_until(lambda: server.connections == 0)
+    assert live_lingers() == before
 
 
 async def test_idle_timeout_protocol_uses_kernel_activity() -> None:
