@@ -456,6 +456,9 @@ class Linger:
             # Both loops refuse write() after write_eof(); refuse before touching anything.
             raise RuntimeError("cannot write final: write_eof() was already called")
         transport = self.transport
+        if final and not transport.is_closing():
+            # Written first: if the loop refuses it, nothing has changed yet.
+            transport.write(final)
         now = self.loop.time()
         self._options = options
         self._started = now
@@ -477,8 +480,6 @@ class Linger:
             if machine.live:
                 machine.feed(Event.CLOSE)
             return
-        if final:
-            transport.write(final)
         if state is HalfCloseState.CLOSING:
             # The peer's FIN is already in, so nothing is left to wait for:
             # close() flushes what we wrote, then sends our FIN.

@@ -115,6 +115,12 @@ async def graceful_close(
                 return await _already_closed(stream)
             linger = Linger(asyncio.get_running_loop(), transport, protocol)
         if not linger.lingering:
+            if data and not transport.is_closing():
+                # Before the reader is emptied: asyncio and uvloop refuse
+                # write() after the app's own writer.write_eof(), which no
+                # public API reveals, and then nothing must have changed.
+                transport.write(data)
+                data = b""
             unread, peer_eof = _take_unread(protocol)
             linger.begin(options, final=data, keep_trailing=keep, unread=unread, peer_eof=peer_eof)
         _LINGERS[stream] = linger

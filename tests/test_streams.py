@@ -192,6 +192,24 @@ async def test_streams_after_users_write_eof() -> None:
         assert result.discarded == len(b"trailing")
 
 
+async def test_streams_final_after_users_write_eof_raises_and_touches_nothing() -> None:
+    """final= after the app's own write_eof(): RuntimeError, and a plain close still works."""
+    async with one_connection() as ((reader, writer), sock):
+        sock.sendall(b"unread")
+        await asyncio.sleep(0.05)  # the bytes reach the StreamReader's buffer
+        writer.write(b"done")
+        writer.write_eof()
+        with pytest.raises(RuntimeError):
+            await graceful_close(writer, final=b"late", timeout=5.0)
+        assert await reader.read(6) == b"unread"  # the reader was not emptied
+        task = asyncio.create_task(graceful_close(writer, timeout=5.0))
+        data, error = await asyncio.to_thread(recv_until_eof, sock)
+        assert (data, error) == (b"done", None)
+        sock.close()
+        result = await asyncio.wait_for(task, 2)
+        assert result.outcome is CloseOutcome.CLEAN
+
+
 async def test_streams_after_connection_is_gone() -> None:
     """graceful_close on a writer whose connection is gone returns a result, raises nothing."""
     async with one_connection() as ((_reader, writer), _sock):
