@@ -170,7 +170,8 @@ async def test_probe_http_naive_server_hazards(serve: Callable[..., object]) -> 
     )
     assert _statuses(verdicts) == ["HAZARD", "HAZARD", "pass"], verdicts
     assert "reset" in verdicts[0].evidence
-    assert "413" in verdicts[0].evidence  # the answer was there, early, and lost
+    # Whether the probe's MSG_PEEK saw the 413 before the reset wiped it is a
+    # race (on a loaded machine the RST can come first); the reset is the hazard.
     assert "without answering" in verdicts[1].evidence
 
 
