@@ -529,6 +529,8 @@ class Linger:
         timer = self._timer
         if timer is not None:
             timer.cancel()
+            # The timer's callback is our bound method: drop the cycle.
+            self._timer = None
         outcome = self.outcome
         if exc is not None and outcome in (None, CloseOutcome.CLEAN):
             # A close we believed clean failed while flushing, or the peer

@@ -102,6 +102,10 @@ class GracefulProtocol(asyncio.Protocol):
         graceful = self._graceful
         if graceful is None:  # pragma: no cover - transports call connection_made first
             return False
+        if graceful.machine.peer_eof:
+            # uvloop reads the FIN again if resume_reading() is called after it
+            # (asyncio does not): the event has happened already.
+            return self.transport.can_write_eof()
         graceful.peer_eof()
         if graceful.state is HalfCloseState.PEER_EOF:
             self._run_hook(self.on_peer_eof)
@@ -180,7 +184,14 @@ class GracefulProtocol(asyncio.Protocol):
         If the peer's FIN is already in, the transport is closed. A peer reset
         met here ends the connection with ``PEER_RESET``; nothing is raised.
         """
-        self._require().write_eof()
+        graceful = self._require()
+        if not self.transport.can_write_eof():
+            # TLS (asyncio and uvloop): write_eof() raises NotImplementedError.
+            # TLS cannot end one direction alone; close gracefully instead
+            # (close_notify after the flush, bounded by the linger timeout).
+            self.close_gracefully()
+            return
+        graceful.write_eof()
 
     def close_gracefully(
         self,

@@ -38,6 +38,7 @@ import signal
 import socket
 import struct
 import sys
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
@@ -212,6 +213,20 @@ def _listen_overflows() -> int | None:
     return None
 
 
+class _ServerWriter(asyncio.StreamWriter):
+    """The handler's writer: ``write_eof()`` goes through the connection's Linger, so the
+    state machine knows the write side is closed (no notice is given after it)."""
+
+    linger: Linger | None = None
+
+    def write_eof(self) -> None:
+        linger = self.linger
+        if linger is not None and linger.machine.live and self.can_write_eof():
+            linger.write_eof()
+        else:
+            super().write_eof()
+
+
 class _StreamConnection(asyncio.StreamReaderProtocol):
     """The server's protocol for ``start_server``: asyncio's streams, plus a Linger record."""
 
@@ -223,13 +238,16 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
         self._handler_task: asyncio.Task[None] | None = None
         self._graceful: Linger | None = None
         self._notified = False
+        self._handler_returned = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         loop = asyncio.get_running_loop()
         tr: asyncio.Transport = transport  # type: ignore[assignment]
         self._graceful = Linger(loop, tr, self)
-        self._conn_writer = asyncio.StreamWriter(tr, self, self._conn_reader, loop)
+        writer = self._conn_writer = _ServerWriter(tr, self, self._conn_reader, loop)
+        writer.linger = self._graceful
+        self._server._pending.discard(self)
         self._server._attach(self)
         self._handler_task = loop.create_task(self._run(self._conn_writer))
 
@@ -241,7 +259,7 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
 
     def eof_received(self) -> bool:
         graceful = self._graceful
-        if graceful is not None and graceful.machine.live:
+        if graceful is not None and graceful.machine.live and not graceful.machine.peer_eof:
             graceful.peer_eof()
         return bool(super().eof_received())
 
@@ -250,6 +268,8 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
         if graceful is not None:
             graceful.lost(exc)
         super().connection_lost(exc)
+        # As StreamReaderProtocol drops its _stream_writer: the writer points back here.
+        self._conn_writer = None
 
     async def _run(self, writer: asyncio.StreamWriter) -> None:
         server = self._server
@@ -261,6 +281,7 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
         except Exception:
             logger.exception("connection handler %r raised", server._handler)
         finally:
+            self._handler_returned = True
             with contextlib.suppress(asyncio.CancelledError):
                 await graceful_close(writer, **server._linger_kwargs())
 
@@ -316,7 +337,10 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
         else:
             self._close_now(dataclasses.replace(self._server._linger_options, timeout=timeout))
         task = self._handler_task
-        if task is not None and not task.done():
+        # Not once the handler has returned: its task then awaits the final
+        # graceful_close, and cancelling that wait aborts (RST) at once,
+        # skipping the force_timeout linger just set.
+        if task is not None and not task.done() and not self._handler_returned:
             task.cancel()
 
     def _idle(self) -> bool:
@@ -469,18 +493,28 @@ class GracefulServer:
         self._notice = _Notice()
         self._shutdown_task: asyncio.Task[ShutdownReport] | None = None
         self._report_conns: set[Linger] | None = None
+        self._grace_over = False
         self._drained = 0
+        # Protocols made but not yet attached: asyncio makes every protocol of a burst of
+        # accepts before the first connection_made runs, so _conns alone undercounts.
+        self._pending: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
 
     # -- construction --------------------------------------------------------
 
     def _make_protocol(self) -> asyncio.BaseProtocol:
         limit = self._max_connections
-        if limit is not None and len(self._conns) >= limit and not self._notice.is_set():
+        if (
+            limit is not None
+            and len(self._conns) + len(self._pending) >= limit
+            and not self._notice.is_set()
+        ):
             return _Rejecter(self)
         factory = self._protocol_factory
         if factory is None:
             reader = asyncio.StreamReader(limit=self._create_kwargs.get("limit", 2**16))
-            return _StreamConnection(self, reader)
+            conn = _StreamConnection(self, reader)
+            self._pending.add(conn)
+            return conn
         proto = factory()
         if not isinstance(proto, GracefulProtocol):
             raise TypeError(
@@ -488,6 +522,7 @@ class GracefulServer:
             )
         proto._linger_options = self._linger_options
         proto._graceful_attach = self._attach_protocol
+        self._pending.add(proto)
         return proto
 
     async def _start(self, host: Any, port: Any, backlog: int, reuse_port: bool | None) -> None:
@@ -499,6 +534,7 @@ class GracefulServer:
     # -- registry --------------------------------------------------------------
 
     def _attach_protocol(self, protocol: GracefulProtocol) -> None:
+        self._pending.discard(protocol)
         self._attach(_ProtocolConnection(protocol))
 
     def _attach(self, conn: _Connection) -> None:
@@ -514,6 +550,10 @@ class GracefulServer:
             if self._report_conns is not None:
                 self._report_conns.add(graceful)
             self._loop.call_soon(conn._notify)
+            if self._grace_over:
+                # Too late for grace (a TLS handshake that ended after it,
+                # say): the notice, then the force linger, so it is bounded.
+                self._loop.call_soon(conn._force, self._force_timeout)
 
     def _linger_kwargs(self) -> dict[str, Any]:
         options = self._linger_options
@@ -659,6 +699,7 @@ class GracefulServer:
         if adopting:
             await asyncio.wait(adopting, timeout=max(0.0, grace_end - loop.time()))
         await self._wait_closed(lambda: report_conns, grace_end)
+        self._grace_over = True
         forced = [g for g in report_conns if g.result is None]
         closed_clean = len(report_conns) - len(forced)
         # (A connection that attaches after this, an in-flight TLS handshake,

@@ -8,11 +8,14 @@ transport that failed) fails the test.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
+from _util import make_cert
 
 
 def pytest_asyncio_loop_factories(
@@ -42,3 +45,16 @@ async def loop_exception_guard() -> AsyncIterator[list[dict[str, Any]]]:
     if seen:
         messages = "; ".join(f"{ctx.get('message')}: {ctx.get('exception')!r}" for ctx in seen)
         pytest.fail(f"the loop's exception handler was called: {messages}")
+
+
+@pytest.fixture(scope="session")
+def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server and a client SSLContext around a self-signed certificate (needs openssl)."""
+    made = make_cert(Path(tmp_path_factory.mktemp("tls")))
+    if made is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    cert, key = made
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    return server, client

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
@@ -442,3 +443,52 @@ async def test_protocol_close_gracefully_bad_arguments_touch_nothing() -> None:
             proto.abort()
         finally:
             sock.close()
+
+
+async def test_protocol_second_eof_after_resume_reading_is_ignored() -> None:
+    """uvloop reads the FIN again after resume_reading(); the close still ends CLEAN."""
+    made, factory = recorder_factory(LateCloser)
+    async with protocol_server(factory) as port:
+        sock = connect(port)
+        try:
+            sock.sendall(b"hi")
+            sock.shutdown(socket.SHUT_WR)
+            proto = await accepted(made)
+            result = await asyncio.wait_for(proto.wait_closed(), 5)
+            assert result.outcome is CloseOutcome.CLEAN
+        finally:
+            sock.close()
+
+
+class LateCloser(Recorder):
+    """Resumes reading after the peer's FIN (as flow-control code does), then closes."""
+
+    def on_peer_eof(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, self.transport.resume_reading)
+        loop.call_later(0.1, self.close_gracefully)
+
+
+async def test_protocol_write_eof_on_tls_closes_gracefully(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """write_eof() on TLS (no half-close there) closes gracefully instead of raising."""
+    server_ctx, client_ctx = tls_contexts
+    made, factory = recorder_factory(Recorder)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(factory, "127.0.0.1", 0, ssl=server_ctx)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_ctx, server_hostname="127.0.0.1"
+        )
+        proto = await accepted(made)
+        proto.transport.write(b"last words")
+        proto.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"last words"
+        writer.close()
+        result = await asyncio.wait_for(proto.wait_closed(), 5)
+        assert result.outcome in (CloseOutcome.CLEAN, CloseOutcome.PEER_RESET)
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -837,3 +838,134 @@ def test_tcp_info_layout_matches_the_kernel() -> None:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
         unacked, sacked = struct.unpack_from("II", raw, 8 + 4 * 4)
     assert (unacked, sacked) == (0, 37)
+
+
+# -- regressions from the second-read review ------------------------------------------------
+
+
+async def test_force_gives_a_lingering_stream_its_force_linger_not_a_reset() -> None:
+    """A connection lingering after its handler returned gets force_timeout to end CLEAN."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello\n")  # return at once: the server lingers for the peer's FIN
+
+    server = await start_server(
+        handler, LOCALHOST, 0, grace=0.2, force_timeout=3.0, linger_idle_timeout=None
+    )
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    assert await reader.readline() == b"hello\n"
+
+    async def finish_late() -> None:
+        await asyncio.sleep(0.6)  # grace is over, the force linger runs
+        writer.write_eof()
+
+    finishing = asyncio.create_task(finish_late())
+    report = await server.shutdown()
+    await finishing
+    assert await reader.read() == b""
+    assert report.forced == 1
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}
+    writer.close()
+
+
+async def test_max_connections_holds_under_a_burst_of_accepts() -> None:
+    """Connections arriving together are counted before connection_made: 1 served, 4 rejected."""
+    served = 0
+    rejected: list[asyncio.Transport] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        served += 1
+        await reader.read()
+
+    server = await start_server(
+        handler, LOCALHOST, 0, max_connections=1, on_reject=rejected.append, grace=0.5
+    )
+    socks = [socket.create_connection((LOCALHOST, port_of(server))) for _ in range(5)]
+    try:
+        await wait_until(lambda: served + len(rejected) == 5)
+        assert (served, len(rejected)) == (1, 4)
+    finally:
+        for sock in socks:
+            sock.close()
+        await server.shutdown()
+
+
+async def test_stream_writer_write_eof_means_no_notice(caplog: pytest.LogCaptureFixture) -> None:
+    """After the handler's writer.write_eof(), no notice hook: it could not write."""
+    notified: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"all sent\n")
+        writer.write_eof()
+        await reader.read()
+
+    def on_notice(writer: asyncio.StreamWriter) -> None:
+        notified.append(writer)
+        writer.write(b"BYE\n")
+
+    server = await start_server(handler, LOCALHOST, 0, on_notice=on_notice, grace=2)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    assert await reader.read() == b"all sent\n"
+    with caplog.at_level(logging.ERROR, logger="aiograceful"):
+        shutdown = asyncio.create_task(server.shutdown())
+        await asyncio.sleep(0.05)
+        writer.write_eof()  # the peer finishes: both directions closed
+        report = await shutdown
+    assert notified == []
+    assert "raised" not in caplog.text
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}
+    writer.close()
+
+
+async def test_closed_connections_are_freed_without_the_cycle_collector() -> None:
+    """A closed stream connection's record is freed by reference counting alone."""
+    from aiograceful._linger import Linger
+
+    def live() -> int:
+        return sum(1 for obj in gc.get_objects() if type(obj) is Linger)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await start_server(handler, LOCALHOST, 0)
+    gc.collect()
+    gc.disable()
+    try:
+        before = live()
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+            writer.write_eof()
+            assert await reader.read() == b""
+            writer.close()
+            await writer.wait_closed()
+        await wait_until(lambda: server.connections == 0)
+        await asyncio.sleep(0.05)
+        del reader, writer
+        assert live() - before == 0
+    finally:
+        gc.enable()
+        await server.shutdown()
+
+
+async def test_connection_attaching_after_grace_is_still_bounded(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A TLS client whose handshake ends after grace is notified and closed, not left open."""
+    server_ctx, client_ctx = tls_contexts
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await start_server(handler, LOCALHOST, 0, ssl=server_ctx, grace=0.2, force_timeout=0.3)
+    raw = socket.create_connection((LOCALHOST, port_of(server)))
+    raw.setblocking(False)
+    await asyncio.sleep(0.1)  # accepted; the TLS handshake has not begun
+    await server.shutdown()
+    reader, writer = await asyncio.open_connection(
+        sock=raw, ssl=client_ctx, server_hostname=LOCALHOST
+    )
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    await wait_until(lambda: server.connections == 0)
+    writer.transport.abort()

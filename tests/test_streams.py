@@ -10,14 +10,12 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from _util import (
     HOST,
     TCP_CLOSE,
     connect,
-    make_cert,
     recv_until_eof,
     set_linger_zero,
     stream_server,
@@ -396,19 +394,6 @@ async def test_streams_peer_reset_while_we_flush() -> None:
 
 
 # -- TLS: no half-close in asyncio -------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """A server and a client SSLContext around a self-signed certificate (needs openssl)."""
-    made = make_cert(Path(tmp_path_factory.mktemp("tls")))
-    if made is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    cert, key = made
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert, key)
-    client = ssl.create_default_context(cafile=str(cert))
-    return server, client
 
 
 async def test_streams_tls_peer_never_reads_is_bounded(
