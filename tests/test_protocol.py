@@ -44,6 +44,17 @@ async def protocol_server(
         await server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def connected(factory: Callable[[], asyncio.BaseProtocol]) -> AsyncIterator[socket.socket]:
+    """Serve ``factory`` (as :func:`protocol_server`) and yield a blocking client socket to it."""
+    async with protocol_server(factory) as port:
+        sock = connect(port)
+        try:
+            yield sock
+        finally:
+            sock.close()
+
+
 class Recorder(GracefulProtocol):
     """Records what happens to it; one instance per connection, kept in ``made``."""
 
@@ -163,22 +174,18 @@ async def test_protocol_naive_eof_true_leaves_close_wait() -> None:
 async def test_protocol_states_through_a_connection() -> None:
     """state, peer_eof and eof_written follow the connection: OPEN, PEER_EOF, CLOSING, CLOSED."""
     made, factory = recorder_factory(Answerer)
-    async with protocol_server(factory) as port:
-        sock = connect(port)
-        try:
-            proto = await accepted(made)
-            assert (proto.state, proto.peer_eof, proto.eof_written) == (
-                HalfCloseState.OPEN,
-                False,
-                False,
-            )
-            assert proto.close_result is None
-            sock.sendall(b"GET /big\n")
-            sock.shutdown(socket.SHUT_WR)
-            await asyncio.to_thread(recv_until_eof, sock)
-            await asyncio.wait_for(proto.wait_closed(), 2)
-        finally:
-            sock.close()
+    async with connected(factory) as sock:
+        proto = await accepted(made)
+        assert (proto.state, proto.peer_eof, proto.eof_written) == (
+            HalfCloseState.OPEN,
+            False,
+            False,
+        )
+        assert proto.close_result is None
+        sock.sendall(b"GET /big\n")
+        sock.shutdown(socket.SHUT_WR)
+        await asyncio.to_thread(recv_until_eof, sock)
+        await asyncio.wait_for(proto.wait_closed(), 2)
     assert proto.states == [
         ("made", HalfCloseState.OPEN, False, False),
         ("peer-eof", HalfCloseState.PEER_EOF, True, False),
@@ -194,19 +201,15 @@ async def test_protocol_states_through_a_connection() -> None:
 async def test_protocol_abort_sends_rst() -> None:
     """GracefulProtocol.abort() resets: the peer's recv raises ECONNRESET."""
     made, factory = recorder_factory(Recorder)
-    async with protocol_server(factory) as port:
-        sock = connect(port)
-        try:
-            proto = await accepted(made)
-            proto.abort()
-            data, error = await asyncio.to_thread(recv_until_eof, sock)
-            assert data == b""
-            assert isinstance(error, ConnectionResetError)
-            result = await asyncio.wait_for(proto.wait_closed(), 2)
-            assert result.outcome is CloseOutcome.ABORTED
-            proto.abort()  # a no-op once the connection is gone
-        finally:
-            sock.close()
+    async with connected(factory) as sock:
+        proto = await accepted(made)
+        proto.abort()
+        data, error = await asyncio.to_thread(recv_until_eof, sock)
+        assert data == b""
+        assert isinstance(error, ConnectionResetError)
+        result = await asyncio.wait_for(proto.wait_closed(), 2)
+        assert result.outcome is CloseOutcome.ABORTED
+        proto.abort()  # a no-op once the connection is gone
 
 
 async def test_protocol_plain_transport_abort_is_a_fin() -> None:
@@ -218,42 +221,34 @@ async def test_protocol_plain_transport_abort_is_a_fin() -> None:
             # uvloop's transports are not asyncio.Transport subclasses.
             transports.append(cast(asyncio.Transport, transport))
 
-    async with protocol_server(Plain) as port:
-        sock = connect(port)
-        try:
-            await wait_until(lambda: bool(transports))
-            transports[0].abort()
-            data, error = await asyncio.to_thread(recv_until_eof, sock)
-            assert (data, error) == (b"", None)
-        finally:
-            sock.close()
+    async with connected(Plain) as sock:
+        await wait_until(lambda: bool(transports))
+        transports[0].abort()
+        data, error = await asyncio.to_thread(recv_until_eof, sock)
+        assert (data, error) == (b"", None)
 
 
 async def test_protocol_write_eof_twice_is_harmless() -> None:
     """write_eof() twice: one FIN, the peer can still send and is heard, then the close is CLEAN."""
     made, factory = recorder_factory(Recorder)
-    async with protocol_server(factory) as port:
-        sock = connect(port)
-        try:
-            proto = await accepted(made)
-            proto.transport.write(b"bye")
-            proto.write_eof()
-            proto.write_eof()
-            assert (proto.state, proto.eof_written, proto.peer_eof) == (
-                HalfCloseState.EOF_WRITTEN,
-                True,
-                False,
-            )
-            data, error = await asyncio.to_thread(recv_until_eof, sock)
-            assert (data, error) == (b"bye", None)
-            sock.sendall(b"still talking")
-            await wait_until(lambda: bytes(proto.received) == b"still talking")
-            sock.shutdown(socket.SHUT_WR)
-            result = await asyncio.wait_for(proto.wait_closed(), 2)
-            assert result.outcome is CloseOutcome.CLEAN
-            proto.write_eof()  # after the end: still nothing raised
-        finally:
-            sock.close()
+    async with connected(factory) as sock:
+        proto = await accepted(made)
+        proto.transport.write(b"bye")
+        proto.write_eof()
+        proto.write_eof()
+        assert (proto.state, proto.eof_written, proto.peer_eof) == (
+            HalfCloseState.EOF_WRITTEN,
+            True,
+            False,
+        )
+        data, error = await asyncio.to_thread(recv_until_eof, sock)
+        assert (data, error) == (b"bye", None)
+        sock.sendall(b"still talking")
+        await wait_until(lambda: bytes(proto.received) == b"still talking")
+        sock.shutdown(socket.SHUT_WR)
+        result = await asyncio.wait_for(proto.wait_closed(), 2)
+        assert result.outcome is CloseOutcome.CLEAN
+        proto.write_eof()  # after the end: still nothing raised
 
 
 class Hooked(Recorder):
@@ -267,17 +262,13 @@ async def test_protocol_hook_exception_is_logged_and_connection_closes(
     """A raising on_peer_eof is logged on the 'aiograceful' logger; the connection still closes."""
     made, factory = recorder_factory(Hooked)
     with caplog.at_level(logging.ERROR, logger="aiograceful"):
-        async with protocol_server(factory) as port:
-            sock = connect(port)
-            try:
-                sock.shutdown(socket.SHUT_WR)
-                data, error = await asyncio.to_thread(recv_until_eof, sock)
-                assert (data, error) == (b"", None)
-                proto = await accepted(made)
-                result = await asyncio.wait_for(proto.wait_closed(), 2)
-                assert result.outcome is CloseOutcome.CLEAN
-            finally:
-                sock.close()
+        async with connected(factory) as sock:
+            sock.shutdown(socket.SHUT_WR)
+            data, error = await asyncio.to_thread(recv_until_eof, sock)
+            assert (data, error) == (b"", None)
+            proto = await accepted(made)
+            result = await asyncio.wait_for(proto.wait_closed(), 2)
+            assert result.outcome is CloseOutcome.CLEAN
     records = [r for r in caplog.records if r.name == "aiograceful"]
     assert len(records) == 1
     assert "on_peer_eof" in records[0].getMessage()
@@ -288,18 +279,14 @@ async def test_protocol_hook_exception_is_logged_and_connection_closes(
 async def test_protocol_data_received_is_the_users_own() -> None:
     """data_received is not wrapped: the class's own function, called by the transport."""
     made, factory = recorder_factory(Recorder)
-    async with protocol_server(factory) as port:
-        sock = connect(port)
-        try:
-            proto = await accepted(made)
-            assert type(proto).data_received is Recorder.data_received
-            assert "data_received" not in vars(proto)
-            assert proto.transport.get_protocol() is proto
-            sock.sendall(b"hello")
-            await wait_until(lambda: bytes(proto.received) == b"hello")
-            proto.abort()
-        finally:
-            sock.close()
+    async with connected(factory) as sock:
+        proto = await accepted(made)
+        assert type(proto).data_received is Recorder.data_received
+        assert "data_received" not in vars(proto)
+        assert proto.transport.get_protocol() is proto
+        sock.sendall(b"hello")
+        await wait_until(lambda: bytes(proto.received) == b"hello")
+        proto.abort()
 
 
 async def test_protocol_default_on_peer_eof_closes_gracefully() -> None:
@@ -324,66 +311,54 @@ async def test_protocol_default_on_peer_eof_closes_gracefully() -> None:
 async def test_protocol_close_gracefully_is_idempotent_with_one_result() -> None:
     """Repeated close_gracefully(): distinct futures, one result; later options are ignored."""
     made, factory = recorder_factory(Recorder)
-    async with protocol_server(factory) as port:
-        sock = connect(port)
-        try:
-            proto = await accepted(made)
-            first = proto.close_gracefully(timeout=2.0, final=b"last words")
-            second = proto.close_gracefully(timeout=0.0, final=b"ignored")
-            assert first is not second
-            assert proto.state is HalfCloseState.LINGERING
-            assert proto.eof_written
-            data, error = await asyncio.to_thread(recv_until_eof, sock)
-            assert (data, error) == (b"last words", None)
-            sock.close()
-            results = await asyncio.wait_for(asyncio.gather(first, second), 2)
-            third = await proto.close_gracefully()
-            waited = await proto.wait_closed()
-            assert results[0] is results[1] is third is waited
-            assert third.outcome is CloseOutcome.CLEAN
-        finally:
-            sock.close()
+    async with connected(factory) as sock:
+        proto = await accepted(made)
+        first = proto.close_gracefully(timeout=2.0, final=b"last words")
+        second = proto.close_gracefully(timeout=0.0, final=b"ignored")
+        assert first is not second
+        assert proto.state is HalfCloseState.LINGERING
+        assert proto.eof_written
+        data, error = await asyncio.to_thread(recv_until_eof, sock)
+        assert (data, error) == (b"last words", None)
+        sock.close()
+        results = await asyncio.wait_for(asyncio.gather(first, second), 2)
+        third = await proto.close_gracefully()
+        waited = await proto.wait_closed()
+        assert results[0] is results[1] is third is waited
+        assert third.outcome is CloseOutcome.CLEAN
 
 
 async def test_protocol_cancelling_one_future_aborts_for_all() -> None:
     """Cancelling a close_gracefully() future aborts (RST); the other callers see ABORTED."""
     made, factory = recorder_factory(Recorder)
-    async with protocol_server(factory) as port:
-        sock = connect(port)
-        try:
-            proto = await accepted(made)
-            mine = proto.close_gracefully(timeout=5.0, idle_timeout=None)
-            other = proto.close_gracefully()
-            # Our FIN arrives first; the RST after it leaves the client socket
-            # CLOSED rather than in CLOSE_WAIT.
-            data, error = await asyncio.to_thread(recv_until_eof, sock)
-            assert (data, error) == (b"", None)
-            mine.cancel()
-            result = await asyncio.wait_for(other, 2)
-            assert result.outcome is CloseOutcome.ABORTED
-            # The RST moves the client from CLOSE_WAIT (our FIN) to CLOSE.
-            assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
-        finally:
-            sock.close()
+    async with connected(factory) as sock:
+        proto = await accepted(made)
+        mine = proto.close_gracefully(timeout=5.0, idle_timeout=None)
+        other = proto.close_gracefully()
+        # Our FIN arrives first; the RST after it leaves the client socket
+        # CLOSED rather than in CLOSE_WAIT.
+        data, error = await asyncio.to_thread(recv_until_eof, sock)
+        assert (data, error) == (b"", None)
+        mine.cancel()
+        result = await asyncio.wait_for(other, 2)
+        assert result.outcome is CloseOutcome.ABORTED
+        # The RST moves the client from CLOSE_WAIT (our FIN) to CLOSE.
+        assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
 
 
 async def test_protocol_wait_closed_cancel_leaves_connection() -> None:
     """Cancelling wait_closed() does not touch the connection."""
     made, factory = recorder_factory(Recorder)
-    async with protocol_server(factory) as port:
-        sock = connect(port)
-        try:
-            proto = await accepted(made)
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(proto.wait_closed(), 0.05)
-            assert proto.state is HalfCloseState.OPEN
-            proto.transport.write(b"alive")
-            assert await asyncio.to_thread(sock.recv, 16) == b"alive"
-            sock.shutdown(socket.SHUT_WR)
-            result = await asyncio.wait_for(proto.wait_closed(), 2)
-            assert result.outcome is CloseOutcome.CLEAN
-        finally:
-            sock.close()
+    async with connected(factory) as sock:
+        proto = await accepted(made)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(proto.wait_closed(), 0.05)
+        assert proto.state is HalfCloseState.OPEN
+        proto.transport.write(b"alive")
+        assert await asyncio.to_thread(sock.recv, 16) == b"alive"
+        sock.shutdown(socket.SHUT_WR)
+        result = await asyncio.wait_for(proto.wait_closed(), 2)
+        assert result.outcome is CloseOutcome.CLEAN
 
 
 async def test_protocol_peer_reset_while_open() -> None:
@@ -416,48 +391,40 @@ async def test_protocol_not_connected_raises() -> None:
 async def test_protocol_close_gracefully_bad_arguments_touch_nothing() -> None:
     """Bad close_gracefully() arguments raise naming the argument; the connection still works."""
     made, factory = recorder_factory(Recorder)
-    async with protocol_server(factory) as port:
-        sock = connect(port)
-        try:
-            proto = await accepted(made)
-            bad: list[tuple[dict[str, object], type[Exception], str]] = [
-                ({"timeout": -1.0}, ValueError, "timeout"),
-                ({"timeout": float("nan")}, ValueError, "timeout"),
-                ({"timeout": float("inf")}, ValueError, "timeout"),
-                ({"timeout": "1"}, TypeError, "timeout"),
-                ({"idle_timeout": -0.5}, ValueError, "idle_timeout"),
-                ({"max_discard": -1}, ValueError, "max_discard"),
-                ({"max_discard": 1.5}, TypeError, "max_discard"),
-                ({"final": "text"}, TypeError, "final"),
-                ({"keep_trailing": 1}, TypeError, "keep_trailing"),
-                ({"reset_on_failure": None}, TypeError, "reset_on_failure"),
-            ]
-            for kwargs, exc_type, name in bad:
-                with pytest.raises(exc_type, match=name):
-                    proto.close_gracefully(**kwargs)  # type: ignore[arg-type]
-                assert proto.state is HalfCloseState.OPEN
-            proto.transport.write(b"alive")
-            assert await asyncio.to_thread(sock.recv, 16) == b"alive"
-            sock.sendall(b"me too")
-            await wait_until(lambda: bytes(proto.received) == b"me too")
-            proto.abort()
-        finally:
-            sock.close()
+    async with connected(factory) as sock:
+        proto = await accepted(made)
+        bad: list[tuple[dict[str, object], type[Exception], str]] = [
+            ({"timeout": -1.0}, ValueError, "timeout"),
+            ({"timeout": float("nan")}, ValueError, "timeout"),
+            ({"timeout": float("inf")}, ValueError, "timeout"),
+            ({"timeout": "1"}, TypeError, "timeout"),
+            ({"idle_timeout": -0.5}, ValueError, "idle_timeout"),
+            ({"max_discard": -1}, ValueError, "max_discard"),
+            ({"max_discard": 1.5}, TypeError, "max_discard"),
+            ({"final": "text"}, TypeError, "final"),
+            ({"keep_trailing": 1}, TypeError, "keep_trailing"),
+            ({"reset_on_failure": None}, TypeError, "reset_on_failure"),
+        ]
+        for kwargs, exc_type, name in bad:
+            with pytest.raises(exc_type, match=name):
+                proto.close_gracefully(**kwargs)  # type: ignore[arg-type]
+            assert proto.state is HalfCloseState.OPEN
+        proto.transport.write(b"alive")
+        assert await asyncio.to_thread(sock.recv, 16) == b"alive"
+        sock.sendall(b"me too")
+        await wait_until(lambda: bytes(proto.received) == b"me too")
+        proto.abort()
 
 
 async def test_protocol_second_eof_after_resume_reading_is_ignored() -> None:
     """uvloop reads the FIN again after resume_reading(); the close still ends CLEAN."""
     made, factory = recorder_factory(LateCloser)
-    async with protocol_server(factory) as port:
-        sock = connect(port)
-        try:
-            sock.sendall(b"hi")
-            sock.shutdown(socket.SHUT_WR)
-            proto = await accepted(made)
-            result = await asyncio.wait_for(proto.wait_closed(), 5)
-            assert result.outcome is CloseOutcome.CLEAN
-        finally:
-            sock.close()
+    async with connected(factory) as sock:
+        sock.sendall(b"hi")
+        sock.shutdown(socket.SHUT_WR)
+        proto = await accepted(made)
+        result = await asyncio.wait_for(proto.wait_closed(), 5)
+        assert result.outcome is CloseOutcome.CLEAN
 
 
 class LateCloser(Recorder):
