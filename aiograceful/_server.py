@@ -32,16 +32,13 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import inspect
-import os
 import signal
 import socket
-import struct
-import sys
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
+from ._connections import _Connection, _ProtocolConnection, _Rejecter, _StreamConnection
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
@@ -52,8 +49,14 @@ from ._linger import (
     check_seconds,
     logger,
 )
+from ._listeners import (
+    DEFAULT_BACKLOG,
+    AcceptQueueStats,
+    accept_queue_stats,
+    close_and_drain,
+    default_backlog,
+)
 from ._protocol import GracefulProtocol
-from ._streams import _take_unread, graceful_close
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -70,15 +73,6 @@ __all__ = [
 DEFAULT_GRACE: Final = 10.0
 #: Linger bound for connections still open when the grace period ends.
 DEFAULT_FORCE_TIMEOUT: Final = 1.0
-#: Listen backlog, bounded by the system's ``somaxconn``. asyncio's default of
-#: 100 overflows under a burst, leaving clients with half-established
-#: connections (the handshake completed, the accept never came).
-DEFAULT_BACKLOG: Final = 2048
-
-_SOMAXCONN_PATH: Final = "/proc/sys/net/core/somaxconn"
-_NETSTAT_PATH: Final = "/proc/net/netstat"
-# How many queued connections one drain pass takes at most (per listener).
-_DRAIN_LIMIT: Final = 65536
 # Bound on waiting for connection_lost after an abort (it is scheduled at once).
 _LOST_WAIT: Final = 1.0
 
@@ -86,16 +80,6 @@ _LOST_WAIT: Final = 1.0
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 NoticeHook = Callable[[asyncio.StreamWriter], "Awaitable[None] | None"]
 RejectHook = Callable[[asyncio.Transport], None]
-
-
-class _Connection(Protocol):
-    """What the server needs of a connection, whichever API it came from."""
-
-    _graceful: Linger | None
-
-    def _notify(self) -> None: ...
-    def _force(self, timeout: float) -> None: ...
-    def _idle(self) -> bool: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,22 +104,6 @@ class ShutdownReport:
     outcomes: Mapping[CloseOutcome, int]
     drained: int = 0
     rejected: int = 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class AcceptQueueStats:
-    """The listening sockets' accept queue, where the platform tells.
-
-    * ``depth``: connections that finished the handshake and wait for
-      ``accept()`` (summed over the listening sockets).
-    * ``backlog``: the queue's capacity (summed).
-    * ``overflows``: the system-wide count of connections dropped because an
-      accept queue was full (Linux ``TcpExt: ListenOverflows``), or None.
-    """
-
-    depth: int
-    backlog: int
-    overflows: int | None
 
 
 class _Notice:
@@ -163,287 +131,6 @@ class _Notice:
 
 def _check_seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
     return check_seconds(name, value, allow_none=allow_none)
-
-
-def _default_backlog() -> int:
-    try:
-        with open(_SOMAXCONN_PATH) as f:
-            somaxconn = int(f.read().strip())
-    except (OSError, ValueError):
-        return DEFAULT_BACKLOG
-    return max(1, min(DEFAULT_BACKLOG, somaxconn))
-
-
-# Linux struct tcp_info: 8 one-byte fields, then u32s. On a listening socket
-# tcpi_unacked is the accept queue's length and tcpi_sacked its capacity;
-# on a connection tcpi_last_data_sent / tcpi_last_data_recv are milliseconds
-# since data last moved each way.
-_TCPI_U32_OFFSET: Final = 8
-_TCPI_UNACKED: Final = 4
-_TCPI_SACKED: Final = 5
-_TCPI_LAST_DATA_SENT: Final = 9
-_TCPI_LAST_DATA_RECV: Final = 11
-_TCPI_SIZE: Final = _TCPI_U32_OFFSET + 4 * 12
-
-
-def _tcp_info_u32(sock: Any, *indexes: int) -> tuple[int, ...] | None:
-    """Read u32 fields of TCP_INFO (Linux only); None where unavailable."""
-    if sys.platform != "linux" or sock is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_SIZE)
-    except (OSError, ValueError, AttributeError):
-        return None
-    if len(raw) < _TCPI_SIZE:
-        return None
-    return tuple(struct.unpack_from("I", raw, _TCPI_U32_OFFSET + 4 * i)[0] for i in indexes)
-
-
-def _listen_overflows() -> int | None:
-    try:
-        with open(_NETSTAT_PATH) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for header, values in zip(lines[::2], lines[1::2], strict=False):
-        if header.startswith("TcpExt:") and values.startswith("TcpExt:"):
-            fields = dict(zip(header.split()[1:], values.split()[1:], strict=False))
-            value = fields.get("ListenOverflows")
-            return int(value) if value is not None else None
-    return None
-
-
-class _ServerWriter(asyncio.StreamWriter):
-    """The handler's writer: ``write_eof()`` goes through the connection's Linger, so the
-    state machine knows the write side is closed (no notice is given after it)."""
-
-    linger: Linger | None = None
-
-    def write_eof(self) -> None:
-        linger = self.linger
-        if linger is not None and linger.machine.live and self.can_write_eof():
-            linger.write_eof()
-        else:
-            super().write_eof()
-
-
-class _StreamConnection(asyncio.StreamReaderProtocol):
-    """The server's protocol for ``start_server``: asyncio's streams, plus a Linger record."""
-
-    def __init__(self, server: GracefulServer, reader: asyncio.StreamReader) -> None:
-        super().__init__(reader)
-        self._server = server
-        self._conn_reader = reader
-        self._conn_writer: asyncio.StreamWriter | None = None
-        self._handler_task: asyncio.Task[None] | None = None
-        self._graceful: Linger | None = None
-        self._notified = False
-        self._handler_returned = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        loop = asyncio.get_running_loop()
-        tr: asyncio.Transport = transport  # type: ignore[assignment]
-        self._graceful = Linger(loop, tr, self)
-        writer = self._conn_writer = _ServerWriter(tr, self, self._conn_reader, loop)
-        writer.linger = self._graceful
-        self._server._pending.discard(self)
-        self._server._attach(self)
-        self._handler_task = loop.create_task(self._run(self._conn_writer))
-
-    def data_received(self, data: bytes) -> None:
-        graceful = self._graceful
-        if graceful is not None:
-            graceful.last_read = graceful.loop.time()
-        super().data_received(data)
-
-    def eof_received(self) -> bool:
-        graceful = self._graceful
-        if graceful is not None and graceful.machine.live and not graceful.machine.peer_eof:
-            graceful.peer_eof()
-        return bool(super().eof_received())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        graceful = self._graceful
-        if graceful is not None:
-            graceful.lost(exc)
-        super().connection_lost(exc)
-        # As StreamReaderProtocol drops its _stream_writer: the writer points back here.
-        self._conn_writer = None
-
-    async def _run(self, writer: asyncio.StreamWriter) -> None:
-        server = self._server
-        try:
-            await server._handler(self._conn_reader, writer)
-        except asyncio.CancelledError:
-            # Forced by the shutdown, which has started the close already.
-            raise
-        except Exception:
-            logger.exception("connection handler %r raised", server._handler)
-        finally:
-            self._handler_returned = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await graceful_close(writer, **server._linger_kwargs())
-
-    # -- what the server does to it -------------------------------------------
-
-    def _write_side_open(self) -> bool:
-        graceful = self._graceful
-        return (
-            graceful is not None
-            and graceful.machine.live
-            and not graceful.lingering
-            and not graceful.machine.eof_written
-            and not graceful.transport.is_closing()
-        )
-
-    def _notify(self) -> None:
-        if self._notified:
-            return
-        self._notified = True
-        hook = self._server._on_notice
-        writer = self._conn_writer
-        if hook is None or writer is None or not self._write_side_open():
-            return
-        try:
-            result = hook(writer)
-        except Exception:
-            logger.exception("on_notice hook %r raised; closing the connection", hook)
-            self._close_now(self._server._linger_options)
-            return
-        if inspect.isawaitable(result):
-            self._server._track(asyncio.ensure_future(self._await_notice(result)))
-
-    async def _await_notice(self, awaitable: Awaitable[None]) -> None:
-        try:
-            await awaitable
-        except Exception:
-            logger.exception("on_notice hook raised; closing the connection")
-            self._close_now(self._server._linger_options)
-
-    def _close_now(self, options: LingerOptions) -> None:
-        graceful = self._graceful
-        if graceful is None or graceful.lingering:
-            return
-        unread, peer_eof = _take_unread(self)
-        graceful.begin(options, unread=unread, peer_eof=peer_eof)
-
-    def _force(self, timeout: float) -> None:
-        graceful = self._graceful
-        if graceful is None:
-            return
-        if graceful.lingering:
-            graceful.shorten(timeout)
-        else:
-            self._close_now(dataclasses.replace(self._server._linger_options, timeout=timeout))
-        task = self._handler_task
-        # Not once the handler has returned: its task then awaits the final
-        # graceful_close, and cancelling that wait aborts (RST) at once,
-        # skipping the force_timeout linger just set.
-        if task is not None and not task.done() and not self._handler_returned:
-            task.cancel()
-
-    def _idle(self) -> bool:
-        """The idle timer fired: close if the handler waits for a request; True if it did."""
-        graceful = self._graceful
-        if graceful is None or graceful.transport.get_write_buffer_size():
-            return False  # our reply is still going out
-        if not _waiting_for_request(self._conn_reader):
-            return False  # unread request bytes, or the handler is busy with one
-        self._close_now(self._server._linger_options)
-        return True
-
-
-def _waiting_for_request(reader: asyncio.StreamReader) -> bool:
-    """True when the handler is blocked reading ``reader`` and nothing is buffered.
-
-    The keep-alive race: closing while a request is half-received, or while
-    the handler works on one, would lose it. asyncio has no public view of
-    either, so this reads CPython's ``StreamReader._buffer`` and ``_waiter``
-    (the future a pending read waits on), as ``_take_unread`` does.
-    """
-    buffer = getattr(reader, "_buffer", None)
-    if not isinstance(buffer, bytearray) or buffer:
-        return False
-    return getattr(reader, "_waiter", None) is not None
-
-
-class _ProtocolConnection:
-    """Adapts a user's GracefulProtocol to what the server drives."""
-
-    __slots__ = ("_graceful", "_notified", "protocol")
-
-    def __init__(self, protocol: GracefulProtocol) -> None:
-        self.protocol = protocol
-        self._graceful = protocol._graceful
-        self._notified = False
-
-    def _notify(self) -> None:
-        if self._notified:
-            return
-        self._notified = True
-        proto = self.protocol
-        graceful = self._graceful
-        if graceful is None or not graceful.machine.live or graceful.lingering:
-            return
-        if graceful.machine.eof_written:
-            return
-        proto._run_hook(proto.on_shutdown_notice)
-
-    def _force(self, timeout: float) -> None:
-        graceful = self._graceful
-        if graceful is None:
-            return
-        if graceful.lingering:
-            graceful.shorten(timeout)
-        elif graceful.machine.live:
-            self.protocol.close_gracefully(timeout=timeout)
-        else:
-            # Closing already (both sides done, say), just not gone yet.
-            graceful.abort()
-
-    def _idle(self) -> bool:
-        graceful = self._graceful
-        if graceful is None or graceful.transport.get_write_buffer_size():
-            return False
-        info = _tcp_info_u32(
-            graceful.transport.get_extra_info("socket"), _TCPI_LAST_DATA_SENT, _TCPI_LAST_DATA_RECV
-        )
-        if info is not None:
-            quiet = min(info) / 1000.0
-            if quiet < graceful.loop.time() - graceful.last_read:
-                # The kernel saw data move more recently than we knew.
-                graceful.last_read = graceful.loop.time() - quiet
-                return False
-        self.protocol._run_hook(self.protocol.on_idle_timeout)
-        return graceful.lingering or not graceful.machine.live
-
-
-class _Rejecter(asyncio.Protocol):
-    """The protocol of a connection over ``max_connections``: reject, then linger."""
-
-    def __init__(self, server: GracefulServer) -> None:
-        self._server = server
-        self._graceful: Linger | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        tr: asyncio.Transport = transport  # type: ignore[assignment]
-        graceful = self._graceful = Linger(asyncio.get_running_loop(), tr, self)
-        server = self._server
-        server._rejected_live.add(graceful)
-        graceful.on_lost = server._rejected_live.discard
-        server._rejected_total += 1
-        hook = server._on_reject
-        if hook is not None:
-            try:
-                hook(tr)
-            except Exception:
-                logger.exception("on_reject hook %r raised", hook)
-        graceful.begin(server._linger_options)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._graceful is not None:
-            self._graceful.lost(exc)
 
 
 class GracefulServer:
@@ -640,23 +327,10 @@ class GracefulServer:
     def accept_queue(self) -> AcceptQueueStats | None:
         """The accept queue's depth, capacity and overflow count; None where unknown.
 
-        Linux only: TCP_INFO on a listening socket gives the queue's length
-        (``tcpi_unacked``) and capacity (``tcpi_sacked``); ``ListenOverflows``
-        in /proc/net/netstat counts drops system-wide. BSD and macOS keep these
-        elsewhere (``netstat -L``), Windows not at all.
+        Linux only (TCP_INFO on the listening sockets, ``ListenOverflows``);
+        see :func:`aiograceful._listeners.accept_queue_stats`.
         """
-        depth = backlog = 0
-        found = False
-        for sock in self.sockets:
-            info = _tcp_info_u32(sock, _TCPI_UNACKED, _TCPI_SACKED)
-            if info is None:
-                continue
-            found = True
-            depth += info[0]
-            backlog += info[1]
-        if not found:
-            return None
-        return AcceptQueueStats(depth=depth, backlog=backlog, overflows=_listen_overflows())
+        return accept_queue_stats(self.sockets)
 
     async def __aenter__(self) -> GracefulServer:
         return self
@@ -738,43 +412,13 @@ class GracefulServer:
         )
 
     async def _stop_accepting(self) -> None:
-        """Close the listeners without resetting the queue; drain it through dups."""
+        """Close the listeners without resetting the queue; serve what it held."""
         server = self._server
         if server is None:
             return
-        # asyncio accepts in a reader callback on the listening socket and
-        # makes each transport one task step later (_accept_connection2),
-        # where asyncio.Server._attach asserts that the server is still open:
-        # a connection accepted in the iteration in which the shutdown began
-        # would be dropped without a word (logged in debug mode only). So stop
-        # the loop's own accepting first, and give those transports a step to
-        # be made; they join the shutdown as they attach. uvloop accepts and
-        # attaches in one callback; remove_reader() of a descriptor it did not
-        # add is a no-op there.
-        for sock in server.sockets:
-            self._loop.remove_reader(sock.fileno())
-        await asyncio.sleep(0)  # the transports are made...
-        await asyncio.sleep(0)  # ...and connection_made, scheduled by them, runs
-        dups: list[socket.socket] = []
-        for sock in server.sockets:
-            try:
-                dups.append(socket.socket(fileno=os.dup(sock.fileno())))
-            except OSError:
-                logger.warning("could not duplicate listening socket %r", sock)
-        server.close()
-        for dup in dups:
-            with dup:
-                dup.setblocking(False)
-                for _ in range(_DRAIN_LIMIT):
-                    try:
-                        conn_sock, _addr = dup.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:
-                        logger.exception("accept() failed while draining the queue")
-                        break
-                    self._drained += 1
-                    self._track(asyncio.ensure_future(self._adopt(conn_sock)))
+        for sock in await close_and_drain(self._loop, server):
+            self._drained += 1
+            self._track(asyncio.ensure_future(self._adopt(sock)))
 
     async def _adopt(self, sock: socket.socket) -> None:
         """Serve a connection taken from the accept queue during the shutdown."""
@@ -866,7 +510,7 @@ async def _serve(
     if idle_s == 0:
         raise ValueError("idle_timeout must be > 0 or None")
     if backlog is None:
-        backlog_n = _default_backlog()
+        backlog_n = default_backlog()
     elif isinstance(backlog, bool) or not isinstance(backlog, int):
         raise TypeError(f"backlog must be an int or None, got {type(backlog).__name__}")
     elif backlog < 0:

@@ -14,11 +14,23 @@ import struct
 import sys
 from typing import Any, Final
 
-__all__ = ["reset", "set_linger_zero", "shutdown_error"]
+__all__ = [
+    "TCPI_LAST_DATA_RECV",
+    "TCPI_LAST_DATA_SENT",
+    "TCPI_SACKED",
+    "TCPI_UNACKED",
+    "listen_overflows",
+    "reset",
+    "set_linger_zero",
+    "shutdown_error",
+    "tcp_info_u32",
+]
 
 # struct linger is {int l_onoff; int l_linger;} on Linux, the BSDs and macOS,
 # and {u_short; u_short;} on Windows.
 _LINGER_ZERO: Final = struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
+
+_NETSTAT_PATH: Final = "/proc/net/netstat"
 
 
 def _raw_socket(transport: asyncio.BaseTransport) -> Any:
@@ -72,4 +84,44 @@ def shutdown_error(transport: asyncio.WriteTransport) -> OSError | None:
         transport.write_eof()
     except OSError as exc:
         return exc
+    return None
+
+
+# Linux struct tcp_info: 8 one-byte fields, then u32s. On a listening socket
+# tcpi_unacked is the accept queue's length and tcpi_sacked its capacity;
+# on a connection tcpi_last_data_sent / tcpi_last_data_recv are milliseconds
+# since data last moved each way.
+_TCPI_U32_OFFSET: Final = 8
+TCPI_UNACKED: Final = 4
+TCPI_SACKED: Final = 5
+TCPI_LAST_DATA_SENT: Final = 9
+TCPI_LAST_DATA_RECV: Final = 11
+TCPI_SIZE: Final = _TCPI_U32_OFFSET + 4 * 12
+
+
+def tcp_info_u32(sock: Any, *indexes: int) -> tuple[int, ...] | None:
+    """Read u32 fields of TCP_INFO (Linux only); None where unavailable."""
+    if sys.platform != "linux" or sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SIZE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if len(raw) < TCPI_SIZE:
+        return None
+    return tuple(struct.unpack_from("I", raw, _TCPI_U32_OFFSET + 4 * i)[0] for i in indexes)
+
+
+def listen_overflows() -> int | None:
+    """The system-wide count of accept-queue overflows (Linux ``TcpExt: ListenOverflows``)."""
+    try:
+        with open(_NETSTAT_PATH) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        if header.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            fields = dict(zip(header.split()[1:], values.split()[1:], strict=False))
+            value = fields.get("ListenOverflows")
+            return int(value) if value is not None else None
     return None

@@ -1,0 +1,273 @@
+"""What the server drives per connection: one adapter per API.
+
+* :class:`_StreamConnection`: a ``start_server`` connection (asyncio's streams,
+  the handler's task, a graceful close when the handler returns).
+* :class:`_ProtocolConnection`: a user's :class:`GracefulProtocol`.
+* :class:`_Rejecter`: a connection over ``max_connections``: reject, then linger.
+
+The server sees each through :class:`_Connection`: its ``Linger`` record,
+``_notify()`` (the shutdown notice), ``_force()`` (the end of grace) and
+``_idle()`` (the idle timer fired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Protocol
+
+from ._linger import Linger, LingerOptions, logger
+from ._protocol import GracefulProtocol
+from ._socket import TCPI_LAST_DATA_RECV, TCPI_LAST_DATA_SENT, tcp_info_u32
+from ._streams import _take_unread, graceful_close
+
+if TYPE_CHECKING:
+    from ._server import GracefulServer
+
+__all__ = ["_Connection", "_ProtocolConnection", "_Rejecter", "_ServerWriter", "_StreamConnection"]
+
+
+class _Connection(Protocol):
+    """What the server needs of a connection, whichever API it came from."""
+
+    _graceful: Linger | None
+
+    def _notify(self) -> None: ...
+    def _force(self, timeout: float) -> None: ...
+    def _idle(self) -> bool: ...
+
+
+class _ServerWriter(asyncio.StreamWriter):
+    """The handler's writer: ``write_eof()`` goes through the connection's Linger, so the
+    state machine knows the write side is closed (no notice is given after it)."""
+
+    linger: Linger | None = None
+
+    def write_eof(self) -> None:
+        linger = self.linger
+        if linger is not None and linger.machine.live and self.can_write_eof():
+            linger.write_eof()
+        else:
+            super().write_eof()
+
+
+class _StreamConnection(asyncio.StreamReaderProtocol):
+    """The server's protocol for ``start_server``: asyncio's streams, plus a Linger record."""
+
+    def __init__(self, server: GracefulServer, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._server = server
+        self._conn_reader = reader
+        self._conn_writer: asyncio.StreamWriter | None = None
+        self._handler_task: asyncio.Task[None] | None = None
+        self._graceful: Linger | None = None
+        self._notified = False
+        self._handler_returned = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        tr: asyncio.Transport = transport  # type: ignore[assignment]
+        self._graceful = Linger(loop, tr, self)
+        writer = self._conn_writer = _ServerWriter(tr, self, self._conn_reader, loop)
+        writer.linger = self._graceful
+        self._server._pending.discard(self)
+        self._server._attach(self)
+        self._handler_task = loop.create_task(self._run(self._conn_writer))
+
+    def data_received(self, data: bytes) -> None:
+        graceful = self._graceful
+        if graceful is not None:
+            graceful.last_read = graceful.loop.time()
+        super().data_received(data)
+
+    def eof_received(self) -> bool:
+        graceful = self._graceful
+        if graceful is not None and graceful.machine.live and not graceful.machine.peer_eof:
+            graceful.peer_eof()
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        graceful = self._graceful
+        if graceful is not None:
+            graceful.lost(exc)
+        super().connection_lost(exc)
+        # As StreamReaderProtocol drops its _stream_writer: the writer points back here.
+        self._conn_writer = None
+
+    async def _run(self, writer: asyncio.StreamWriter) -> None:
+        server = self._server
+        try:
+            await server._handler(self._conn_reader, writer)
+        except asyncio.CancelledError:
+            # Forced by the shutdown, which has started the close already.
+            raise
+        except Exception:
+            logger.exception("connection handler %r raised", server._handler)
+        finally:
+            self._handler_returned = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await graceful_close(writer, **server._linger_kwargs())
+
+    # -- what the server does to it -------------------------------------------
+
+    def _write_side_open(self) -> bool:
+        graceful = self._graceful
+        return (
+            graceful is not None
+            and graceful.machine.live
+            and not graceful.lingering
+            and not graceful.machine.eof_written
+            and not graceful.transport.is_closing()
+        )
+
+    def _notify(self) -> None:
+        if self._notified:
+            return
+        self._notified = True
+        hook = self._server._on_notice
+        writer = self._conn_writer
+        if hook is None or writer is None or not self._write_side_open():
+            return
+        try:
+            result = hook(writer)
+        except Exception:
+            logger.exception("on_notice hook %r raised; closing the connection", hook)
+            self._close_now(self._server._linger_options)
+            return
+        if inspect.isawaitable(result):
+            self._server._track(asyncio.ensure_future(self._await_notice(result)))
+
+    async def _await_notice(self, awaitable: Awaitable[None]) -> None:
+        try:
+            await awaitable
+        except Exception:
+            logger.exception("on_notice hook raised; closing the connection")
+            self._close_now(self._server._linger_options)
+
+    def _close_now(self, options: LingerOptions) -> None:
+        graceful = self._graceful
+        if graceful is None or graceful.lingering:
+            return
+        unread, peer_eof = _take_unread(self)
+        graceful.begin(options, unread=unread, peer_eof=peer_eof)
+
+    def _force(self, timeout: float) -> None:
+        graceful = self._graceful
+        if graceful is None:
+            return
+        if graceful.lingering:
+            graceful.shorten(timeout)
+        else:
+            self._close_now(dataclasses.replace(self._server._linger_options, timeout=timeout))
+        task = self._handler_task
+        # Not once the handler has returned: its task then awaits the final
+        # graceful_close, and cancelling that wait aborts (RST) at once,
+        # skipping the force_timeout linger just set.
+        if task is not None and not task.done() and not self._handler_returned:
+            task.cancel()
+
+    def _idle(self) -> bool:
+        """The idle timer fired: close if the handler waits for a request; True if it did."""
+        graceful = self._graceful
+        if graceful is None or graceful.transport.get_write_buffer_size():
+            return False  # our reply is still going out
+        if not _waiting_for_request(self._conn_reader):
+            return False  # unread request bytes, or the handler is busy with one
+        self._close_now(self._server._linger_options)
+        return True
+
+
+def _waiting_for_request(reader: asyncio.StreamReader) -> bool:
+    """True when the handler is blocked reading ``reader`` and nothing is buffered.
+
+    The keep-alive race: closing while a request is half-received, or while
+    the handler works on one, would lose it. asyncio has no public view of
+    either, so this reads CPython's ``StreamReader._buffer`` and ``_waiter``
+    (the future a pending read waits on), as ``_take_unread`` does.
+    """
+    buffer = getattr(reader, "_buffer", None)
+    if not isinstance(buffer, bytearray) or buffer:
+        return False
+    return getattr(reader, "_waiter", None) is not None
+
+
+class _ProtocolConnection:
+    """Adapts a user's GracefulProtocol to what the server drives."""
+
+    __slots__ = ("_graceful", "_notified", "protocol")
+
+    def __init__(self, protocol: GracefulProtocol) -> None:
+        self.protocol = protocol
+        self._graceful = protocol._graceful
+        self._notified = False
+
+    def _notify(self) -> None:
+        if self._notified:
+            return
+        self._notified = True
+        proto = self.protocol
+        graceful = self._graceful
+        if graceful is None or not graceful.machine.live or graceful.lingering:
+            return
+        if graceful.machine.eof_written:
+            return
+        proto._run_hook(proto.on_shutdown_notice)
+
+    def _force(self, timeout: float) -> None:
+        graceful = self._graceful
+        if graceful is None:
+            return
+        if graceful.lingering:
+            graceful.shorten(timeout)
+        elif graceful.machine.live:
+            self.protocol.close_gracefully(timeout=timeout)
+        else:
+            # Closing already (both sides done, say), just not gone yet.
+            graceful.abort()
+
+    def _idle(self) -> bool:
+        graceful = self._graceful
+        if graceful is None or graceful.transport.get_write_buffer_size():
+            return False
+        info = tcp_info_u32(
+            graceful.transport.get_extra_info("socket"), TCPI_LAST_DATA_SENT, TCPI_LAST_DATA_RECV
+        )
+        if info is not None:
+            quiet = min(info) / 1000.0
+            if quiet < graceful.loop.time() - graceful.last_read:
+                # The kernel saw data move more recently than we knew.
+                graceful.last_read = graceful.loop.time() - quiet
+                return False
+        self.protocol._run_hook(self.protocol.on_idle_timeout)
+        return graceful.lingering or not graceful.machine.live
+
+
+class _Rejecter(asyncio.Protocol):
+    """The protocol of a connection over ``max_connections``: reject, then linger."""
+
+    def __init__(self, server: GracefulServer) -> None:
+        self._server = server
+        self._graceful: Linger | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tr: asyncio.Transport = transport  # type: ignore[assignment]
+        graceful = self._graceful = Linger(asyncio.get_running_loop(), tr, self)
+        server = self._server
+        server._rejected_live.add(graceful)
+        graceful.on_lost = server._rejected_live.discard
+        server._rejected_total += 1
+        hook = server._on_reject
+        if hook is not None:
+            try:
+                hook(tr)
+            except Exception:
+                logger.exception("on_reject hook %r raised", hook)
+        graceful.begin(server._linger_options)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._graceful is not None:
+            self._graceful.lost(exc)
