@@ -6,6 +6,7 @@ See the README for the hazards this library exists for and how to use it.
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
+    DEFAULT_SEND_TIMEOUT,
     DEFAULT_TIMEOUT,
     UNSET,
     CloseOutcome,
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_DISCARD",
+    "DEFAULT_SEND_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "UNSET",
     "AcceptQueueStats",

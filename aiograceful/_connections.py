@@ -3,7 +3,15 @@
 * :class:`_StreamConnection`: a ``start_server`` connection (asyncio's streams,
   the handler's task, a graceful close when the handler returns).
 * :class:`_ProtocolConnection`: a user's :class:`GracefulProtocol`.
-* :class:`_Rejecter`: a connection over ``max_connections``: reject, then linger.
+* :class:`_ProtocolGate`: with ``max_connections``, what a protocol server's
+  factory returns: the limit is checked in ``connection_made`` (after a TLS
+  handshake), and only then is the user's protocol made.
+* :func:`_reject`: a connection over ``max_connections``: reject, then linger.
+
+The limit is counted among attached connections only. A handshake that
+fails never reaches ``connection_made``, so it never holds a slot (counting
+protocols from the factory on would hold one until the garbage collector
+freed the failed ``SSLProtocol`` and its cycle).
 
 The server sees each through :class:`_Connection`: its ``Linger`` record,
 ``_notify()`` (the shutdown notice), ``_force()`` (the end of grace) and
@@ -21,13 +29,21 @@ from typing import TYPE_CHECKING, Protocol
 
 from ._linger import Linger, LingerOptions, logger
 from ._protocol import GracefulProtocol
-from ._socket import TCPI_LAST_DATA_RECV, TCPI_LAST_DATA_SENT, tcp_info_u32
+from ._socket import TCPI_LAST_DATA_RECV, TCPI_LAST_DATA_SENT, receive_queue, tcp_info_u32
 from ._streams import _take_unread, graceful_close
 
 if TYPE_CHECKING:
     from ._server import GracefulServer
 
-__all__ = ["_Connection", "_ProtocolConnection", "_Rejecter", "_ServerWriter", "_StreamConnection"]
+__all__ = [
+    "_Connection",
+    "_ProtocolConnection",
+    "_ProtocolGate",
+    "_ServerWriter",
+    "_StreamConnection",
+    "_no_traffic",
+    "_reject",
+]
 
 
 class _Connection(Protocol):
@@ -69,13 +85,16 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        loop = asyncio.get_running_loop()
         tr: asyncio.Transport = transport  # type: ignore[assignment]
-        self._graceful = Linger(loop, tr, self)
+        server = self._server
+        if server._over_limit():
+            _reject(server, tr)
+            return
+        loop = asyncio.get_running_loop()
+        self._graceful = Linger(loop, tr, self, server._linger_options)
         writer = self._conn_writer = _ServerWriter(tr, self, self._conn_reader, loop)
         writer.linger = self._graceful
-        self._server._pending.discard(self)
-        self._server._attach(self)
+        server._attach(self)
         self._handler_task = loop.create_task(self._run(self._conn_writer))
 
     def data_received(self, data: bytes) -> None:
@@ -159,10 +178,10 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
         graceful = self._graceful
         if graceful is None:
             return
-        if graceful.lingering:
-            graceful.shorten(timeout)
-        else:
+        if not graceful.lingering:
             self._close_now(dataclasses.replace(self._server._linger_options, timeout=timeout))
+        # The force bounds everything, a download in progress included.
+        graceful.shorten(timeout)
         task = self._handler_task
         # Not once the handler has returned: its task then awaits the final
         # graceful_close, and cancelling that wait aborts (RST) at once,
@@ -171,14 +190,44 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
             task.cancel()
 
     def _idle(self) -> bool:
-        """The idle timer fired: close if the handler waits for a request; True if it did."""
+        """The idle timer fired: close if no traffic and the handler waits; True if it did."""
         graceful = self._graceful
-        if graceful is None or graceful.transport.get_write_buffer_size():
-            return False  # our reply is still going out
-        if not _waiting_for_request(self._conn_reader):
+        if graceful is None or not _waiting_for_request(self._conn_reader):
             return False  # unread request bytes, or the handler is busy with one
+        if not _no_traffic(graceful):
+            return False
         self._close_now(self._server._linger_options)
         return True
+
+
+def _no_traffic(graceful: Linger) -> bool:
+    """True when nothing moved either way for the idle period and nothing is buffered either way.
+
+    The watch that calls this knows when we last read. What it cannot see
+    is our own bytes moving: a download to a slow reader, or a handler
+    pushing events while a read is pending. So: not idle while anything of
+    ours is unacknowledged (the transport's buffer, the kernel's send queue)
+    or anything is waiting in the kernel's receive queue; and not idle if
+    TCP_INFO (Linux) says data was sent or received within the period (then
+    the watch restarts from that moment). Where TCP_INFO is missing, only
+    reads and the buffers count.
+    """
+    total, _exact = graceful.outstanding()
+    transport = graceful.transport
+    if total or receive_queue(transport):
+        graceful.last_read = graceful.loop.time()
+        return False
+    info = tcp_info_u32(
+        transport.get_extra_info("socket"), TCPI_LAST_DATA_SENT, TCPI_LAST_DATA_RECV
+    )
+    idle = graceful.idle_timeout
+    if info is not None and idle is not None:
+        quiet = min(info) / 1000.0
+        if quiet < idle:
+            # The kernel saw data move more recently than the watch knew.
+            graceful.last_read = graceful.loop.time() - quiet
+            return False
+    return True
 
 
 def _waiting_for_request(reader: asyncio.StreamReader) -> bool:
@@ -221,53 +270,49 @@ class _ProtocolConnection:
         graceful = self._graceful
         if graceful is None:
             return
-        if graceful.lingering:
-            graceful.shorten(timeout)
-        elif graceful.machine.live:
+        if graceful.machine.live and not graceful.lingering:
             self.protocol.close_gracefully(timeout=timeout)
-        else:
-            # Closing already (both sides done, say), just not gone yet.
-            graceful.abort()
+        # The force bounds everything, a download in progress included (and a
+        # connection closing already, both sides done, say, but not gone yet).
+        graceful.shorten(timeout)
 
     def _idle(self) -> bool:
         graceful = self._graceful
-        if graceful is None or graceful.transport.get_write_buffer_size():
+        if graceful is None or not _no_traffic(graceful):
             return False
-        info = tcp_info_u32(
-            graceful.transport.get_extra_info("socket"), TCPI_LAST_DATA_SENT, TCPI_LAST_DATA_RECV
-        )
-        if info is not None:
-            quiet = min(info) / 1000.0
-            if quiet < graceful.loop.time() - graceful.last_read:
-                # The kernel saw data move more recently than we knew.
-                graceful.last_read = graceful.loop.time() - quiet
-                return False
         self.protocol._run_hook(self.protocol.on_idle_timeout)
         return graceful.lingering or not graceful.machine.live
 
 
-class _Rejecter(asyncio.Protocol):
-    """The protocol of a connection over ``max_connections``: reject, then linger."""
+class _ProtocolGate(asyncio.Protocol):
+    """A protocol server's connection until ``connection_made`` decides: serve or reject."""
+
+    __slots__ = ("_server",)
 
     def __init__(self, server: GracefulServer) -> None:
         self._server = server
-        self._graceful: Linger | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tr: asyncio.Transport = transport  # type: ignore[assignment]
-        graceful = self._graceful = Linger(asyncio.get_running_loop(), tr, self)
         server = self._server
-        server._rejected_live.add(graceful)
-        graceful.on_lost = server._rejected_live.discard
-        server._rejected_total += 1
-        hook = server._on_reject
-        if hook is not None:
-            try:
-                hook(tr)
-            except Exception:
-                logger.exception("on_reject hook %r raised", hook)
-        graceful.begin(server._linger_options)
+        if server._over_limit():
+            _reject(server, tr)
+            return
+        proto = server._new_protocol()
+        tr.set_protocol(proto)
+        proto.connection_made(tr)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._graceful is not None:
-            self._graceful.lost(exc)
+
+def _reject(server: GracefulServer, transport: asyncio.Transport) -> None:
+    """Turn away a connection over the limit: ``on_reject`` writes the rejection, then linger."""
+    graceful = Linger(asyncio.get_running_loop(), transport, None, server._linger_options)
+    server._rejected_live.add(graceful)
+    graceful.on_lost = server._rejected_live.discard
+    server._rejected_total += 1
+    hook = server._on_reject
+    if hook is not None:
+        try:
+            hook(transport)
+        except Exception:
+            logger.exception("on_reject hook %r raised", hook)
+    graceful.begin(server._linger_options)

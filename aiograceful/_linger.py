@@ -18,10 +18,28 @@ Defaults, beside the servers that linger in C:
 ==================  =========================  ===================  ==================
                     aiograceful                nginx                Apache httpd
 ==================  =========================  ===================  ==================
+no byte acked       ``send_timeout`` 60 s      send_timeout 60 s    Timeout 60 s
 total linger time   ``timeout`` 30 s           lingering_time 30 s  30 s (MAX_SECS)
 peer silent         ``idle_timeout`` 5 s       lingering_timeout 5s 2 s (SECONDS_TO_LINGER)
 bytes discarded     ``max_discard`` 64 MiB     no cap               no cap
 ==================  =========================  ===================  ==================
+
+The timing model: a close has a send side and a receive side, and is done
+when both are. While our bytes are still going out (the transport's buffer,
+and the kernel's unacknowledged count where the platform tells: see
+:func:`~aiograceful._socket.send_queue`), the only bound is ``send_timeout``:
+the longest the peer may go without acknowledging a single byte. A peer that
+keeps reading, however slowly, is never cut by the close's own timers (a
+naive ``close()`` would have delivered it too: the kernel keeps sending).
+Once everything is acknowledged, ``timeout`` (total) and ``idle_timeout``
+(silence) start, and bound the wait for the peer's FIN. After the peer's FIN
+the socket stays open until the peer has acknowledged our last byte
+(``FLUSHING``), so the close can say so: ``CloseResult.unacked``.
+
+asyncio gives no callback for an acknowledgement, so the send side is
+sampled by the connection's one timer: every few milliseconds at first,
+backing off to a fraction of the bounds. The sample is one ``ioctl``, taken
+only while a close waits on it; reads and writes pay nothing.
 
 The byte cap is ours: a peer can otherwise keep a lingering connection busy for
 the whole ``timeout`` at line rate. 64 MiB is far above any request a server
@@ -39,12 +57,13 @@ import math
 from collections.abc import Callable
 from typing import Any, Final
 
-from ._socket import reset, shutdown_error
+from ._socket import receive_queue, reset, send_queue, shutdown_error
 from ._state import Event, HalfCloseMachine, HalfCloseState
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_DISCARD",
+    "DEFAULT_SEND_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "UNSET",
     "CloseOutcome",
@@ -61,6 +80,20 @@ logger: Final = logging.getLogger("aiograceful")
 DEFAULT_TIMEOUT: Final = 30.0
 DEFAULT_IDLE_TIMEOUT: Final = 5.0
 DEFAULT_MAX_DISCARD: Final = 64 * 1024 * 1024
+DEFAULT_SEND_TIMEOUT: Final = 60.0
+
+# The send side is sampled first after _POLL_FIRST seconds, then at doubling
+# intervals up to _POLL_MAX (and a quarter of the bounds in force), so that a
+# close whose last bytes are acknowledged within a round trip costs one
+# sample, and a long download a few per second at most.
+_POLL_FIRST: Final = 0.005
+_POLL_MAX: Final = 1.0
+# TLS has no half-close in asyncio or uvloop: our close_notify ends both
+# directions, and a client that reads until EOF waits for it. So a TLS close
+# sends it once our bytes are all acknowledged and the peer has been silent
+# this long (or idle_timeout, if shorter). A peer still uploading is not
+# silent, and keeps being read; one that is silent is waiting for us.
+_TLS_QUIET: Final = 0.2
 
 # One scratch buffer for every discarding connection: the bytes are dropped as
 # soon as buffer_updated() returns, so sharing it costs nothing and keeps a
@@ -73,11 +106,15 @@ _SCRATCH: Final = memoryview(bytearray(_SCRATCH_SIZE))
 class CloseOutcome(enum.Enum):
     """How a graceful close ended."""
 
-    #: The peer's FIN was seen: everything we wrote was delivered in order.
+    #: The peer's FIN was seen after ours and (where the platform tells) the
+    #: peer acknowledged every byte we wrote.
     CLEAN = "clean"
-    #: The total linger time (``timeout``) ran out.
+    #: The total linger time (``timeout``, counted once our bytes were all
+    #: acknowledged) ran out, or a server's forced close did.
     TIMEOUT = "timeout"
-    #: The peer sent nothing for ``idle_timeout`` while we lingered.
+    #: The peer stopped making progress: it sent nothing for ``idle_timeout``
+    #: while we waited for its FIN, or it acknowledged none of our bytes for
+    #: ``send_timeout`` (then ``CloseResult.unacked`` is > 0).
     IDLE_TIMEOUT = "idle-timeout"
     #: The peer sent more than ``max_discard`` bytes while we lingered.
     OVERFLOW = "overflow"
@@ -97,12 +134,16 @@ class CloseResult:
     ``keep_trailing`` asked for them (up to ``max_discard``). ``duration`` runs
     from the start of the close to ``connection_lost``; it is 0.0 when the
     connection ended without a close being started (a reset, say).
+    ``unacked`` counts the bytes we wrote that the peer had not acknowledged
+    when the socket was closed: 0 means the peer's TCP has everything; None
+    where the platform cannot tell (only Linux is wired; see ``_socket.py``).
     """
 
     outcome: CloseOutcome
     discarded: int
     duration: float
     trailing: bytes = b""
+    unacked: int | None = None
 
     @property
     def clean(self) -> bool:
@@ -137,14 +178,17 @@ def check_seconds(name: str, value: object, *, allow_none: bool) -> float | None
 class LingerOptions:
     """How long and how much a graceful close may linger.
 
-    * ``timeout``: total seconds from the start of the close to the end of the
-      connection (never ``None``: a graceful close is always bounded).
-    * ``idle_timeout``: seconds the peer may stay silent while we linger;
-      ``None`` for no idle limit (``timeout`` still applies).
+    * ``timeout``: total seconds the close waits for the peer's FIN once our
+      bytes are all acknowledged (never ``None``: a graceful close is always
+      bounded).
+    * ``idle_timeout``: seconds the peer may stay silent while we wait for its
+      FIN; ``None`` for no idle limit (``timeout`` still applies).
     * ``max_discard``: bytes the peer may still send; ``None`` for no cap.
     * ``reset_on_failure``: end every outcome other than CLEAN with a RST
       (SO_LINGER {1, 0}); when False the socket is simply closed (the kernel
       still resets it if unread bytes are queued).
+    * ``send_timeout``: while our bytes are still going out, the longest the
+      peer may go without acknowledging any of them (nginx's ``send_timeout``).
 
     Construction validates every field and raises ``TypeError``/``ValueError``
     naming the field.
@@ -154,10 +198,12 @@ class LingerOptions:
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
     max_discard: int | None = DEFAULT_MAX_DISCARD
     reset_on_failure: bool = True
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
 
     def __post_init__(self) -> None:
         timeout = check_seconds("timeout", self.timeout, allow_none=False)
         idle = check_seconds("idle_timeout", self.idle_timeout, allow_none=True)
+        send = check_seconds("send_timeout", self.send_timeout, allow_none=False)
         cap = self.max_discard
         if cap is not None:
             if isinstance(cap, bool) or not isinstance(cap, int):
@@ -170,6 +216,17 @@ class LingerOptions:
             )
         object.__setattr__(self, "timeout", timeout)
         object.__setattr__(self, "idle_timeout", idle)
+        object.__setattr__(self, "send_timeout", send)
+
+    def poll_cap(self) -> float:
+        """The longest interval between two samples of the send side."""
+        cap = min(_POLL_MAX, self.send_timeout / 4, self.timeout / 4)
+        if self.idle_timeout is not None:
+            cap = min(cap, self.idle_timeout / 4)
+        return max(cap, 0.001)
+
+
+_DEFAULT_OPTIONS: Final = LingerOptions()
 
 
 def check_final(final: object) -> bytes:
@@ -260,11 +317,13 @@ class _Discarder(asyncio.BufferedProtocol):
         self._linger.on_read(nbytes)
 
     def eof_received(self) -> bool:
-        self._linger.peer_eof()
-        # peer_eof() has already started the close; False tells the transport
-        # the same thing (and keeps asyncio's TLS transport from warning that
-        # True "has no effect when using ssl").
-        return False
+        linger = self._linger
+        linger.peer_eof()
+        # True keeps the socket open: the close waits for the peer to
+        # acknowledge our last bytes (FLUSHING), then closes it itself. TLS
+        # cannot half-close (asyncio starts its own shutdown after the peer's
+        # close_notify, and warns that True "has no effect when using ssl").
+        return linger.transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._linger.lost(exc)
@@ -290,8 +349,9 @@ class CloseWaiter(asyncio.Future[CloseResult]):
 
     Each caller gets its own, so that one caller cancelling (a ``wait_for``
     that timed out, say) cannot take the result away from the others.
-    Cancelling it gives up on grace: the connection is aborted, in the manner
-    of trio's ``aclose``, and the other callers see ``ABORTED``. Overriding
+    Cancelling it gives up on grace (:meth:`Linger.cancel`: the transport is
+    closed the plain way when nothing is unread, reset otherwise) and the
+    other callers see ``ABORTED``. Overriding
     ``cancel`` (which ``Task.cancel`` and ``wait_for`` call on the future a
     task awaits) costs nothing until it happens, where a done callback would
     cost an allocation and a loop iteration on every close.
@@ -306,7 +366,7 @@ class CloseWaiter(asyncio.Future[CloseResult]):
         linger = self._linger
         if cancelled and linger is not None:
             self._linger = None
-            linger.abort()
+            linger.cancel()
         return cancelled
 
 
@@ -314,12 +374,17 @@ class Linger:
     """The close of one connection: state, deadlines, counts, outcome, result."""
 
     __slots__ = (
-        "_deadline",
+        "_acked_at",
         "_forward",
         "_future",
+        "_hard_deadline",
         "_idle_timeout",
         "_on_idle",
+        "_on_quiet",
         "_options",
+        "_outstanding",
+        "_poll",
+        "_progress_at",
         "_scratch",
         "_started",
         "_timer",
@@ -333,6 +398,7 @@ class Linger:
         "outcome",
         "result",
         "transport",
+        "unacked",
     )
 
     def __init__(
@@ -340,6 +406,7 @@ class Linger:
         loop: asyncio.AbstractEventLoop,
         transport: asyncio.Transport,
         forward: asyncio.BaseProtocol | None,
+        options: LingerOptions | None = None,
     ) -> None:
         self.loop = loop
         self.transport = transport
@@ -348,11 +415,22 @@ class Linger:
         # Made on first use: a connection that never lingers (nor watches
         # for idleness) never pays for it.
         self._timer: DeadlineTimer | None = None
-        self._options: LingerOptions | None = None
+        #: The bounds of a close that starts without begin() (both FINs
+        #: exchanged through write_eof()); begin() replaces them.
+        self._options: LingerOptions | None = options
         self._started: float | None = None
-        self._deadline = math.inf
+        # A bound on everything (a server's force); inf until shorten().
+        self._hard_deadline = math.inf
+        # The send side: when our bytes were last seen acknowledged in full
+        # (None: not yet), the last sample of what was outstanding, when it
+        # last went down, and the interval to the next sample.
+        self._acked_at: float | None = None
+        self._outstanding = -1
+        self._progress_at = 0.0
+        self._poll = _POLL_FIRST
         self._idle_timeout: float | None = None
         self._on_idle: Callable[[], bool] | None = None
+        self._on_quiet: Callable[[], None] | None = None
         #: Called (synchronously) at the end of :meth:`lost`, once the result is made.
         self.on_lost: Callable[[Linger], None] | None = None
         self._future: asyncio.Future[CloseResult] | None = None
@@ -362,6 +440,9 @@ class Linger:
         self.discarded = 0
         self.last_read = 0.0
         self.outcome: CloseOutcome | None = None
+        #: Our bytes the peer had not acknowledged when the socket was closed
+        #: (-1 until measured; None where the platform cannot tell).
+        self.unacked: int | None = -1
         self.result: CloseResult | None = None
 
     # -- queries ---------------------------------------------------------
@@ -380,6 +461,11 @@ class Linger:
         """True while this connection's timer handle is scheduled."""
         timer = self._timer
         return timer is not None and timer.armed
+
+    @property
+    def idle_timeout(self) -> float | None:
+        """The idle watch's period (:meth:`watch_idle`), or None."""
+        return self._idle_timeout
 
     @property
     def scratch(self) -> memoryview:
@@ -410,30 +496,59 @@ class Linger:
             waiters.append(waiter)
         return waiter
 
+    def outstanding(self) -> tuple[int, bool]:
+        """Our bytes not yet acknowledged by the peer, and whether the count is exact.
+
+        The transport's buffer plus the kernel's unacknowledged bytes (our
+        FIN, which the kernel counts as one, left out). Where the kernel does
+        not tell, only the buffer is counted and the second value is False.
+        """
+        transport = self.transport
+        buffered = transport.get_write_buffer_size()
+        queued = send_queue(transport)
+        if queued is None:
+            return buffered, False
+        if queued and not buffered and self.machine.eof_written:
+            # The loops call shutdown(SHUT_WR) as soon as their buffer is
+            # empty: from then on the kernel counts our FIN as one byte.
+            queued -= 1
+        return buffered + queued, True
+
+    def quiet(self) -> bool:
+        """True when nothing is buffered either way: our bytes all acknowledged, none unread."""
+        total, _exact = self.outstanding()
+        return total == 0 and not receive_queue(self.transport)
+
     # -- events from the owner -------------------------------------------
 
     def peer_eof(self) -> None:
         """The peer's FIN arrived (``eof_received``)."""
         machine = self.machine
-        was_live = machine.live
+        was = machine.state
         state = machine.feed(Event.PEER_EOF)
-        if was_live and state is HalfCloseState.CLOSING:
-            # Both directions are now closed: the peer's FIN came after ours.
-            self.outcome = CloseOutcome.CLEAN
-            self.transport.close()
+        if state is HalfCloseState.FLUSHING and was is not HalfCloseState.FLUSHING:
+            # Both directions are now done: close once our bytes are acknowledged.
+            self._flush()
 
-    def write_eof(self) -> None:
-        """Half-close our side (idempotent); close the transport if the peer's side is done."""
+    def write_eof(self) -> bool:
+        """Half-close our side (idempotent); close once the peer's side is done and ours acked.
+
+        Returns False if the peer had reset the connection (it is then closing).
+        """
         machine = self.machine
         if machine.eof_written or not machine.live:
-            return
+            return True
         exc = shutdown_error(self.transport)
         if exc is not None:
             self._peer_reset()
-            return
-        if machine.feed(Event.EOF_WRITTEN) is HalfCloseState.CLOSING:
-            self.outcome = CloseOutcome.CLEAN
-            self.transport.close()
+            return False
+        was = machine.state
+        if (
+            machine.feed(Event.EOF_WRITTEN) is HalfCloseState.FLUSHING
+            and was is not HalfCloseState.FLUSHING
+        ):
+            self._flush()
+        return True
 
     def begin(
         self,
@@ -462,16 +577,18 @@ class Linger:
         now = self.loop.time()
         self._options = options
         self._started = now
-        self._deadline = now + options.timeout
         self.last_read = now
+        self._on_quiet = None
+        if self._acked_at is None:
+            self._progress_at = now
         if keep_trailing:
             self._trailing = bytearray()
             self._scratch = memoryview(bytearray(_SCRATCH_SIZE))
         if peer_eof and not machine.peer_eof:
             machine.feed(Event.PEER_EOF)
+        was = machine.state
         state = machine.feed(Event.LINGER)
         transport.set_protocol(_Discarder(self, self._forward))
-        self._arm()
         if unread and self._take(unread):
             return
         if transport.is_closing():
@@ -479,25 +596,23 @@ class Linger:
             # left is connection_lost, still bounded by the timer.
             if machine.live:
                 machine.feed(Event.CLOSE)
+            self._arm()
             return
-        if state is HalfCloseState.CLOSING:
-            # The peer's FIN is already in, so nothing is left to wait for:
-            # close() flushes what we wrote, then sends our FIN.
-            self.outcome = CloseOutcome.CLEAN
-            transport.close()
-            return
-        if not transport.is_reading():
+        if state is HalfCloseState.LINGERING and not transport.is_reading():
             # Paused by the previous protocol's flow control (a full
             # StreamReader): discarding must read, or the peer stalls.
             transport.resume_reading()
-        if transport.can_write_eof():
-            self.write_eof()
+        if transport.can_write_eof() and not self.write_eof():
+            return  # reset under us
+        # On TLS (no half-close in asyncio or uvloop) nothing is sent now: the
+        # close keeps reading and discarding until the peer's close_notify or
+        # FIN, then closes (close_notify after the flush). Closing at once
+        # would make asyncio's SSL shutdown treat the client's next record,
+        # the upload it is still sending, as an error, and reset it.
+        if state is HalfCloseState.FLUSHING and was is not HalfCloseState.FLUSHING:
+            self._flush()
         else:
-            # TLS in asyncio has no half-close: close() sends close_notify
-            # after flushing. asyncio's own bound on that (ssl_shutdown_timeout,
-            # 30 s) is not ours; the timer still aborts at ``timeout``.
-            machine.feed(Event.CLOSE)
-            transport.close()
+            self._arm()
 
     def abort(self) -> None:
         """RST now (outcome ABORTED). A no-op once ``connection_lost`` has run."""
@@ -506,8 +621,33 @@ class Linger:
             return
         if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
             self.outcome = CloseOutcome.ABORTED
+        self._measure()
         machine.feed(Event.ABORT)
         reset(self.transport)
+
+    def cancel(self) -> None:
+        """The close's caller was cancelled: give up on grace without losing more than close().
+
+        Where nothing is unread (the kernel's receive queue is empty), the
+        transport is closed the plain way: the loop flushes its buffer and the
+        kernel goes on sending what it holds, as it would after a naive
+        ``writer.close()``; that flush is still bounded by ``send_timeout``.
+        Otherwise closing would reset the connection anyway: RST now. Either
+        way the outcome is ABORTED.
+        """
+        machine = self.machine
+        if not machine.live and machine.state is not HalfCloseState.FLUSHING:
+            return  # closing already, or gone
+        if receive_queue(self.transport) != 0:
+            self.abort()  # bytes unread (or the platform cannot tell): a RST either way
+            return
+        if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
+            self.outcome = CloseOutcome.ABORTED
+        machine.feed(Event.CLOSE)
+        self._acked_at = None
+        self._poll = _POLL_FIRST
+        self.transport.close()
+        self._arm()
 
     def on_read(self, nbytes: int) -> None:
         """The discarder read ``nbytes`` into :attr:`scratch`."""
@@ -538,6 +678,10 @@ class Linger:
             outcome = CloseOutcome.PEER_RESET
         elif outcome is None:
             outcome = CloseOutcome.CLEAN
+        if self.unacked == -1:
+            # Not measured when the close ended (the loop closed the transport
+            # itself): both loops still hold the socket during connection_lost.
+            self._measure()
         started = self._started
         trailing = self._trailing
         self.result = CloseResult(
@@ -545,6 +689,7 @@ class Linger:
             discarded=self.discarded,
             duration=0.0 if started is None else max(0.0, self.loop.time() - started),
             trailing=b"" if trailing is None else bytes(trailing),
+            unacked=self.unacked,
         )
         self.outcome = outcome
         self._trailing = None
@@ -560,9 +705,10 @@ class Linger:
                 waiter._linger = None
                 if not waiter.done():
                     waiter.set_result(self.result)
-        # The idle watch's callback holds its owner (a server connection, and
-        # through it the stream's writer, a key of _streams._LINGERS): drop it.
+        # The watches' callbacks hold their owner (a server connection, and
+        # through it the stream's writer, a key of _streams._LINGERS): drop them.
         self._on_idle = None
+        self._on_quiet = None
         # Nothing forwards to the old protocol any more: drop the reference,
         # so that the protocol and this record (which point at each other)
         # are freed by reference counting, not left to the cyclic GC.
@@ -572,24 +718,7 @@ class Linger:
             self.on_lost = None
             on_lost(self)
 
-    # -- internals ---------------------------------------------------------
-
-    def _take(self, data: bytes | memoryview) -> bool:
-        """Account for bytes the peer sent during the close; True if that overflowed."""
-        options = self._options
-        assert options is not None
-        cap = options.max_discard
-        trailing = self._trailing
-        if trailing is None:
-            self.discarded += len(data)
-        else:
-            room = len(data) if cap is None else max(0, cap - len(trailing))
-            trailing += data[:room]
-            self.discarded += max(0, len(data) - room)
-        if cap is not None and self.discarded + (0 if trailing is None else len(trailing)) > cap:
-            self._fail(CloseOutcome.OVERFLOW)
-            return True
-        return False
+    # -- watches before a close ------------------------------------------------
 
     def observe(self) -> None:
         """Route the transport's callbacks through this record without starting a close.
@@ -598,7 +727,7 @@ class Linger:
         ``connection_lost`` still makes the result.
         """
         if self._options is None:
-            self._options = LingerOptions()
+            self._options = _DEFAULT_OPTIONS
         self.transport.set_protocol(_Discarder(self, self._forward))
 
     def watch_idle(self, idle_timeout: float, on_idle: Callable[[], bool]) -> None:
@@ -614,12 +743,82 @@ class Linger:
         self.last_read = self.loop.time()
         self._clock().at(self.last_read + idle_timeout)
 
-    def shorten(self, seconds: float) -> None:
-        """Bring the close's total deadline forward to at most ``seconds`` from now."""
-        if self._started is None or self.machine.state is HalfCloseState.CLOSED:
+    def when_quiet(self, action: Callable[[], None]) -> None:
+        """Call ``action()`` once the connection is :meth:`quiet` (now, if it is).
+
+        Sampled by the timer (a few ms at first, backing off to 250 ms) until
+        a close starts or the connection ends; a transfer in progress is never
+        interrupted by it.
+        """
+        if self._started is not None or not self.machine.live:
             return
-        self._deadline = min(self._deadline, self.loop.time() + seconds)
-        self._clock().at(self._deadline)
+        if self.quiet():
+            action()
+            return
+        self._on_quiet = action
+        self._poll = _POLL_FIRST
+        self._clock().at(self.loop.time() + self._poll)
+
+    def shorten(self, seconds: float) -> None:
+        """Bound everything left of the close (or of a quiet wait) to ``seconds`` from now.
+
+        A server's forced close: unlike the close's own timers, this cuts a
+        transfer in progress when it runs out (outcome TIMEOUT).
+        """
+        if self.machine.state is HalfCloseState.CLOSED:
+            return
+        self._hard_deadline = min(self._hard_deadline, self.loop.time() + seconds)
+        self._clock().at(self._hard_deadline)
+
+    # -- internals ---------------------------------------------------------
+
+    def _opts(self) -> LingerOptions:
+        options = self._options
+        return _DEFAULT_OPTIONS if options is None else options
+
+    def _take(self, data: bytes | memoryview) -> bool:
+        """Account for bytes the peer sent during the close; True if that overflowed."""
+        options = self._opts()
+        cap = options.max_discard
+        trailing = self._trailing
+        if trailing is None:
+            self.discarded += len(data)
+        else:
+            room = len(data) if cap is None else max(0, cap - len(trailing))
+            trailing += data[:room]
+            self.discarded += max(0, len(data) - room)
+        if cap is not None and self.discarded + (0 if trailing is None else len(trailing)) > cap:
+            self._fail(CloseOutcome.OVERFLOW)
+            return True
+        return False
+
+    def _measure(self) -> None:
+        """Record what is unacknowledged now, before the socket is closed or reset."""
+        total, exact = self.outstanding()
+        self.unacked = total if exact else None
+
+    def _flush(self) -> None:
+        """Both directions are done: close now if the peer has all our bytes, else wait for it."""
+        total, exact = self.outstanding()
+        if total == 0:
+            self._flushed(exact)
+            return
+        now = self.loop.time()
+        self._acked_at = None
+        if self._started is None:
+            self._progress_at = now  # a close through write_eof(): the watch starts now
+        self._outstanding = total
+        self._poll = _POLL_FIRST
+        self._arm()
+
+    def _flushed(self, exact: bool) -> None:
+        self.machine.feed(Event.FLUSHED)
+        if self.outcome is None:
+            self.outcome = CloseOutcome.CLEAN
+        self.unacked = 0 if exact else None
+        # Nothing is unread (the peer is done) and nothing is unsent: close()
+        # sends nothing but our FIN if it was not queued yet.
+        self.transport.close()
 
     def _clock(self) -> DeadlineTimer:
         timer = self._timer
@@ -627,54 +826,106 @@ class Linger:
             timer = self._timer = DeadlineTimer(self.loop, self._on_timer)
         return timer
 
-    def _arm(self) -> None:
-        if self._started is None:
-            idle = self._idle_timeout
-            if idle is not None:
-                self._clock().at(self.last_read + idle)
-            return
-        options = self._options
-        assert options is not None
-        deadline = self._deadline
-        if options.idle_timeout is not None and self.machine.state is HalfCloseState.LINGERING:
-            deadline = min(deadline, self.last_read + options.idle_timeout)
-        self._clock().at(deadline)
+    def _next_poll(self, now: float, cap: float) -> float:
+        poll = self._poll
+        self._poll = min(poll * 2, cap)
+        return now + poll
 
-    def _on_timer(self) -> None:
-        if self.machine.state is HalfCloseState.CLOSED:
+    def _arm(self) -> None:
+        state = self.machine.state
+        if state is HalfCloseState.CLOSED:
             return
         now = self.loop.time()
-        options = self._options
-        if self._started is None or options is None:
-            self._on_idle_timer(now)
+        when = self._hard_deadline
+        if self._started is None and state is not HalfCloseState.FLUSHING:
+            if state is HalfCloseState.CLOSING:
+                when = min(when, self._next_poll(now, _POLL_MAX))
+            else:
+                idle = self._idle_timeout
+                if idle is not None and self._on_idle is not None:
+                    when = min(when, self.last_read + idle)
+                if self._on_quiet is not None:
+                    when = min(when, self._next_poll(now, 0.25))
+            if when < math.inf:
+                self._clock().at(when)
             return
-        if now >= self._deadline:
-            self._fail(CloseOutcome.TIMEOUT)
-        elif options.idle_timeout is not None and self.machine.state is HalfCloseState.LINGERING:
-            if self.transport.get_write_buffer_size():
-                # Our reply is still being flushed: a peer busy reading it is
-                # not idle. Like nginx, count silence only once it is sent.
-                self.last_read = now
-            elif now >= self.last_read + options.idle_timeout:
-                self._fail(CloseOutcome.IDLE_TIMEOUT)
-                return
-            self._arm()
+        options = self._opts()
+        acked_at = self._acked_at
+        if acked_at is None:
+            when = min(when, self._next_poll(now, options.poll_cap()))
         else:
-            self._arm()
+            when = min(when, acked_at + options.timeout)
+            if state is HalfCloseState.LINGERING:
+                silent = max(self.last_read, acked_at)
+                if options.idle_timeout is not None:
+                    when = min(when, silent + options.idle_timeout)
+                if not self.machine.eof_written:
+                    when = min(when, silent + _TLS_QUIET)
+        self._clock().at(when)
 
-    def _on_idle_timer(self, now: float) -> None:
+    def _on_timer(self) -> None:
+        state = self.machine.state
+        if state is HalfCloseState.CLOSED:
+            return
+        now = self.loop.time()
+        if now >= self._hard_deadline:
+            self._fail(CloseOutcome.TIMEOUT)
+            return
+        if self._started is None and state not in (HalfCloseState.FLUSHING, HalfCloseState.CLOSING):
+            self._on_watch_timer(now)
+            return
+        options = self._opts()
+        if self._acked_at is None:
+            # The send side: sample what is still outstanding.
+            total, exact = self.outstanding()
+            if total == 0:
+                self._acked_at = now
+                if state is HalfCloseState.FLUSHING:
+                    self._flushed(exact)
+                    return
+            else:
+                if total < self._outstanding or self._outstanding < 0:
+                    self._progress_at = now  # the peer acknowledged something
+                self._outstanding = total
+                if now - self._progress_at >= options.send_timeout:
+                    # The peer stopped reading (a zero window that never reopens).
+                    self._fail(CloseOutcome.IDLE_TIMEOUT)
+                    return
+        else:
+            acked_at = self._acked_at
+            if now >= acked_at + options.timeout:
+                self._fail(CloseOutcome.TIMEOUT)
+                return
+            if state is HalfCloseState.LINGERING:
+                silent = now - max(self.last_read, acked_at)
+                if not self.machine.eof_written and silent >= _TLS_QUIET:
+                    # TLS: the peer has everything and is waiting for our close_notify.
+                    self.machine.feed(Event.CLOSE)
+                    self._acked_at = now  # `timeout` now bounds the TLS shutdown
+                    self.transport.close()
+                elif options.idle_timeout is not None and silent >= options.idle_timeout:
+                    self._fail(CloseOutcome.IDLE_TIMEOUT)
+                    return
+        self._arm()
+
+    def _on_watch_timer(self, now: float) -> None:
+        """Before any close: the idle watch and the quiet wait."""
+        if not self.machine.live:
+            return
+        on_quiet = self._on_quiet
+        if on_quiet is not None and self.quiet():
+            self._on_quiet = None
+            on_quiet()
+            if self._started is not None or not self.machine.live:
+                return
         idle = self._idle_timeout
         on_idle = self._on_idle
-        if idle is None or on_idle is None or not self.machine.live:
-            return
-        if now < self.last_read + idle:
-            self._arm()
-            return
-        if on_idle():
-            return
-        if self.last_read + idle <= now:
-            # Declined with nothing new to go on: look again a full period later.
-            self.last_read = now
+        if idle is not None and on_idle is not None and now >= self.last_read + idle:
+            if on_idle():
+                return
+            if self.last_read + idle <= now:
+                # Declined with nothing new to go on: look again a full period later.
+                self.last_read = now
         self._arm()
 
     def _fail(self, outcome: CloseOutcome) -> None:
@@ -684,9 +935,9 @@ class Linger:
             return
         if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
             self.outcome = outcome
+        self._measure()
         machine.feed(Event.TIMER)
-        options = self._options
-        if options is None or options.reset_on_failure:
+        if self._opts().reset_on_failure:
             reset(self.transport)
         else:
             # A plain close of the socket, never a wait on the send buffer:
@@ -703,6 +954,8 @@ class Linger:
         parts = [self.machine.state.name]
         if self._started is not None:
             parts.append(f"discarded={self.discarded}")
+            if self._acked_at is None and self.machine.live:
+                parts.append(f"outstanding={self._outstanding}")
         timer = self._timer
         if timer is not None and timer.armed:
             parts.append(f"deadline={timer.when:.3f}")

@@ -27,9 +27,10 @@ def merge_options(
     idle_timeout: float | _Unset | None,
     max_discard: int | _Unset | None,
     reset_on_failure: bool | _Unset,
+    send_timeout: float | _Unset = UNSET,
 ) -> LingerOptions:
     """``base`` with the arguments that were given replacing its fields (validated)."""
-    if timeout is idle_timeout is max_discard is reset_on_failure is UNSET:
+    if timeout is idle_timeout is max_discard is reset_on_failure is send_timeout is UNSET:
         return base
     changes: dict[str, Any] = {}
     if timeout is not UNSET:
@@ -40,6 +41,8 @@ def merge_options(
         changes["max_discard"] = max_discard
     if reset_on_failure is not UNSET:
         changes["reset_on_failure"] = reset_on_failure
+    if send_timeout is not UNSET:
+        changes["send_timeout"] = send_timeout
     if not changes:
         return base
     fields = {
@@ -47,6 +50,7 @@ def merge_options(
         "idle_timeout": base.idle_timeout,
         "max_discard": base.max_discard,
         "reset_on_failure": base.reset_on_failure,
+        "send_timeout": base.send_timeout,
         **changes,
     }
     return LingerOptions(**fields)
@@ -61,14 +65,15 @@ class GracefulProtocol(asyncio.Protocol):
 
     * :attr:`state`, :attr:`peer_eof`, :attr:`eof_written`: where the close stands.
     * When the peer half-closes, the transport stays open for writing and
-      :meth:`on_peer_eof` runs (default: :meth:`close_gracefully`).
-    * When both directions are closed, the transport is closed: no connection
-      is left in CLOSE_WAIT.
+      :meth:`on_peer_eof` runs (default: close gracefully once our writes are
+      flushed).
+    * When both directions are closed and the peer has acknowledged what we
+      wrote, the transport is closed: no connection is left in CLOSE_WAIT.
     * :meth:`close_gracefully` lingers (flush, our FIN, discard until the
       peer's FIN, bounded) and reports a :class:`CloseResult`; :meth:`abort`
       sends a real RST; :meth:`wait_closed` waits for the result.
     * :meth:`on_shutdown_notice` is how a :class:`GracefulServer` asks the
-      connection to wind down (default: :meth:`close_gracefully`).
+      connection to wind down (default: :meth:`close_when_quiet`).
 
     While a graceful close lingers, what the peer still sends is counted and
     discarded, not passed to ``data_received``.
@@ -92,7 +97,9 @@ class GracefulProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Record the transport and start tracking the connection. Call ``super()``."""
         self.transport = cast(asyncio.Transport, transport)
-        self._graceful = Linger(asyncio.get_running_loop(), self.transport, self)
+        self._graceful = Linger(
+            asyncio.get_running_loop(), self.transport, self, self._linger_options or self.linger
+        )
         attach = self._graceful_attach
         if attach is not None:
             attach(self)
@@ -124,22 +131,30 @@ class GracefulProtocol(asyncio.Protocol):
     # -- hooks ---------------------------------------------------------------
 
     def on_peer_eof(self) -> None:
-        """The peer half-closed; we may still write. Default: :meth:`close_gracefully`.
+        """The peer half-closed; we may still write. Default: close gracefully when flushed.
 
-        Override it to finish answering first; call :meth:`write_eof` or
-        :meth:`close_gracefully` when done (``write_eof`` then closes the
-        transport, since both directions are done).
+        The default closes at once when nothing of ours is buffered in the
+        transport, and otherwise waits with :meth:`close_when_quiet`, so that
+        an answer still being produced under flow control (``pause_writing``
+        / ``resume_writing``) is not cut. Override it to finish answering
+        first; call :meth:`write_eof` or :meth:`close_gracefully` when done
+        (``write_eof`` then closes the transport once the peer has
+        acknowledged what we wrote, since both directions are done).
         """
-        self.close_gracefully()
+        if self.transport.get_write_buffer_size():
+            self.close_when_quiet()
+        else:
+            self.close_gracefully()
 
     def on_shutdown_notice(self) -> None:
         """The server is shutting down: tell the peer in protocol terms.
 
         Called at most once, and only while our write side is open, so it may
         always write (a GOAWAY, a ``Connection: close``, a BYE line). Default:
-        :meth:`close_gracefully`.
+        :meth:`close_when_quiet`: a transfer in progress is never cut by it
+        (the server's grace period bounds it instead).
         """
-        self.close_gracefully()
+        self.close_when_quiet()
 
     def on_idle_timeout(self) -> None:
         """No data moved for the server's ``idle_timeout``. Default: :meth:`close_gracefully`.
@@ -186,11 +201,13 @@ class GracefulProtocol(asyncio.Protocol):
         """
         graceful = self._require()
         if not self.transport.can_write_eof():
-            # TLS (asyncio and uvloop): write_eof() raises NotImplementedError.
-            # TLS cannot end one direction alone; close gracefully instead
-            # (close_notify after the flush, bounded by the linger timeout).
-            self.close_gracefully()
-            return
+            # TLS (asyncio and uvloop) has no half-close: close_notify ends
+            # both directions. Raise as asyncio does rather than close, which
+            # would cut the answer to what the peer may still be sending.
+            raise NotImplementedError(
+                "write_eof() is not supported on this transport (TLS cannot half-close); "
+                "use close_gracefully(), which lingers until the peer closes"
+            )
         graceful.write_eof()
 
     def close_gracefully(
@@ -202,13 +219,17 @@ class GracefulProtocol(asyncio.Protocol):
         final: bytes = b"",
         keep_trailing: bool = False,
         reset_on_failure: bool | _Unset = UNSET,
+        send_timeout: float | _Unset = UNSET,
     ) -> asyncio.Future[CloseResult]:
         """Start a lingering close; return a future of its :class:`CloseResult`.
 
         Flush, write ``final``, send our FIN, then discard (or keep, with
-        ``keep_trailing``) what the peer sends until its FIN, within
-        ``timeout`` seconds in all, ``idle_timeout`` seconds of silence and
-        ``max_discard`` bytes; options left out come from :attr:`linger`.
+        ``keep_trailing``) what the peer sends until its FIN. While our bytes
+        are still going out, the peer may go ``send_timeout`` seconds without
+        acknowledging any; once they are all acknowledged, ``timeout``
+        seconds in all, ``idle_timeout`` seconds of silence and
+        ``max_discard`` bytes bound the wait for its FIN. Options left out
+        come from the server's linger options, else :attr:`linger`.
 
         Idempotent: a second call starts nothing (its options are ignored) and
         its future gets the same result. Each call returns a future of its own;
@@ -221,12 +242,46 @@ class GracefulProtocol(asyncio.Protocol):
             idle_timeout,
             max_discard,
             reset_on_failure,
+            send_timeout,
         )
         data = check_final(final)
         keep = check_flag("keep_trailing", keep_trailing)
         graceful = self._require()
         graceful.begin(options, final=data, keep_trailing=keep)
         return graceful.waiter()
+
+    def close_when_quiet(
+        self,
+        *,
+        timeout: float | _Unset = UNSET,
+        idle_timeout: float | _Unset | None = UNSET,
+        max_discard: int | _Unset | None = UNSET,
+        reset_on_failure: bool | _Unset = UNSET,
+        send_timeout: float | _Unset = UNSET,
+    ) -> asyncio.Future[CloseResult]:
+        """Close gracefully once nothing is buffered either way; return a future of the result.
+
+        Quiet means: our transport buffer empty, every byte we wrote
+        acknowledged by the peer (where the platform tells) and nothing in
+        the kernel's receive queue. A transfer in progress therefore
+        finishes first. The connection's state is sampled by its timer (every
+        few milliseconds at first, backing off to 250 ms); nothing else
+        bounds the wait, so a server's grace period (or the caller) must.
+        The options are those of :meth:`close_gracefully`. Cancelling the
+        returned future gives up on grace, as it does there.
+        """
+        options = merge_options(
+            self._linger_options or self.linger,
+            timeout,
+            idle_timeout,
+            max_discard,
+            reset_on_failure,
+            send_timeout,
+        )
+        graceful = self._require()
+        waiter = graceful.waiter()
+        graceful.when_quiet(lambda: graceful.begin(options))
+        return waiter
 
     def abort(self) -> None:
         """Reset the connection now: SO_LINGER {1, 0}, then close (a real RST).

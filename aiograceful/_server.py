@@ -34,14 +34,14 @@ import contextlib
 import dataclasses
 import signal
 import socket
-import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 
-from ._connections import _Connection, _ProtocolConnection, _Rejecter, _StreamConnection
+from ._connections import _Connection, _ProtocolConnection, _ProtocolGate, _StreamConnection
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
+    DEFAULT_SEND_TIMEOUT,
     DEFAULT_TIMEOUT,
     CloseOutcome,
     Linger,
@@ -88,7 +88,7 @@ class ShutdownReport:
 
     * ``connections``: open when the shutdown began, plus those drained from
       the accept queue (and any accepted while it ran).
-    * ``closed_clean``: of those, closed within ``grace``.
+    * ``closed_clean``: of those, closed within ``grace`` with outcome CLEAN.
     * ``forced``: still open when ``grace`` ran out (closed with a short
       linger, then aborted if need be).
     * ``duration``: seconds from the start of the shutdown to this report.
@@ -182,26 +182,25 @@ class GracefulServer:
         self._report_conns: set[Linger] | None = None
         self._grace_over = False
         self._drained = 0
-        # Protocols made but not yet attached: asyncio makes every protocol of a burst of
-        # accepts before the first connection_made runs, so _conns alone undercounts.
-        self._pending: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
 
     # -- construction --------------------------------------------------------
 
     def _make_protocol(self) -> asyncio.BaseProtocol:
-        limit = self._max_connections
-        if (
-            limit is not None
-            and len(self._conns) + len(self._pending) >= limit
-            and not self._notice.is_set()
-        ):
-            return _Rejecter(self)
+        # The limit is checked in connection_made (see _connections), where a
+        # burst of accepts is counted one by one and a failed TLS handshake
+        # never took a slot. Connections drained during the shutdown are
+        # never rejected: they were accepted by the kernel before it began.
         factory = self._protocol_factory
         if factory is None:
             reader = asyncio.StreamReader(limit=self._create_kwargs.get("limit", 2**16))
-            conn = _StreamConnection(self, reader)
-            self._pending.add(conn)
-            return conn
+            return _StreamConnection(self, reader)
+        if self._max_connections is not None and not self._notice.is_set():
+            return _ProtocolGate(self)
+        return self._new_protocol()
+
+    def _new_protocol(self) -> GracefulProtocol:
+        factory = self._protocol_factory
+        assert factory is not None
         proto = factory()
         if not isinstance(proto, GracefulProtocol):
             raise TypeError(
@@ -209,8 +208,12 @@ class GracefulServer:
             )
         proto._linger_options = self._linger_options
         proto._graceful_attach = self._attach_protocol
-        self._pending.add(proto)
         return proto
+
+    def _over_limit(self) -> bool:
+        """True when a connection attaching now would exceed ``max_connections``."""
+        limit = self._max_connections
+        return limit is not None and len(self._conns) >= limit and not self._notice.is_set()
 
     async def _start(self, host: Any, port: Any, backlog: int, reuse_port: bool | None) -> None:
         kwargs = {k: v for k, v in self._create_kwargs.items() if k != "limit"}
@@ -221,7 +224,6 @@ class GracefulServer:
     # -- registry --------------------------------------------------------------
 
     def _attach_protocol(self, protocol: GracefulProtocol) -> None:
-        self._pending.discard(protocol)
         self._attach(_ProtocolConnection(protocol))
 
     def _attach(self, conn: _Connection) -> None:
@@ -249,6 +251,7 @@ class GracefulServer:
             "idle_timeout": options.idle_timeout,
             "max_discard": options.max_discard,
             "reset_on_failure": options.reset_on_failure,
+            "send_timeout": options.send_timeout,
         }
 
     def _detach(self, graceful: Linger) -> None:
@@ -375,9 +378,14 @@ class GracefulServer:
         await self._wait_closed(lambda: report_conns, grace_end)
         self._grace_over = True
         forced = [g for g in report_conns if g.result is None]
-        closed_clean = len(report_conns) - len(forced)
+        closed_clean = sum(
+            1
+            for g in report_conns
+            if g.result is not None and g.result.outcome is CloseOutcome.CLEAN
+        )
+        closed_in_grace = len(report_conns) - len(forced)
         # (A connection that attaches after this, an in-flight TLS handshake,
-        # say, counts as forced: connections == closed_clean + forced.)
+        # say, counts as forced.)
         # 4. Close the rest with a short linger (the rejected ones too).
         leftovers = [self._conns.get(g) for g in forced]
         for conn in leftovers:
@@ -404,7 +412,7 @@ class GracefulServer:
         return ShutdownReport(
             connections=len(report_conns),
             closed_clean=closed_clean,
-            forced=len(report_conns) - closed_clean,
+            forced=len(report_conns) - closed_in_grace,
             duration=loop.time() - started,
             outcomes=dict(outcomes),
             drained=self._drained,
@@ -468,6 +476,7 @@ async def _serve(
     linger_idle_timeout: object,
     max_discard: object,
     reset_on_failure: object,
+    send_timeout: object,
     max_connections: object,
     on_reject: Any,
     on_notice: Any,
@@ -487,6 +496,7 @@ async def _serve(
             idle_timeout=linger_idle_timeout,  # type: ignore[arg-type]
             max_discard=max_discard,  # type: ignore[arg-type]
             reset_on_failure=reset_on_failure,  # type: ignore[arg-type]
+            send_timeout=send_timeout,  # type: ignore[arg-type]
         )
     except (TypeError, ValueError) as exc:
         # Name the server's argument, not the LingerOptions field.
@@ -544,6 +554,7 @@ async def start_server(
     linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     max_discard: int | None = DEFAULT_MAX_DISCARD,
     reset_on_failure: bool = True,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_connections: int | None = None,
     on_reject: RejectHook | None = None,
     on_notice: NoticeHook | None = None,
@@ -563,19 +574,23 @@ async def start_server(
 
     * ``grace``: seconds connections get after the shutdown notice (10 s).
     * ``force_timeout``: linger bound for those still open after ``grace`` (1 s).
-    * ``linger_timeout``, ``linger_idle_timeout``, ``max_discard``,
-      ``reset_on_failure``: the linger options of every graceful close the
-      server does (30 s, 5 s, 64 MiB, True; nginx: lingering_time 30 s,
-      lingering_timeout 5 s).
+    * ``send_timeout``, ``linger_timeout``, ``linger_idle_timeout``,
+      ``max_discard``, ``reset_on_failure``: the linger options of every
+      graceful close the server does (60 s, 30 s, 5 s, 64 MiB, True; nginx:
+      send_timeout 60 s, lingering_time 30 s, lingering_timeout 5 s). A close
+      waits ``send_timeout`` at most for each byte of ours to be acknowledged,
+      and the other bounds start once all are: a slow download is never cut.
     * ``max_connections``: over it, a connection is rejected: ``on_reject(transport)``
       writes the rejection (a 503, say), then a lingering close reads the
       request away, so the client reads the rejection. Default: no limit.
     * ``on_notice(writer)``: the shutdown notice in protocol terms; may return
       an awaitable. Called once per connection, only while its write side is
       open. Handlers may instead await ``server.notice.wait()``.
-    * ``idle_timeout``: seconds without a byte from the peer before a graceful
-      close, never while unread request bytes are buffered or our reply is
-      unsent (default: None, no idle close; nginx keepalive_timeout 75 s).
+    * ``idle_timeout``: seconds without traffic before a graceful close: no
+      byte read from the peer or acknowledged by it, nothing buffered either
+      way, and the handler waiting on a read (default: None, no idle close;
+      nginx keepalive_timeout 75 s). A slow download, or a handler pushing
+      events while a read is pending, is not idle.
     * ``backlog``: listen backlog (2048, bounded by ``somaxconn``).
     * ``reuse_port``, ``limit`` and any other ``loop.create_server`` keyword
       (``ssl``, ``sock``, ``start_serving``, ``family``...) pass through.
@@ -598,6 +613,7 @@ async def start_server(
         linger_idle_timeout=linger_idle_timeout,
         max_discard=max_discard,
         reset_on_failure=reset_on_failure,
+        send_timeout=send_timeout,
         max_connections=max_connections,
         on_reject=on_reject,
         on_notice=on_notice,
@@ -619,6 +635,7 @@ async def create_server(
     linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     max_discard: int | None = DEFAULT_MAX_DISCARD,
     reset_on_failure: bool = True,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_connections: int | None = None,
     on_reject: RejectHook | None = None,
     idle_timeout: float | None = None,
@@ -650,6 +667,7 @@ async def create_server(
         linger_idle_timeout=linger_idle_timeout,
         max_discard=max_discard,
         reset_on_failure=reset_on_failure,
+        send_timeout=send_timeout,
         max_connections=max_connections,
         on_reject=on_reject,
         on_notice=None,

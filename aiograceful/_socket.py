@@ -14,13 +14,19 @@ import struct
 import sys
 from typing import Any, Final
 
+if sys.platform != "win32":
+    import fcntl
+    import termios
+
 __all__ = [
     "TCPI_LAST_DATA_RECV",
     "TCPI_LAST_DATA_SENT",
     "TCPI_SACKED",
     "TCPI_UNACKED",
     "listen_overflows",
+    "receive_queue",
     "reset",
+    "send_queue",
     "set_linger_zero",
     "shutdown_error",
     "tcp_info_u32",
@@ -125,3 +131,43 @@ def listen_overflows() -> int | None:
             value = fields.get("ListenOverflows")
             return int(value) if value is not None else None
     return None
+
+
+# SIOCOUTQ and SIOCINQ are TIOCOUTQ and FIONREAD on Linux (asm-generic/sockios.h).
+_SIOCOUTQ: Final[int | None] = termios.TIOCOUTQ if sys.platform == "linux" else None
+_SIOCINQ: Final[int | None] = termios.FIONREAD if sys.platform == "linux" else None
+_INT_ZERO: Final = bytes(4)
+
+
+def _ioctl_int(transport: asyncio.BaseTransport, request: int | None) -> int | None:
+    if request is None or sys.platform == "win32":
+        return None
+    sock = _raw_socket(transport)
+    if sock is None:
+        return None
+    try:
+        raw = fcntl.ioctl(sock.fileno(), request, _INT_ZERO)
+    except (OSError, ValueError):
+        # ValueError: asyncio's TransportSocket on a socket closed under it.
+        return None
+    value: int = struct.unpack("i", raw)[0]
+    return value
+
+
+def send_queue(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes in the kernel's send queue that the peer has not acknowledged; None if unknown.
+
+    Linux: ``SIOCOUTQ``, i.e. ``write_seq - snd_una``: bytes not yet sent plus
+    bytes sent and not yet acknowledged. Once ``shutdown(SHUT_WR)`` has queued
+    our FIN, the FIN counts as one more until the peer acknowledges it.
+    Elsewhere this returns None (the platforms do tell, differently: FreeBSD's
+    ``FIONWRITE`` and macOS's ``SO_NWRITE`` count the whole send buffer, which
+    holds data until it is acknowledged; Windows has ``SIO_TCP_INFO``'s
+    ``BytesInFlight``; none of them is wired here).
+    """
+    return _ioctl_int(transport, _SIOCOUTQ)
+
+
+def receive_queue(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes in the kernel's receive queue, not yet read (``SIOCINQ``); None if unknown."""
+    return _ioctl_int(transport, _SIOCINQ)

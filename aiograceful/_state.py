@@ -12,16 +12,21 @@ to give up (a timer, a byte cap, an abort, a reset).
 
 The states::
 
-    OPEN ----peer FIN----> PEER_EOF ----our FIN / linger----> CLOSING --lost--> CLOSED
-      |                                                         ^  ^
-      +--our FIN--> EOF_WRITTEN ----peer FIN--------------------+  |
-      |                  |                                         |
-      +--linger--> LINGERING <--linger--+   peer FIN, timer, ------+
-                                            reset, abort, close
+    OPEN --peer FIN--> PEER_EOF --our FIN / linger--> FLUSHING --flushed--> CLOSING --> CLOSED
+      |                                                ^  ^                 ^      lost
+      +--our FIN--> EOF_WRITTEN --peer FIN-------------+  |                 |
+      |                  |                                |  timer, reset,  |
+      +--linger--> LINGERING <--linger--+   peer FIN -----+  abort, close --+
 
 * ``LINGERING``: a graceful close is under way. Our FIN is queued (or, on a
-  transport that cannot half-close, the close is); whatever the peer still
-  sends is read and discarded until its FIN, bounded by a timer and a cap.
+  transport that cannot half-close, the close waits for the peer's); whatever
+  the peer still sends is read and discarded until its FIN, bounded by
+  timers and a cap.
+* ``FLUSHING``: both directions are done (the peer's FIN is in, and ours is
+  queued, or the peer's TLS close arrived), but the peer has not yet
+  acknowledged all we wrote. The socket stays open until it has (event
+  ``FLUSHED``), so that closing it cannot cut what the kernel still sends,
+  and so that the close can tell; the send-side timer bounds the wait.
 * ``CLOSING``: the transport has been told to close or abort; the only thing
   left to happen is ``connection_lost``.
 * ``CLOSED`` is the one terminal state: ``connection_lost`` has run. No event
@@ -57,6 +62,8 @@ class HalfCloseState(enum.Enum):
     EOF_WRITTEN = "eof-written"
     #: A graceful close is under way: our FIN is out, the peer's data is discarded.
     LINGERING = "lingering"
+    #: Both directions are done; waiting for the peer to acknowledge our last bytes.
+    FLUSHING = "flushing"
     #: The transport is closing or aborting; ``connection_lost`` is all that is left.
     CLOSING = "closing"
     #: ``connection_lost`` has run. Terminal.
@@ -71,7 +78,8 @@ class Event(enum.Enum):
     PEER_EOF = "peer-eof"  # eof_received: the peer's FIN
     EOF_WRITTEN = "eof-written"  # we called transport.write_eof()
     LINGER = "linger"  # a graceful close started
-    CLOSE = "close"  # we called transport.close() (both directions done, or no half-close)
+    FLUSHED = "flushed"  # the peer has acknowledged every byte we wrote
+    CLOSE = "close"  # we called transport.close() (a close handed to the kernel)
     PEER_RESET = "peer-reset"  # an OSError told us the peer reset the connection
     ABORT = "abort"  # a local abort(): RST now
     TIMER = "timer"  # the linger deadline or byte cap ran out: force the close
@@ -93,25 +101,35 @@ _TRANSITIONS: Final[dict[tuple[HalfCloseState, Event], HalfCloseState]] = {
     (_S.OPEN, _E.PEER_EOF): _S.PEER_EOF,
     (_S.OPEN, _E.EOF_WRITTEN): _S.EOF_WRITTEN,
     (_S.OPEN, _E.LINGER): _S.LINGERING,
-    # PEER_EOF: the peer is done sending. Our FIN completes the close, and a
-    # graceful close has nothing to wait for (the receive queue is empty).
-    (_S.PEER_EOF, _E.EOF_WRITTEN): _S.CLOSING,
-    (_S.PEER_EOF, _E.LINGER): _S.CLOSING,
-    # EOF_WRITTEN: the peer's FIN completes the close. write_eof() is idempotent.
-    (_S.EOF_WRITTEN, _E.PEER_EOF): _S.CLOSING,
+    # PEER_EOF: the peer is done sending. Our FIN ends our direction too, and
+    # a graceful close has nothing to read (the receive queue is empty); what
+    # is left is the peer's acknowledgement of what we wrote.
+    (_S.PEER_EOF, _E.EOF_WRITTEN): _S.FLUSHING,
+    (_S.PEER_EOF, _E.LINGER): _S.FLUSHING,
+    # EOF_WRITTEN: the peer's FIN ends both directions. write_eof() is idempotent.
+    (_S.EOF_WRITTEN, _E.PEER_EOF): _S.FLUSHING,
     (_S.EOF_WRITTEN, _E.EOF_WRITTEN): _S.EOF_WRITTEN,
     (_S.EOF_WRITTEN, _E.LINGER): _S.LINGERING,
     # LINGERING: the peer's FIN is the clean end; the timer is the forced one.
-    (_S.LINGERING, _E.PEER_EOF): _S.CLOSING,
+    (_S.LINGERING, _E.PEER_EOF): _S.FLUSHING,
     (_S.LINGERING, _E.EOF_WRITTEN): _S.LINGERING,
     (_S.LINGERING, _E.LINGER): _S.LINGERING,
     (_S.LINGERING, _E.TIMER): _S.CLOSING,
+    # FLUSHING: the peer's acknowledgement of our last byte is the clean end;
+    # a graceful close asked for now (or our FIN, on the linger's path)
+    # changes nothing; the timer bounds a peer that stopped reading.
+    (_S.FLUSHING, _E.FLUSHED): _S.CLOSING,
+    (_S.FLUSHING, _E.EOF_WRITTEN): _S.FLUSHING,
+    (_S.FLUSHING, _E.LINGER): _S.FLUSHING,
+    (_S.FLUSHING, _E.PEER_EOF): _S.FLUSHING,
+    (_S.FLUSHING, _E.TIMER): _S.CLOSING,
     # CLOSING: a late FIN, a reset, a second close or a forced abort change
     # nothing but how it ends; the timer still bounds a close() that is
     # flushing to a peer that does not read.
     (_S.CLOSING, _E.PEER_EOF): _S.CLOSING,
     (_S.CLOSING, _E.LINGER): _S.CLOSING,
     (_S.CLOSING, _E.TIMER): _S.CLOSING,
+    (_S.CLOSING, _E.FLUSHED): _S.CLOSING,
     **{
         (state, event): target
         for state in _S

@@ -10,6 +10,7 @@ from typing import Final, TypeGuard, cast
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
+    DEFAULT_SEND_TIMEOUT,
     DEFAULT_TIMEOUT,
     CloseOutcome,
     CloseResult,
@@ -75,31 +76,48 @@ async def graceful_close(
     final: bytes = b"",
     keep_trailing: bool = False,
     reset_on_failure: bool = True,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
 ) -> CloseResult:
     """Close a stream without losing what was written to it.
 
     Flush ``writer``, write ``final`` if given, half-close (our FIN), then read
-    and discard what the peer still sends until its FIN, for at most
-    ``timeout`` seconds in all, ``idle_timeout`` seconds of silence (``None``:
-    no idle limit) and ``max_discard`` bytes (``None``: no cap). Then close,
-    wait for the transport to be gone, and return a :class:`CloseResult`. An
-    outcome other than ``CLEAN`` ends in a RST unless ``reset_on_failure`` is
-    False. With ``keep_trailing=True`` the peer's bytes are kept in
+    and discard what the peer still sends until its FIN. Then close, wait for
+    the transport to be gone, and return a :class:`CloseResult`.
+
+    The close is bounded by lack of progress, never by progress. While our
+    bytes are still going out, the peer may go ``send_timeout`` seconds
+    without acknowledging any (a slow reader is never cut). Once they are all
+    acknowledged, ``timeout`` seconds in all, ``idle_timeout`` seconds of
+    silence (``None``: no idle limit) and ``max_discard`` bytes (``None``: no
+    cap) bound the wait for the peer's FIN; after it, the socket stays open
+    until the peer has acknowledged our last byte, so ``result.unacked`` can
+    say 0. An outcome other than ``CLEAN`` ends in a RST unless
+    ``reset_on_failure`` is False. With ``keep_trailing=True`` the peer's bytes are kept in
     ``result.trailing`` (up to ``max_discard``), which is how a client reads a
     server's last answers after its own FIN; the stream's unread bytes count
     among them.
 
     Works on a server's writer and a client's alike. Idempotent: a second call
-    returns the first one's result (its options are ignored). Cancelling it
-    still closes the transport, by abort, and ``CancelledError`` propagates.
-    On a TLS writer, where asyncio has no half-close, the close is bounded by
-    ``timeout`` all the same. The writer's own ``wait_closed()`` completes too.
+    returns the first one's result (its options are ignored).
+
+    Cancelling it (a ``wait_for`` or ``asyncio.timeout`` around it) gives up
+    on grace, and ``CancelledError`` propagates; the outcome is ``ABORTED``.
+    Where nothing is unread, the transport is then closed the plain way, so
+    that what is queued still goes out as after ``writer.close()`` (a RST
+    would drop it); where bytes are unread, closing would reset anyway, so it
+    resets now. Bound a close with its own options rather than a timeout
+    around it: a timeout cannot tell a slow reader from a stalled one.
+
+    On a TLS writer, where asyncio has no half-close, it lingers all the
+    same: it keeps reading and discarding until the peer's close_notify or
+    FIN (or the bounds), then closes with close_notify. The writer's own
+    ``wait_closed()`` completes too.
 
     Raises ``TypeError``/``ValueError`` for bad arguments, before touching the
     connection.
     """
     stream = _check_writer(writer)
-    options = _options(timeout, idle_timeout, max_discard, reset_on_failure)
+    options = _options(timeout, idle_timeout, max_discard, reset_on_failure, send_timeout)
     data = check_final(final)
     keep = check_flag("keep_trailing", keep_trailing)
     linger = _LINGERS.get(stream)
@@ -125,22 +143,30 @@ async def graceful_close(
             linger.begin(options, final=data, keep_trailing=keep, unread=unread, peer_eof=peer_eof)
         _LINGERS[stream] = linger
     try:
-        # Our own waiter: cancelling this task cancels it, which aborts.
+        # Our own waiter: cancelling this task cancels it, which gives up on grace.
         return await linger.waiter()
     except asyncio.CancelledError:
-        linger.abort()
+        linger.cancel()
         raise
 
 
 @functools.lru_cache(maxsize=64, typed=True)
 def _cached_options(
-    timeout: float, idle_timeout: float | None, max_discard: int | None, reset_on_failure: bool
+    timeout: float,
+    idle_timeout: float | None,
+    max_discard: int | None,
+    reset_on_failure: bool,
+    send_timeout: float,
 ) -> LingerOptions:
-    return LingerOptions(timeout, idle_timeout, max_discard, reset_on_failure)
+    return LingerOptions(timeout, idle_timeout, max_discard, reset_on_failure, send_timeout)
 
 
 def _options(
-    timeout: float, idle_timeout: float | None, max_discard: int | None, reset_on_failure: bool
+    timeout: float,
+    idle_timeout: float | None,
+    max_discard: int | None,
+    reset_on_failure: bool,
+    send_timeout: float,
 ) -> LingerOptions:
     """The validated :class:`LingerOptions`, built once per distinct set of arguments.
 
@@ -148,11 +174,12 @@ def _options(
     server passes the same ones on every connection. (Invalid ones raise, and
     an exception is never cached; unhashable ones go straight to the check.)
     """
+    args = (timeout, idle_timeout, max_discard, reset_on_failure, send_timeout)
     try:
-        hash((timeout, idle_timeout, max_discard, reset_on_failure))
+        hash(args)
     except TypeError:
-        return LingerOptions(timeout, idle_timeout, max_discard, reset_on_failure)
-    return _cached_options(timeout, idle_timeout, max_discard, reset_on_failure)
+        return LingerOptions(*args)
+    return _cached_options(*args)
 
 
 async def _already_closed(writer: asyncio.StreamWriter) -> CloseResult:

@@ -169,3 +169,74 @@ def make_cert(directory: Path) -> tuple[Path, Path] | None:
         timeout=60,
     )
     return cert, key
+
+
+#: A small receive buffer, so that a slow reader's bytes wait in the server's
+#: kernel as they do on a real link (Linux doubles the value it is given).
+SMALL_RCVBUF = 64 * 1024
+
+
+def paced_read(
+    port: int,
+    request: bytes,
+    rate: float,
+    *,
+    expect: int | None = None,
+    half_close: bool = False,
+    timeout: float = 20.0,
+) -> tuple[int, str]:
+    """Connect with a small receive buffer, send ``request``, read at ``rate`` bytes/s.
+
+    Returns the bytes read and how the stream ended: ``"FIN"``, or the name of
+    the error met (``ConnectionResetError`` for a RST). With ``expect``, stop
+    (and close) after that many bytes. ``half_close`` sends our FIN after the
+    request. Bounded by ``timeout`` seconds of silence.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+    sock.settimeout(timeout)
+    got = 0
+    try:
+        sock.connect((HOST, port))
+        sock.sendall(request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        while expect is None or got < expect:
+            chunk = sock.recv(16 * 1024)
+            if not chunk:
+                return got, "FIN"
+            got += len(chunk)
+            time.sleep(len(chunk) / rate)
+        return got, "stopped"
+    except OSError as exc:
+        return got, type(exc).__name__
+    finally:
+        sock.close()
+
+
+def paced_sink(listener: socket.socket, rate: float, timeout: float = 20.0) -> tuple[int, str]:
+    """Accept one connection on ``listener`` and read it at ``rate`` bytes/s until it ends."""
+    listener.settimeout(timeout)
+    conn, _addr = listener.accept()
+    conn.settimeout(timeout)
+    got = 0
+    try:
+        while True:
+            chunk = conn.recv(16 * 1024)
+            if not chunk:
+                return got, "FIN"
+            got += len(chunk)
+            time.sleep(len(chunk) / rate)
+    except OSError as exc:
+        return got, type(exc).__name__
+    finally:
+        conn.close()
+
+
+def small_rcvbuf_listener() -> socket.socket:
+    """A listening socket on 127.0.0.1 whose accepted connections have a small receive buffer."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+    listener.bind((HOST, 0))
+    listener.listen()
+    return listener

@@ -217,14 +217,15 @@ async def test_close_peer_reset_at_each_step_ends_peer_reset(api: str, step: str
             reset_socket(peer)
         else:
             # The peer half-closed first; our long reply is still being
-            # flushed (CLOSING: nothing left to read) when it resets.
+            # flushed (FLUSHING: nothing left to read, our bytes not yet
+            # acknowledged) when it resets.
             peer.shutdown(socket.SHUT_WR)
             await ours.wait_peer_eof()
             ours.write(b"r" * BIG)
             fut = await ours.start_close(timeout=LONG)
             await asyncio.sleep(0.05)
             assert ours.transport.get_write_buffer_size() > 0
-            assert ours.linger().state.name == "CLOSING"
+            assert ours.linger().state.name == "FLUSHING"
             reset_socket(peer)
         INJECTED[f"peer RST during {step}"] += 1
         started = loop.time()
@@ -255,19 +256,21 @@ async def test_naive_close_peer_not_reading_never_ends() -> None:
 
 
 @pytest.mark.parametrize("api", APIS)
-async def test_close_peer_not_reading_flush_bounded_by_timeout(api: str) -> None:
-    """A peer that stops reading cannot hold the flush open past ``timeout``: TIMEOUT."""
+async def test_close_peer_not_reading_flush_bounded_by_send_timeout(api: str) -> None:
+    """A peer that stops reading cannot hold the flush open past ``send_timeout``."""
     loop = asyncio.get_running_loop()
     async with connection(api, peer_rcvbuf=4096) as (ours, peer):
         ours.write(b"r" * BIG)
         started = loop.time()
-        # The idle bound must not end it: the peer is not silent, it is
-        # refusing to read our reply (the send buffer stays full).
-        fut = await ours.start_close(timeout=0.5, idle_timeout=0.05)
+        # Neither the total nor the idle bound may end it: they start once our
+        # bytes are acknowledged. The peer acknowledges none: send_timeout does.
+        fut = await ours.start_close(timeout=0.1, idle_timeout=0.05, send_timeout=0.5)
         INJECTED["peer stops reading"] += 1
         result = await finish(fut, 0.5)
         elapsed = loop.time() - started
-        assert result.outcome is CloseOutcome.TIMEOUT, result
+        assert result.outcome is CloseOutcome.IDLE_TIMEOUT, result
+        assert result.unacked is not None
+        assert result.unacked > 0
         assert 0.5 - EARLY <= elapsed < 0.5 + MARGIN
         ours.check_done(result)
         # The close ended in a RST: the peer's next read reports it.
@@ -352,7 +355,7 @@ def _peer_in(ns_name: str, host: str, port: int) -> Any:
 
 
 async def _vanishing_peer_close(
-    reply_size: int, naive: bool, timeout: float, idle: float
+    reply_size: int, naive: bool, timeout: float, idle: float, send: float = 60.0
 ) -> tuple[CloseResult | None, float]:
     """Serve one request from a peer in a namespace, set the link down, then close.
 
@@ -381,7 +384,9 @@ async def _vanishing_peer_close(
                         return
                     outcome.set_result((CloseResult(CloseOutcome.CLEAN, 0, 0.0), 0.0))
                 else:
-                    result = await graceful_close(writer, timeout=timeout, idle_timeout=idle)
+                    result = await graceful_close(
+                        writer, timeout=timeout, idle_timeout=idle, send_timeout=send
+                    )
                     outcome.set_result((result, loop.time() - started))
             except BaseException as exc:
                 if not outcome.done():
@@ -399,21 +404,24 @@ async def _vanishing_peer_close(
 
 @pytest.mark.skipif(_NETNS_SKIP is not None, reason=f"no network namespace: {_NETNS_SKIP}")
 async def test_close_vanished_peer_small_reply_ends_idle_timeout() -> None:
-    """A peer gone without FIN or RST, reply sent: the close ends IDLE_TIMEOUT within the bound."""
-    result, elapsed = await _vanishing_peer_close(100, naive=False, timeout=3.0, idle=0.3)
+    """A peer gone without FIN or RST: its acknowledgement never comes; send_timeout ends it."""
+    result, elapsed = await _vanishing_peer_close(100, naive=False, timeout=3.0, idle=0.3, send=0.5)
     assert result is not None
     assert result.outcome is CloseOutcome.IDLE_TIMEOUT, result
-    assert 0.3 - EARLY <= elapsed < 0.3 + MARGIN
+    assert result.unacked == 100, result  # the reply, still in the kernel's queue
+    assert 0.5 - EARLY <= elapsed < 0.5 + MARGIN
 
 
 @pytest.mark.skipif(_NETNS_SKIP is not None, reason=f"no network namespace: {_NETNS_SKIP}")
 async def test_close_vanished_peer_unsent_reply_naive_hangs_graceful_times_out() -> None:
-    """A peer gone with our reply unsent: a plain close never ends; ours ends TIMEOUT in time."""
+    """A peer gone with our reply unsent: a plain close never ends; ours ends at send_timeout."""
     naive, naive_elapsed = await _vanishing_peer_close(BIG, naive=True, timeout=1.0, idle=0.3)
     assert naive is None, "the naive close ended: the fault was not injected"
     assert naive_elapsed >= 2.0 - EARLY
-    result, elapsed = await _vanishing_peer_close(BIG, naive=False, timeout=1.0, idle=0.3)
+    result, elapsed = await _vanishing_peer_close(BIG, naive=False, timeout=0.2, idle=0.1, send=1.0)
     assert result is not None
-    # The reply is still queued, so the peer's silence is not idleness.
-    assert result.outcome is CloseOutcome.TIMEOUT, result
+    # The reply is still queued: no byte acknowledged for send_timeout.
+    assert result.outcome is CloseOutcome.IDLE_TIMEOUT, result
+    assert result.unacked is not None
+    assert result.unacked > 0
     assert 1.0 - EARLY <= elapsed < 1.0 + MARGIN

@@ -256,14 +256,14 @@ async def test_linger_no_reset_on_failure_leaves_a_plain_close() -> None:
 
 
 async def test_linger_flushing_to_a_stalled_reader_is_not_idle() -> None:
-    """An unsent reply keeps the idle timer waiting; the total timeout ends a non-reading peer."""
+    """An unsent reply stops neither idle nor total timer; send_timeout ends a non-reading peer."""
     done: asyncio.Future[tuple[CloseResult, float]] = asyncio.get_running_loop().create_future()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readline()
         writer.write(b"r" * (32 * MIB))
         start = time.monotonic()
-        result = await graceful_close(writer, timeout=1.0, idle_timeout=0.2)
+        result = await graceful_close(writer, timeout=0.2, idle_timeout=0.1, send_timeout=1.0)
         done.set_result((result, time.monotonic() - start))
 
     async with stream_server(handler) as port:
@@ -273,8 +273,10 @@ async def test_linger_flushing_to_a_stalled_reader_is_not_idle() -> None:
             result, elapsed = await asyncio.wait_for(done, 5)
         finally:
             sock.close()
-    assert result.outcome is CloseOutcome.TIMEOUT
-    assert elapsed < 1.0 + 2.0
+    assert result.outcome is CloseOutcome.IDLE_TIMEOUT
+    assert result.unacked is not None
+    assert result.unacked > 0
+    assert 1.0 <= elapsed < 1.0 + 2.0
 
 
 async def test_linger_protocol_peer_never_closes() -> None:

@@ -7,7 +7,6 @@ import contextlib
 import gc
 import logging
 import socket
-import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
@@ -172,7 +171,7 @@ async def test_protocol_naive_eof_true_leaves_close_wait() -> None:
 
 
 async def test_protocol_states_through_a_connection() -> None:
-    """state, peer_eof and eof_written follow the connection: OPEN, PEER_EOF, CLOSING, CLOSED."""
+    """state, peer_eof, eof_written follow the connection: OPEN, PEER_EOF, FLUSHING, CLOSED."""
     made, factory = recorder_factory(Answerer)
     async with connected(factory) as sock:
         proto = await accepted(made)
@@ -190,7 +189,8 @@ async def test_protocol_states_through_a_connection() -> None:
         ("made", HalfCloseState.OPEN, False, False),
         ("peer-eof", HalfCloseState.PEER_EOF, True, False),
         ("answering", HalfCloseState.PEER_EOF, True, False),
-        ("after-write-eof", HalfCloseState.CLOSING, True, True),
+        # Both directions are done, but the 1 MiB answer is not yet acknowledged.
+        ("after-write-eof", HalfCloseState.FLUSHING, True, True),
         ("lost-before-super", HalfCloseState.CLOSING, True, True),
         ("lost", HalfCloseState.CLOSED, True, True),
     ]
@@ -328,22 +328,25 @@ async def test_protocol_close_gracefully_is_idempotent_with_one_result() -> None
         assert third.outcome is CloseOutcome.CLEAN
 
 
-async def test_protocol_cancelling_one_future_aborts_for_all() -> None:
-    """Cancelling a close_gracefully() future aborts (RST); the other callers see ABORTED."""
+async def test_protocol_cancelling_one_future_gives_up_for_all() -> None:
+    """Cancelling a close_gracefully() future ends it ABORTED for every caller, without a RST.
+
+    Nothing is unread, so the close is handed to the kernel (a plain close):
+    a RST would gain nothing and could drop what the kernel still sends.
+    """
     made, factory = recorder_factory(Recorder)
     async with connected(factory) as sock:
         proto = await accepted(made)
         mine = proto.close_gracefully(timeout=5.0, idle_timeout=None)
         other = proto.close_gracefully()
-        # Our FIN arrives first; the RST after it leaves the client socket
-        # CLOSED rather than in CLOSE_WAIT.
         data, error = await asyncio.to_thread(recv_until_eof, sock)
-        assert (data, error) == (b"", None)
+        assert (data, error) == (b"", None)  # our FIN
         mine.cancel()
         result = await asyncio.wait_for(other, 2)
         assert result.outcome is CloseOutcome.ABORTED
-        # The RST moves the client from CLOSE_WAIT (our FIN) to CLOSE.
-        assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
+        assert result.unacked == 0
+        # No RST: the client is left in CLOSE_WAIT by our FIN, not reset to CLOSE.
+        assert await wait_for_tcp_state(sock, TCP_CLOSE, within=0.3) != TCP_CLOSE
 
 
 async def test_protocol_wait_closed_cancel_leaves_connection() -> None:
@@ -434,28 +437,3 @@ class LateCloser(Recorder):
         loop = asyncio.get_running_loop()
         loop.call_later(0.05, self.transport.resume_reading)
         loop.call_later(0.1, self.close_gracefully)
-
-
-async def test_protocol_write_eof_on_tls_closes_gracefully(
-    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
-) -> None:
-    """write_eof() on TLS (no half-close there) closes gracefully instead of raising."""
-    server_ctx, client_ctx = tls_contexts
-    made, factory = recorder_factory(Recorder)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(factory, "127.0.0.1", 0, ssl=server_ctx)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=client_ctx, server_hostname="127.0.0.1"
-        )
-        proto = await accepted(made)
-        proto.transport.write(b"last words")
-        proto.write_eof()
-        assert await asyncio.wait_for(reader.read(), 5) == b"last words"
-        writer.close()
-        result = await asyncio.wait_for(proto.wait_closed(), 5)
-        assert result.outcome in (CloseOutcome.CLEAN, CloseOutcome.PEER_RESET)
-    finally:
-        server.close()
-        await server.wait_closed()

@@ -24,8 +24,9 @@ RANK = {
     S.PEER_EOF: 0,
     S.EOF_WRITTEN: 0,
     S.LINGERING: 1,
-    S.CLOSING: 2,
-    S.CLOSED: 3,
+    S.FLUSHING: 2,
+    S.CLOSING: 3,
+    S.CLOSED: 4,
 }
 
 #: The table as the design describes it, written out by hand so that a change
@@ -38,20 +39,20 @@ EXPECTED = {
     (S.OPEN, E.PEER_RESET): S.CLOSING,
     (S.OPEN, E.ABORT): S.CLOSING,
     (S.OPEN, E.LOST): S.CLOSED,
-    (S.PEER_EOF, E.EOF_WRITTEN): S.CLOSING,
-    (S.PEER_EOF, E.LINGER): S.CLOSING,
+    (S.PEER_EOF, E.EOF_WRITTEN): S.FLUSHING,
+    (S.PEER_EOF, E.LINGER): S.FLUSHING,
     (S.PEER_EOF, E.CLOSE): S.CLOSING,
     (S.PEER_EOF, E.PEER_RESET): S.CLOSING,
     (S.PEER_EOF, E.ABORT): S.CLOSING,
     (S.PEER_EOF, E.LOST): S.CLOSED,
-    (S.EOF_WRITTEN, E.PEER_EOF): S.CLOSING,
+    (S.EOF_WRITTEN, E.PEER_EOF): S.FLUSHING,
     (S.EOF_WRITTEN, E.EOF_WRITTEN): S.EOF_WRITTEN,
     (S.EOF_WRITTEN, E.LINGER): S.LINGERING,
     (S.EOF_WRITTEN, E.CLOSE): S.CLOSING,
     (S.EOF_WRITTEN, E.PEER_RESET): S.CLOSING,
     (S.EOF_WRITTEN, E.ABORT): S.CLOSING,
     (S.EOF_WRITTEN, E.LOST): S.CLOSED,
-    (S.LINGERING, E.PEER_EOF): S.CLOSING,
+    (S.LINGERING, E.PEER_EOF): S.FLUSHING,
     (S.LINGERING, E.EOF_WRITTEN): S.LINGERING,
     (S.LINGERING, E.LINGER): S.LINGERING,
     (S.LINGERING, E.TIMER): S.CLOSING,
@@ -59,9 +60,19 @@ EXPECTED = {
     (S.LINGERING, E.PEER_RESET): S.CLOSING,
     (S.LINGERING, E.ABORT): S.CLOSING,
     (S.LINGERING, E.LOST): S.CLOSED,
+    (S.FLUSHING, E.FLUSHED): S.CLOSING,
+    (S.FLUSHING, E.EOF_WRITTEN): S.FLUSHING,
+    (S.FLUSHING, E.LINGER): S.FLUSHING,
+    (S.FLUSHING, E.PEER_EOF): S.FLUSHING,
+    (S.FLUSHING, E.TIMER): S.CLOSING,
+    (S.FLUSHING, E.CLOSE): S.CLOSING,
+    (S.FLUSHING, E.PEER_RESET): S.CLOSING,
+    (S.FLUSHING, E.ABORT): S.CLOSING,
+    (S.FLUSHING, E.LOST): S.CLOSED,
     (S.CLOSING, E.PEER_EOF): S.CLOSING,
     (S.CLOSING, E.LINGER): S.CLOSING,
     (S.CLOSING, E.TIMER): S.CLOSING,
+    (S.CLOSING, E.FLUSHED): S.CLOSING,
     (S.CLOSING, E.CLOSE): S.CLOSING,
     (S.CLOSING, E.PEER_RESET): S.CLOSING,
     (S.CLOSING, E.ABORT): S.CLOSING,
@@ -116,11 +127,13 @@ def test_state_error_is_a_runtime_error() -> None:
 
 
 def test_state_peer_half_closes_first_then_we_do() -> None:
-    """Peer FIN, then our FIN: both directions done, CLOSING, then CLOSED; both flags set."""
+    """Peer FIN, our FIN: FLUSHING until the peer acknowledges, then CLOSING, CLOSED."""
     machine = HalfCloseMachine()
     assert machine.feed(E.PEER_EOF) is S.PEER_EOF
     assert machine.live
-    assert machine.feed(E.EOF_WRITTEN) is S.CLOSING
+    assert machine.feed(E.EOF_WRITTEN) is S.FLUSHING
+    assert machine.live  # the socket stays open until our bytes are acknowledged
+    assert machine.feed(E.FLUSHED) is S.CLOSING
     assert not machine.live
     assert machine.feed(E.LOST) is S.CLOSED
     assert machine.peer_eof
@@ -128,19 +141,26 @@ def test_state_peer_half_closes_first_then_we_do() -> None:
 
 
 def test_state_we_half_close_first_then_peer() -> None:
-    """Our FIN, a repeated write_eof, then the peer's FIN: CLOSING."""
+    """Our FIN, a repeated write_eof, then the peer's FIN: FLUSHING, then CLOSING."""
     machine = run(E.EOF_WRITTEN, E.EOF_WRITTEN)
     assert machine.state is S.EOF_WRITTEN
-    assert machine.feed(E.PEER_EOF) is S.CLOSING
+    assert machine.feed(E.PEER_EOF) is S.FLUSHING
+    assert machine.feed(E.FLUSHED) is S.CLOSING
 
 
 def test_state_linger_ends_clean_on_peer_fin() -> None:
-    """OPEN -> LINGERING (our FIN queued) -> peer FIN -> CLOSING -> CLOSED."""
+    """OPEN -> LINGERING (our FIN queued) -> peer FIN -> FLUSHING -> acked -> CLOSING -> CLOSED."""
     machine = run(E.LINGER, E.EOF_WRITTEN)
     assert machine.state is S.LINGERING
     assert machine.eof_written
-    assert machine.feed(E.PEER_EOF) is S.CLOSING
+    assert machine.feed(E.PEER_EOF) is S.FLUSHING
+    assert machine.feed(E.FLUSHED) is S.CLOSING
     assert machine.feed(E.LOST) is S.CLOSED
+
+
+def test_state_flushing_forced_by_timer() -> None:
+    """A peer that stops reading after its FIN: the send-side timer forces CLOSING."""
+    assert run(E.LINGER, E.PEER_EOF, E.TIMER).state is S.CLOSING
 
 
 def test_state_linger_forced_by_timer() -> None:
@@ -150,9 +170,16 @@ def test_state_linger_forced_by_timer() -> None:
     assert not machine.peer_eof
 
 
-def test_state_linger_after_peer_eof_has_nothing_to_wait_for() -> None:
-    """A graceful close after the peer's FIN goes straight to CLOSING."""
-    assert run(E.PEER_EOF, E.LINGER).state is S.CLOSING
+def test_state_linger_after_peer_eof_has_nothing_to_read() -> None:
+    """A graceful close after the peer's FIN has nothing to read: FLUSHING at once."""
+    assert run(E.PEER_EOF, E.LINGER).state is S.FLUSHING
+
+
+def test_state_flushed_needs_both_directions_done() -> None:
+    """FLUSHED is only an event of FLUSHING (and of CLOSING, where it changes nothing)."""
+    for state in (S.OPEN, S.PEER_EOF, S.EOF_WRITTEN, S.LINGERING):
+        with pytest.raises(StateError):
+            next_state(state, E.FLUSHED)
 
 
 def test_state_timer_needs_a_linger() -> None:
