@@ -39,6 +39,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Final
 
+from . import _deadlines
 from ._socket import reset, shutdown_error
 from ._state import Event, HalfCloseMachine, HalfCloseState
 
@@ -347,7 +348,7 @@ class Linger:
         self._forward = forward
         # Made on first use: a connection that never lingers (nor watches
         # for idleness) never pays for it.
-        self._timer: DeadlineTimer | None = None
+        self._timer: _deadlines.DeadlineTimer | None = None
         self._options: LingerOptions | None = None
         self._started: float | None = None
         self._deadline = math.inf
@@ -621,10 +622,10 @@ class Linger:
         self._deadline = min(self._deadline, self.loop.time() + seconds)
         self._clock().at(self._deadline)
 
-    def _clock(self) -> DeadlineTimer:
+    def _clock(self) -> _deadlines.DeadlineTimer:
         timer = self._timer
         if timer is None:
-            timer = self._timer = DeadlineTimer(self.loop, self._on_timer)
+            timer = self._timer = _deadlines.DeadlineTimer(self.loop, self._on_timer)
         return timer
 
     def _arm(self) -> None:
