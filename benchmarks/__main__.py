@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     if not have_uvloop():
         print("uvloop is not installed: running on asyncio only (pip install -e '.[bench]')")
-    print(f"{command}: {', '.join(names)} on {', '.join(cfg.loops)}; repeats={cfg.repeats}")
+    print(
+        f"{command}: {', '.join(names)} on {', '.join(cfg.loops)}; repeats={cfg.repeats}"
+        + (" (wrk: 3 unless --repeats)" if "wrk" in names and not args.repeats else "")
+    )
     sections: list[Section] = []
     status = 0
     for name in names:

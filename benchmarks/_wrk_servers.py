@@ -39,7 +39,7 @@ import sys
 from typing import Final
 
 import aiograceful
-from aiograceful import GracefulProtocol
+from aiograceful import CloseOutcome, GracefulProtocol
 
 from ._harness import HOST, loop_factory
 
@@ -64,9 +64,11 @@ REPLY_KEEP: Final = (
 _CLOSE_HEADER: Final = b"\r\nConnection: close"
 _END: Final = b"\r\n\r\n"
 _BACKLOG: Final = 1024
+_CLEAN: Final = CloseOutcome.CLEAN
 
 
 class _Stats:
+    clean = 0
     closed = 0
     errors = 0
     outcomes: collections.Counter[str] = collections.Counter()  # noqa: RUF012
@@ -139,7 +141,12 @@ class GracefulEof(_HttpMixin, GracefulProtocol):
         if exc is not None:
             _Stats.errors += 1
         result = self.close_result
-        _Stats.outcomes[result.outcome.name if result else "none"] += 1
+        # An identity test on the common path: counting by name costs the
+        # graceful servers an Enum property lookup per connection.
+        if result is not None and result.outcome is _CLEAN:
+            _Stats.clean += 1
+        else:
+            _Stats.outcomes[result.outcome.name if result else "none"] += 1
 
 
 class Graceful(GracefulEof):
@@ -212,7 +219,10 @@ async def serve(kind: str) -> None:
             answer = {
                 "closed": _Stats.closed,
                 "errors": _Stats.errors,
-                "outcomes": dict(_Stats.outcomes),
+                "outcomes": {
+                    **_Stats.outcomes,
+                    **({"CLEAN": _Stats.clean} if _Stats.clean else {}),
+                },
             }
             sys.stdout.write(json.dumps(answer) + "\n")
             sys.stdout.flush()
