@@ -57,6 +57,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Final
 
+from . import _deadlines
 from ._socket import receive_queue, reset, send_queue, shutdown_error
 from ._state import Event, HalfCloseMachine, HalfCloseState
 
@@ -69,7 +70,6 @@ __all__ = [
     "CloseOutcome",
     "CloseResult",
     "CloseWaiter",
-    "DeadlineTimer",
     "Linger",
     "LingerOptions",
     "logger",
@@ -243,60 +243,6 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
-class DeadlineTimer:
-    """One ``loop.call_at`` handle, re-armed lazily.
-
-    :meth:`at` only reschedules when the new deadline is *earlier* than the
-    armed one. A later deadline (an idle timer pushed back by a read) is left to
-    the callback: it fires early, finds the real deadline still ahead and
-    calls :meth:`at` again. So a busy connection costs a float store per read,
-    not a heap operation.
-    """
-
-    __slots__ = ("_callback", "_handle", "_loop", "when")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        self._loop = loop
-        self._callback = callback
-        self._handle: asyncio.TimerHandle | None = None
-        self.when = math.inf
-
-    @property
-    def armed(self) -> bool:
-        """True while a handle is scheduled."""
-        return self._handle is not None
-
-    def at(self, when: float) -> None:
-        """Make sure the callback runs no later than ``when`` (loop time)."""
-        handle = self._handle
-        if handle is not None:
-            if when >= self.when:
-                return
-            handle.cancel()
-        self.when = when
-        # The timer itself is the callback (see __call__): no bound method
-        # is allocated per arming.
-        self._handle = self._loop.call_at(when, self)
-
-    def cancel(self) -> None:
-        """Cancel the handle, if any, and drop the reference to it."""
-        handle = self._handle
-        if handle is not None:
-            handle.cancel()
-            self._handle = None
-            self.when = math.inf
-
-    def __call__(self) -> None:
-        self._handle = None
-        self.when = math.inf
-        self._callback()
-
-    def __repr__(self) -> str:
-        if self._handle is None:
-            return "<DeadlineTimer unarmed>"
-        return f"<DeadlineTimer when={self.when:.3f}>"
-
-
 class _Discarder(asyncio.BufferedProtocol):
     """The protocol a transport talks to while its connection lingers."""
 
@@ -414,7 +360,7 @@ class Linger:
         self._forward = forward
         # Made on first use: a connection that never lingers (nor watches
         # for idleness) never pays for it.
-        self._timer: DeadlineTimer | None = None
+        self._timer: _deadlines.DeadlineTimer | None = None
         #: The bounds of a close that starts without begin() (both FINs
         #: exchanged through write_eof()); begin() replaces them.
         self._options: LingerOptions | None = options
@@ -820,10 +766,10 @@ class Linger:
         # sends nothing but our FIN if it was not queued yet.
         self.transport.close()
 
-    def _clock(self) -> DeadlineTimer:
+    def _clock(self) -> _deadlines.DeadlineTimer:
         timer = self._timer
         if timer is None:
-            timer = self._timer = DeadlineTimer(self.loop, self._on_timer)
+            timer = self._timer = _deadlines.DeadlineTimer(self.loop, self._on_timer)
         return timer
 
     def _next_poll(self, now: float, cap: float) -> float:

@@ -80,6 +80,8 @@ class Config:
     #: Samples per latency run.
     samples: int
     loops: tuple[str, ...] = LOOPS
+    #: ``--repeats`` when given: benchmarks with a default of their own (wrk) follow it.
+    explicit_repeats: int | None = None
 
 
 def have_uvloop() -> bool:

@@ -26,7 +26,7 @@ from _util import (
 )
 
 from aiograceful import CloseOutcome, CloseResult, GracefulProtocol, LingerOptions, graceful_close
-from aiograceful._linger import DeadlineTimer
+from aiograceful._deadlines import DeadlineTimer
 
 MIB = 1024 * 1024
 BODY = 4 * MIB
