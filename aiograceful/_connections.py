@@ -258,7 +258,7 @@ class _Rejecter(asyncio.Protocol):
         graceful = self._graceful = Linger(asyncio.get_running_loop(), tr, self)
         server = self._server
         server._rejected_live.add(graceful)
-        graceful.on_lost = server._rejected_live.discard
+        graceful.on_lost = server._rejected_lost
         server._rejected_total += 1
         hook = server._on_reject
         if hook is not None:
