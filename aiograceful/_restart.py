@@ -35,9 +35,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
+
+from ._linger import CloseOutcome
 
 __all__ = [
     "REQUEST",
@@ -88,16 +90,10 @@ async def _serve(args: argparse.Namespace) -> int:
     stats = server.stats
     print(
         f"DONE handed_off={server.handed_off} closed={stats.closed} "
-        f"clean={stats.outcomes.get(_clean(), 0)} drained={stats.drained}",
+        f"clean={stats.outcomes[CloseOutcome.CLEAN]} drained={stats.drained}",
         flush=True,
     )
     return 0
-
-
-def _clean() -> object:
-    from ._linger import CloseOutcome
-
-    return CloseOutcome.CLEAN
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,12 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=5.0)
     parser.add_argument("--reuse-port", action="store_true")
     args = parser.parse_args(argv)
+    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.SelectorEventLoop
     if args.loop == "uvloop":
         import uvloop
 
         factory = uvloop.new_event_loop
-    else:
-        factory = asyncio.SelectorEventLoop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(_serve(args))
 
