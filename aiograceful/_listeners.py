@@ -463,8 +463,9 @@ class HandoffOffer:
     """A server's listening sockets, offered to a successor at the Unix socket ``path``.
 
     ``listeners()`` gives the sockets to pass (read at each handoff);
-    ``on_taken()`` runs once a successor has acknowledged. See the theory of
-    operation above.
+    ``on_taken()`` runs once a successor has acknowledged. One successor at a
+    time: while one is served the offer socket is not read, and the next
+    waits in its queue. See the theory of operation above.
     """
 
     def __init__(
@@ -507,13 +508,11 @@ class HandoffOffer:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-        old = self._sock
+        self._drop_sock()  # successors queued on the old one see it close, and ask PATH again
         self._sock = sock
         self._inode = (st.st_dev, st.st_ino)
-        if old is not None:
-            old.close()  # successors queued there see it close, and ask PATH again
         if self._task is None:
-            self._task = self._loop.create_task(self._serve())
+            self._loop.add_reader(sock.fileno(), self._on_readable)
 
     def owns_path(self) -> bool:
         """True while ``path`` is still this offer's socket file."""
@@ -541,43 +540,63 @@ class HandoffOffer:
         if not self.taken and self.owns_path():
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+        self._drop_sock()
+
+    def _drop_sock(self) -> None:
         sock = self._sock
         self._sock = None
         if sock is not None:
+            self._loop.remove_reader(sock.fileno())
             sock.close()
 
-    async def _serve(self) -> None:
-        for _ in range(1_000_000):  # each pass waits for a successor; close() cancels
-            sock = self._sock
-            if sock is None or self.closed:
-                return
-            try:
-                channel, _addr = await self._loop.sock_accept(sock)
-            except OSError:
-                if self.closed or sock is not self._sock:
-                    continue
-                logger.exception("handoff: accept() failed on %r", self.path)
-                await asyncio.sleep(1.0)
-                continue
-            handing = self._handing = self._loop.create_future()
-            try:
-                with channel:
-                    taken = await self._hand(channel)
-            finally:
+    # A reader callback and a non-blocking accept(), not loop.sock_accept():
+    # a sock_accept future cancelled while a connection arrives makes
+    # CPython 3.11's _sock_accept set the result of a cancelled future
+    # (InvalidStateError in the loop's handler) and leak the connection.
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None or self._task is not None:
+            return
+        try:
+            channel, _addr = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            logger.exception("handoff: accept() failed on %r", self.path)
+            return
+        self._loop.remove_reader(sock.fileno())  # one successor at a time
+        self._handing = self._loop.create_future()
+        self._task = self._loop.create_task(self._serve_one(channel))
+
+    async def _serve_one(self, channel: socket.socket) -> None:
+        handing = self._handing
+        taken = False
+        try:
+            with channel:
+                taken = await self._hand(channel)
+        finally:
+            self._task = None
+            if handing is not None and not handing.done():
                 handing.set_result(None)
-            if taken:
-                self.taken = True
-                logger.info("handoff: a successor took the listening sockets at %r", self.path)
-                self.close()
-                self._on_taken()
+        if taken:
+            self.taken = True
+            logger.info("handoff: a successor took the listening sockets at %r", self.path)
+            self.close()
+            self._on_taken()
+            return
+        if self.closed:
+            return
+        if not self.owns_path():
+            # The successor had put its own offer at PATH and died before
+            # its ack: PATH must lead to a server that serves.
+            try:
+                self.publish()
                 return
-            if not self.closed and not self.owns_path():
-                # The successor had put its own offer at PATH and died before
-                # its ack: PATH must lead to a server that serves.
-                try:
-                    self.publish()
-                except OSError:
-                    logger.exception("handoff: could not offer again at %r", self.path)
+            except OSError:
+                logger.exception("handoff: could not offer again at %r", self.path)
+        sock = self._sock
+        if sock is not None:
+            self._loop.add_reader(sock.fileno(), self._on_readable)
 
     async def _hand(self, channel: socket.socket) -> bool:
         """Pass the sockets to one successor; True once it has acknowledged."""
