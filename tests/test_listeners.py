@@ -88,6 +88,7 @@ async def test_handoff_successor_takes_the_listener_and_predecessor_stops(tmp_pa
         writer.write(b"late\n")
         async with asyncio.timeout(5):
             assert await reader.read() == b"A late\n"
+            writer.close()
             await serving  # A's serve_forever returns once its shutdown is done
         assert a.handed_off
         assert not a.is_serving()
@@ -263,10 +264,12 @@ async def test_handoff_shutdown_without_successor_drains_as_usual(tmp_path: Path
     a = await start(b"A", path, None, sock=socket.create_server((HOST, 0)), start_serving=False)
     c = socket.create_connection((HOST, port_of(a)), timeout=5)
     c.sendall(b"queued\n")
-    report = await a.shutdown()
+    shutdown = asyncio.ensure_future(a.shutdown())
     try:
-        assert report.drained == 1
         assert await asyncio.to_thread(c.recv, 100) == b"A queued\n"
+        c.close()
+        report = await shutdown
+        assert report.drained == 1
         assert not path.exists()
         assert await asyncio.to_thread(take_listeners, str(path), 1.0) is None
     finally:
