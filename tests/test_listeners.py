@@ -472,3 +472,24 @@ def test_listen_fds_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LISTEN_FDS", "one")
     with pytest.raises(ValueError, match="LISTEN_FDS"):
         listen_fds()
+
+
+async def test_handoff_during_drain_delay_ends_it_at_once(tmp_path: Path) -> None:
+    """A successor taking over during drain_delay ends the delay: no drain, the shutdown goes on."""
+    path = tmp_path / "h.sock"
+    a = await start(b"A", path, drain_delay=30.0)
+    port = port_of(a)
+    shutdown = asyncio.ensure_future(a.shutdown())
+    await asyncio.sleep(0.05)
+    assert a.notice.is_set()
+    assert await ask(port) == b"A hi\n"  # still accepting during the delay
+    b = await start(b"B", path)
+    try:
+        async with asyncio.timeout(5):  # far less than the 30 s delay
+            report = await shutdown
+        assert a.handed_off
+        assert report.drained == 0
+        assert await ask(port) == b"B hi\n"
+    finally:
+        shutdown.cancel()
+        await b.shutdown()
