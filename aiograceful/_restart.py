@@ -126,6 +126,7 @@ class ServerProcess:
         loop: str = "asyncio",
         startup_delay: float = 0.0,
         reuse_port: bool = False,
+        quiet: bool = False,
     ) -> None:
         argv = [sys.executable, "-m", "aiograceful._restart", "--port", str(port)]
         argv += ["--loop", loop, "--startup-delay", str(startup_delay)]
@@ -136,7 +137,8 @@ class ServerProcess:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
+        stderr = subprocess.DEVNULL if quiet else None
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env)
         self._buffer = b""
         self.lines: list[str] = []
         self.port = port
@@ -330,12 +332,14 @@ def restart_under_load(
     after: float = 0.4,
     startup_delay: float = 0.2,
     workdir: str | None = None,
+    quiet: bool = False,
 ) -> RestartResult:
     """Serve, load, restart (``kind``: ``"plain"`` or ``"handoff"``), load on, stop; what was seen.
 
     ``startup_delay`` is the time the new process takes before it listens
     (a real service imports and configures itself first); it is the same
     for both kinds, and only the plain restart has nobody listening then.
+    ``quiet`` sends the server processes' stderr to /dev/null.
     """
     if kind not in ("plain", "handoff"):
         raise ValueError(f"kind must be 'plain' or 'handoff', got {kind!r}")
@@ -346,7 +350,7 @@ def restart_under_load(
 
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="aiog-restart-"))
         path = os.path.join(workdir, "handoff.sock") if kind == "handoff" else None
-        old = ServerProcess(0, handoff=path, loop=loop)
+        old = ServerProcess(0, handoff=path, loop=loop, quiet=quiet)
         new: ServerProcess | None = None
         try:
             port = old.ready()
@@ -354,10 +358,12 @@ def restart_under_load(
             time.sleep(before)
             if kind == "plain":
                 old_exit = old.stop()
-                new = ServerProcess(port, loop=loop, startup_delay=startup_delay)
+                new = ServerProcess(port, loop=loop, startup_delay=startup_delay, quiet=quiet)
                 new.ready()
             else:
-                new = ServerProcess(port, handoff=path, loop=loop, startup_delay=startup_delay)
+                new = ServerProcess(
+                    port, handoff=path, loop=loop, startup_delay=startup_delay, quiet=quiet
+                )
                 new.ready()
                 old_exit = old.wait()
             time.sleep(after)
