@@ -495,8 +495,10 @@ class HandoffOffer:
         try:
             # On Linux the socket file's mode comes from the socket's inode
             # (less the umask): 0600 from the start, so no other user can
-            # connect in the moment before the chmod below.
-            os.fchmod(sock.fileno(), 0o600)
+            # connect in the moment before the chmod below. (macOS refuses
+            # fchmod on a socket; the file is not at PATH until renamed.)
+            with contextlib.suppress(OSError):
+                os.fchmod(sock.fileno(), 0o600)
             sock.bind(temp)
             os.chmod(temp, 0o600)
             sock.listen(16)

@@ -270,10 +270,7 @@ class GracefulServer:
         kwargs = {k: v for k, v in self._create_kwargs.items() if k != "limit"}
         loop = self._loop
         if self._handoff is not None:
-            if (
-                self._unix
-                and "cleanup_socket" in inspect.signature(loop.create_unix_server).parameters
-            ):
+            if self._unix and _takes_cleanup_socket(loop):
                 # Python 3.13+ unlinks a Unix server's path when it closes;
                 # after a handoff that path is the successor's.
                 kwargs.setdefault("cleanup_socket", False)
@@ -735,6 +732,14 @@ async def _serve(
     )
     await server._start(host, port, backlog_n, reuse_port)
     return server
+
+
+def _takes_cleanup_socket(loop: asyncio.AbstractEventLoop) -> bool:
+    """True where ``create_unix_server`` has ``cleanup_socket`` (asyncio on Python 3.13+)."""
+    try:
+        return "cleanup_socket" in inspect.signature(loop.create_unix_server).parameters
+    except (TypeError, ValueError):  # no signature to read (a compiled loop)
+        return False
 
 
 def _check_taken(taken: Taken, host: Any, port: Any, unix: bool) -> None:
