@@ -905,31 +905,81 @@ async def create_server(
 async def start_unix_server(
     client_connected_cb: StreamHandler,
     path: str | os.PathLike[str] | None = None,
-    **options: Any,
+    *,
+    grace: float = DEFAULT_GRACE,
+    force_timeout: float = DEFAULT_FORCE_TIMEOUT,
+    linger_timeout: float = DEFAULT_TIMEOUT,
+    linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    max_discard: int | None = DEFAULT_MAX_DISCARD,
+    reset_on_failure: bool = True,
+    max_connections: int | None = None,
+    on_reject: RejectHook | None = None,
+    on_notice: NoticeHook | None = None,
+    idle_timeout: float | None = None,
+    backlog: int | None = None,
+    drain_delay: float = 0.0,
+    handoff: str | os.PathLike[str] | None = None,
+    limit: int = 2**16,
+    **kwargs: Any,
 ) -> GracefulServer:
     """:func:`start_server` on a Unix stream socket at ``path``, like ``asyncio.start_unix_server``.
 
     The whole graceful behaviour holds there: on Linux, closing a Unix stream
-    socket with unread data makes the peer's next ``send()`` fail
-    (``EPIPE``) and its ``recv()`` fail with ``ECONNRESET`` once the reply
-    is read, exactly as a TCP reset does, so a lingering close is needed
-    all the same. The options are :func:`start_server`'s (``reuse_port``
-    aside); ``handoff=`` passes the Unix listening socket to a successor.
+    socket with unread data makes the peer's ``send()`` fail (``EPIPE``) and
+    its ``recv()`` fail with ``ECONNRESET`` once what was queued is read, as
+    a TCP reset does, so the lingering close is needed all the same. The
+    options are :func:`start_server`'s (``reuse_port`` aside); ``handoff=``
+    passes the Unix listening socket to a successor; other keywords go to
+    ``loop.create_unix_server`` (``sock``, ``ssl``, ``start_serving``...).
     """
     if not callable(client_connected_cb):
         raise TypeError(
             "client_connected_cb must be a coroutine function, "
             f"got {type(client_connected_cb).__name__}"
         )
-    if "reuse_port" in options:
+    if "reuse_port" in kwargs:
         raise TypeError("reuse_port is not an option of a Unix server")
-    return await _serve_unix(client_connected_cb, None, path, options)
+    return await _serve(
+        client_connected_cb,
+        None,
+        path,
+        None,
+        grace=grace,
+        force_timeout=force_timeout,
+        linger_timeout=linger_timeout,
+        linger_idle_timeout=linger_idle_timeout,
+        max_discard=max_discard,
+        reset_on_failure=reset_on_failure,
+        max_connections=max_connections,
+        on_reject=on_reject,
+        on_notice=on_notice,
+        idle_timeout=idle_timeout,
+        backlog=backlog,
+        reuse_port=None,
+        create_kwargs={**kwargs, "limit": limit},
+        drain_delay=drain_delay,
+        handoff=handoff,
+        unix=True,
+    )
 
 
 async def create_unix_server(
     protocol_factory: Callable[[], GracefulProtocol],
     path: str | os.PathLike[str] | None = None,
-    **options: Any,
+    *,
+    grace: float = DEFAULT_GRACE,
+    force_timeout: float = DEFAULT_FORCE_TIMEOUT,
+    linger_timeout: float = DEFAULT_TIMEOUT,
+    linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    max_discard: int | None = DEFAULT_MAX_DISCARD,
+    reset_on_failure: bool = True,
+    max_connections: int | None = None,
+    on_reject: RejectHook | None = None,
+    idle_timeout: float | None = None,
+    backlog: int | None = None,
+    drain_delay: float = 0.0,
+    handoff: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
 ) -> GracefulServer:
     """:func:`create_server` on a Unix stream socket at ``path``, like ``loop.create_unix_server``.
 
@@ -937,46 +987,27 @@ async def create_unix_server(
     """
     if not callable(protocol_factory):
         raise TypeError(f"protocol_factory must be callable, got {type(protocol_factory).__name__}")
-    if "reuse_port" in options:
+    if "reuse_port" in kwargs:
         raise TypeError("reuse_port is not an option of a Unix server")
-    if "on_notice" in options:
-        raise TypeError("on_notice is an option of start_unix_server; a protocol has its hook")
-    return await _serve_unix(None, protocol_factory, path, options)
-
-
-_SERVE_OPTIONS: Final = {
-    "grace": DEFAULT_GRACE,
-    "force_timeout": DEFAULT_FORCE_TIMEOUT,
-    "linger_timeout": DEFAULT_TIMEOUT,
-    "linger_idle_timeout": DEFAULT_IDLE_TIMEOUT,
-    "max_discard": DEFAULT_MAX_DISCARD,
-    "reset_on_failure": True,
-    "max_connections": None,
-    "on_reject": None,
-    "on_notice": None,
-    "idle_timeout": None,
-    "backlog": None,
-    "drain_delay": 0.0,
-    "handoff": None,
-}
-
-
-async def _serve_unix(
-    handler: StreamHandler | None,
-    protocol_factory: Callable[[], GracefulProtocol] | None,
-    path: str | os.PathLike[str] | None,
-    options: dict[str, Any],
-) -> GracefulServer:
-    chosen = {name: options.pop(name, default) for name, default in _SERVE_OPTIONS.items()}
-    if handler is not None:
-        options["limit"] = options.pop("limit", 2**16)
     return await _serve(
-        handler,
+        None,
         protocol_factory,
         path,
         None,
+        grace=grace,
+        force_timeout=force_timeout,
+        linger_timeout=linger_timeout,
+        linger_idle_timeout=linger_idle_timeout,
+        max_discard=max_discard,
+        reset_on_failure=reset_on_failure,
+        max_connections=max_connections,
+        on_reject=on_reject,
+        on_notice=None,
+        idle_timeout=idle_timeout,
+        backlog=backlog,
         reuse_port=None,
-        create_kwargs=options,
+        create_kwargs=dict(kwargs),
+        drain_delay=drain_delay,
+        handoff=handoff,
         unix=True,
-        **chosen,
     )
