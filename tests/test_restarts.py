@@ -72,6 +72,7 @@ def test_restart_rolling_two_reuseport_workers_by_handoff_fails_none(loop: str) 
         finally:
             for proc in procs:
                 proc.close()
+    print(f"rolling restart ({loop}): {result.ok} answered, failed {dict(result.failed)}")
     assert result.failures == 0, result.failed
     assert result.ok > 0
     assert exits == [0, 0, 0, 0]
