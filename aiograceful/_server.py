@@ -183,7 +183,10 @@ class GracefulServer:
       callers share the one shutdown.
     * :attr:`connections` is the live count; :attr:`sockets` the listening
       sockets; :attr:`notice` is set when the shutdown begins, for handlers
-      that prefer to await it.
+      that prefer to await it (and for a readiness probe).
+    * :attr:`stats` counts since start (:class:`ServerStats`);
+      :attr:`handed_off` is True once a successor took the listening sockets
+      (``handoff=``), which also starts the shutdown.
     """
 
     def __init__(
