@@ -296,6 +296,9 @@ def check_handoff(path: object) -> str | None:
     parent = os.path.dirname(text) or "."
     if not os.path.isdir(parent):
         raise ValueError(f"handoff: the directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        # The offer is bound there (a temporary name, renamed over the path).
+        raise ValueError(f"handoff: this user may not create files in {parent!r}")
     return text
 
 
