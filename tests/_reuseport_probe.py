@@ -28,13 +28,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiograceful import start_server
+from aiograceful._demo import available_loops
 from aiograceful._restart import REQUEST, Load, _answer
 from aiograceful._socket import TCPI_UNACKED, tcp_info_u32
 
@@ -214,24 +214,12 @@ async def _load(migrate: int, rounds: int) -> dict[str, Any]:
     return {"migrate": migrate, "rounds": rounds, "ok": ok, "failed": failed}
 
 
-def _loops() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-        "asyncio": asyncio.SelectorEventLoop
-    }
-    try:
-        import uvloop
-    except ImportError:
-        return loops
-    loops["uvloop"] = uvloop.new_event_loop
-    return loops
-
-
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     out: dict[str, Any] = {"raw": [], "graceful": [], "load": []}
     for migrate in (0, 1):
         out["raw"].append(raw(migrate))
-        for name, factory in _loops().items():
+        for name, factory in available_loops().items():
             with asyncio.Runner(loop_factory=factory) as runner:
                 out["graceful"].append({"loop": name, **runner.run(_graceful(migrate))})
                 out["load"].append({"loop": name, **runner.run(_load(migrate, rounds))})
