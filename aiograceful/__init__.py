@@ -13,6 +13,7 @@ from ._linger import (
     CloseResult,
     LingerOptions,
 )
+from ._listeners import listen_fds
 from ._protocol import GracefulProtocol
 from ._server import (
     DEFAULT_BACKLOG,
@@ -20,9 +21,12 @@ from ._server import (
     DEFAULT_GRACE,
     AcceptQueueStats,
     GracefulServer,
+    ServerStats,
     ShutdownReport,
     create_server,
+    create_unix_server,
     start_server,
+    start_unix_server,
 )
 from ._state import HalfCloseState
 from ._streams import abort, graceful_close
@@ -43,11 +47,15 @@ __all__ = [
     "GracefulServer",
     "HalfCloseState",
     "LingerOptions",
+    "ServerStats",
     "ShutdownReport",
     "abort",
     "create_server",
+    "create_unix_server",
     "graceful_close",
+    "listen_fds",
     "start_server",
+    "start_unix_server",
 ]
 
 __version__ = "0.1.0"

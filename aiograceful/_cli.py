@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="run each hazard H1-H5 on loopback, naive close vs aiograceful",
+        help="run each hazard H1-H5 and H7 on loopback, naive close vs aiograceful",
         description=(
-            "Run each hazard H1-H5 on 127.0.0.1 with real clients, first with the close a "
+            "Run each hazard H1-H5 and H7 on 127.0.0.1 with real clients, first with the close a "
             "typical asyncio server does, then with aiograceful, and print what the clients "
             "saw. Exit 0 when aiograceful delivered everything, 1 otherwise."
         ),

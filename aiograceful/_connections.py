@@ -307,7 +307,7 @@ def _reject(server: GracefulServer, transport: asyncio.Transport) -> None:
     """Turn away a connection over the limit: ``on_reject`` writes the rejection, then linger."""
     graceful = Linger(asyncio.get_running_loop(), transport, None, server._linger_options)
     server._rejected_live.add(graceful)
-    graceful.on_lost = server._rejected_live.discard
+    graceful.on_lost = server._rejected_lost
     server._rejected_total += 1
     hook = server._on_reject
     if hook is not None:

@@ -1,14 +1,15 @@
 """``python -m aiograceful demo``: every hazard on loopback, closed naively, then gracefully.
 
-Theory of operation: a *case* is one hazard (H1..H5 of the design), one event
+Theory of operation: a *case* is one hazard (H1..H5 and H7 of the design), one event
 loop and one way of closing ("naive": what a typical asyncio server does;
 "aiograceful": the library). Each case starts its own server on 127.0.0.1 on a
 fresh loop, runs ``rounds`` rounds of real clients against it (stdlib
 ``http.client`` and raw sockets in threads, asyncio streams on the loop), and
 counts what the clients saw: replies delivered or lost, and whether each
 connection ended with a FIN (``recv`` returned ``b""``) or a RST
-(``ConnectionResetError`` / ``BrokenPipeError``). Nothing in the table is
-written in; every number comes from the run.
+(``ConnectionResetError`` / ``BrokenPipeError``). H7 runs real server
+processes instead, restarted under load (``_restart``). Nothing in the table
+is written in; every number comes from the run.
 
 Every wait is bounded: each client socket operation by :data:`CLIENT_TIMEOUT`,
 each case by :data:`CASE_BUDGET`. A case that runs out of time is reported as
@@ -720,6 +721,32 @@ async def _h5_final(close: Close, rounds: int) -> Tally:
     return tally
 
 
+# -- H7: a restart under load -------------------------------------------------------------
+
+
+async def _h7(close: Close, rounds: int) -> Tally:
+    """A server process restarted under load: plainly (naive), or by handoff (aiograceful).
+
+    One restart per row, whatever ``rounds`` says: the row's count is every
+    request the 4 client threads made across it (see ``_restart``).
+    """
+    from ._restart import restart_under_load
+
+    loop = "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
+    kind = "plain" if close == NAIVE else "handoff"
+    result = await asyncio.to_thread(
+        restart_under_load, kind, loop=loop, before=0.25, after=0.25, quiet=True
+    )
+    if result.old_exit != 0 or result.new_exit != 0:
+        raise RuntimeError(f"server exit codes {result.old_exit}, {result.new_exit}")
+    failed = result.load.failed
+    tally = Tally(delivered=result.load.ok, lost=result.load.failures)
+    tally.fin = result.load.ok  # every answer ended with the server's FIN
+    tally.rst = failed["ConnectionResetError"] + failed["BrokenPipeError"]
+    tally.open = failed["TimeoutError"]
+    return tally
+
+
 CASES: Final[tuple[Case, ...]] = (
     Case("H1", "early 413 during an upload", "the 413 reply read by http.client", _h1),
     Case("H2", "503 at the connection limit", "the 503 reply read by http.client", _h2),
@@ -736,6 +763,13 @@ CASES: Final[tuple[Case, ...]] = (
         "final message at close",
         "the server's last message and the client's reply, both read",
         _h5_final,
+    ),
+    Case(
+        "H7",
+        "restart under load",
+        "requests answered across a restart (naive: SIGTERM, then a new process\n"
+        "    binds; aiograceful: handoff=PATH); a refused connect is lost, with no FIN or RST",
+        _h7,
     ),
 )
 

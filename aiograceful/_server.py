@@ -32,6 +32,8 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import inspect
+import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -51,10 +53,16 @@ from ._linger import (
 )
 from ._listeners import (
     DEFAULT_BACKLOG,
+    HANDOFF_TIMEOUT,
     AcceptQueueStats,
+    HandoffOffer,
+    Taken,
     accept_queue_stats,
+    check_handoff,
     close_and_drain,
+    close_listeners,
     default_backlog,
+    take_listeners,
 )
 from ._protocol import GracefulProtocol
 
@@ -64,9 +72,12 @@ __all__ = [
     "DEFAULT_GRACE",
     "AcceptQueueStats",
     "GracefulServer",
+    "ServerStats",
     "ShutdownReport",
     "create_server",
+    "create_unix_server",
     "start_server",
+    "start_unix_server",
 ]
 
 #: Seconds connections get, after the notice, to close themselves.
@@ -104,6 +115,34 @@ class ShutdownReport:
     outcomes: Mapping[CloseOutcome, int]
     drained: int = 0
     rejected: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerStats:
+    """Counts since the server started: what an operator graphs (see :attr:`GracefulServer.stats`).
+
+    * ``active``: connections open now (as :attr:`GracefulServer.connections`).
+    * ``closed``: connections that have ended, rejected ones included.
+    * ``outcomes``: of those, how many ended with each :class:`CloseOutcome`
+      (every outcome is a key): ``CLEAN`` is the good case; ``PEER_RESET``
+      and ``ABORTED`` are the ones worth an alert.
+    * ``rejected``: connections turned away at ``max_connections``.
+    * ``drained``: connections taken from the accept queue at shutdown.
+    * ``discarded``: bytes the peers sent that nobody read (lingering closes).
+    * ``unacked``: bytes written that the peers had not acknowledged when the
+      sockets were closed (lost in the network or in a reset).
+    * ``unacked_unknown``: closes for which the platform could not tell
+      ``unacked`` (counted as 0 bytes there).
+    """
+
+    active: int
+    closed: int
+    outcomes: Mapping[CloseOutcome, int]
+    rejected: int
+    drained: int
+    discarded: int
+    unacked: int
+    unacked_unknown: int
 
 
 class _Notice:
@@ -144,7 +183,10 @@ class GracefulServer:
       callers share the one shutdown.
     * :attr:`connections` is the live count; :attr:`sockets` the listening
       sockets; :attr:`notice` is set when the shutdown begins, for handlers
-      that prefer to await it.
+      that prefer to await it (and for a readiness probe).
+    * :attr:`stats` counts since start (:class:`ServerStats`);
+      :attr:`handed_off` is True once a successor took the listening sockets
+      (``handoff=``), which also starts the shutdown.
     """
 
     def __init__(
@@ -160,6 +202,9 @@ class GracefulServer:
         on_notice: NoticeHook | None,
         idle_timeout: float | None,
         create_kwargs: dict[str, Any],
+        drain_delay: float = 0.0,
+        handoff: str | None = None,
+        unix: bool = False,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._handler: StreamHandler = handler if handler is not None else _no_handler
@@ -172,7 +217,19 @@ class GracefulServer:
         self._on_notice = on_notice
         self._idle_timeout = idle_timeout
         self._create_kwargs = create_kwargs
-        self._server: asyncio.Server | None = None
+        self._drain_delay = drain_delay
+        self._handoff = handoff
+        self._unix = unix
+        self._servers: list[asyncio.Server] = []
+        self._offer: HandoffOffer | None = None
+        self._taken: Taken | None = None
+        self._handed_off = asyncio.Event()
+        # Lifetime counters (stats): plain ints, nothing kept per connection.
+        self._outcome_counts: dict[CloseOutcome, int] = dict.fromkeys(CloseOutcome, 0)
+        self._closed_total = 0
+        self._discarded_total = 0
+        self._unacked_total = 0
+        self._unacked_unknown = 0
         self._conns: dict[Linger, _Connection] = {}
         self._rejected_live: set[Linger] = set()
         self._rejected_total = 0
@@ -217,9 +274,74 @@ class GracefulServer:
 
     async def _start(self, host: Any, port: Any, backlog: int, reuse_port: bool | None) -> None:
         kwargs = {k: v for k, v in self._create_kwargs.items() if k != "limit"}
-        self._server = await self._loop.create_server(
-            self._make_protocol, host, port, backlog=backlog, reuse_port=reuse_port, **kwargs
-        )
+        loop = self._loop
+        if self._handoff is not None:
+            if self._unix and _takes_cleanup_socket(loop):
+                # Python 3.13+ unlinks a Unix server's path when it closes;
+                # after a handoff that path is the successor's.
+                kwargs.setdefault("cleanup_socket", False)
+            self._taken = await asyncio.to_thread(take_listeners, self._handoff, HANDOFF_TIMEOUT)
+        taken = self._taken
+        try:
+            if taken is not None:
+                _check_taken(taken, host, port, self._unix)
+                kwargs.pop("sock", None)
+                for sock in taken.sockets:
+                    if self._unix:
+                        server = await loop.create_unix_server(
+                            self._make_protocol, sock=sock, backlog=backlog, **kwargs
+                        )
+                    else:
+                        server = await loop.create_server(
+                            self._make_protocol, sock=sock, backlog=backlog, **kwargs
+                        )
+                    self._servers.append(server)
+            elif self._unix:
+                self._servers.append(
+                    await loop.create_unix_server(
+                        self._make_protocol, host, backlog=backlog, **kwargs
+                    )
+                )
+            else:
+                self._servers.append(
+                    await loop.create_server(
+                        self._make_protocol,
+                        host,
+                        port,
+                        backlog=backlog,
+                        reuse_port=reuse_port,
+                        **kwargs,
+                    )
+                )
+            if self._handoff is not None:
+                self._offer = HandoffOffer(loop, self._handoff, self._listening, self._on_taken)
+                self._offer.publish()
+        except BaseException:
+            for server in self._servers:
+                server.close()
+            if taken is not None:
+                taken.abandon()  # the predecessor serves on
+            raise
+        if taken is not None and self.is_serving():
+            self._ack_predecessor()
+
+    def _listening(self) -> list[Any]:
+        return [] if self._notice.is_set() and not self.is_serving() else list(self.sockets)
+
+    def _ack_predecessor(self) -> None:
+        taken = self._taken
+        if taken is None:
+            return
+        self._taken = None
+        if not taken.ack():
+            logger.warning("handoff: predecessor pid %s had gone before the ack", taken.pid)
+        else:
+            logger.info("handoff: took the listening sockets of pid %s", taken.pid)
+
+    def _on_taken(self) -> None:
+        """A successor has the listening sockets and serves: stop accepting, shut down."""
+        self._handed_off.set()
+        self._begin_shutdown(None)
 
     # -- registry --------------------------------------------------------------
 
@@ -256,6 +378,24 @@ class GracefulServer:
 
     def _detach(self, graceful: Linger) -> None:
         self._conns.pop(graceful, None)
+        self._count(graceful)
+
+    def _rejected_lost(self, graceful: Linger) -> None:
+        self._rejected_live.discard(graceful)
+        self._count(graceful)
+
+    def _count(self, graceful: Linger) -> None:
+        result = graceful.result
+        if result is None:
+            return
+        self._closed_total += 1
+        self._outcome_counts[result.outcome] += 1
+        self._discarded_total += result.discarded
+        unacked = result.unacked
+        if unacked is None:
+            self._unacked_unknown += 1
+        else:
+            self._unacked_total += unacked
 
     def _track(self, fut: asyncio.Future[Any]) -> None:
         self._tasks.add(fut)
@@ -271,8 +411,26 @@ class GracefulServer:
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
         """The listening sockets, as ``asyncio.Server.sockets`` gives them."""
-        server = self._server
-        return () if server is None else tuple(server.sockets)
+        return tuple(sock for server in self._servers for sock in server.sockets)
+
+    @property
+    def stats(self) -> ServerStats:
+        """Counts since the server started (a snapshot): see :class:`ServerStats`."""
+        return ServerStats(
+            active=len(self._conns),
+            closed=self._closed_total,
+            outcomes=dict(self._outcome_counts),
+            rejected=self._rejected_total,
+            drained=self._drained,
+            discarded=self._discarded_total,
+            unacked=self._unacked_total,
+            unacked_unknown=self._unacked_unknown,
+        )
+
+    @property
+    def handed_off(self) -> bool:
+        """True once a successor took the listening sockets (``handoff=``)."""
+        return self._handed_off.is_set()
 
     @property
     def notice(self) -> _Notice:
@@ -281,13 +439,19 @@ class GracefulServer:
 
     def is_serving(self) -> bool:
         """True while the server accepts connections."""
-        return self._server is not None and self._server.is_serving()
+        return any(server.is_serving() for server in self._servers)
 
     async def start_serving(self) -> None:
-        """Start accepting connections (for a server made with ``start_serving=False``)."""
-        if self._server is None or self._notice.is_set():
+        """Start accepting connections (for a server made with ``start_serving=False``).
+
+        A server that took its sockets from a predecessor (``handoff=``)
+        tells it here that it serves; the predecessor then stops accepting.
+        """
+        if not self._servers or self._notice.is_set():
             raise RuntimeError("the server is shut down")
-        await self._server.start_serving()
+        for server in self._servers:
+            await server.start_serving()
+        self._ack_predecessor()
 
     async def serve_forever(self) -> None:
         """Serve until SIGTERM or SIGINT starts :meth:`shutdown`; return once it is done.
@@ -343,6 +507,8 @@ class GracefulServer:
 
     def __repr__(self) -> str:
         state = "shutting down" if self._notice.is_set() else "serving"
+        if self.handed_off:
+            state = "handed off"
         if self._shutdown_task is not None and self._shutdown_task.done():
             state = "shut down"
         names = [s.getsockname() for s in self.sockets]
@@ -363,6 +529,8 @@ class GracefulServer:
         started = loop.time()
         report_conns = self._report_conns = set(self._conns)
         self._notice._set()
+        await self._drain_delay_phase(report_conns)
+        grace_started = loop.time()
         await self._stop_accepting()
         # 2. The notice, once per connection (drained ones are notified as
         # they attach).
@@ -370,8 +538,9 @@ class GracefulServer:
             conn = self._conns.get(graceful)
             if conn is not None:
                 conn._notify()
-        # 3. Grace. Connections drained from the queue attach a little later.
-        grace_end = started + grace
+        # 3. Grace (it starts after drain_delay). Connections drained from
+        # the queue attach a little later.
+        grace_end = grace_started + grace
         adopting = [t for t in self._tasks if not t.done()]
         if adopting:
             await asyncio.wait(adopting, timeout=max(0.0, grace_end - loop.time()))
@@ -419,14 +588,41 @@ class GracefulServer:
             rejected=self._rejected_total,
         )
 
-    async def _stop_accepting(self) -> None:
-        """Close the listeners without resetting the queue; serve what it held."""
-        server = self._server
-        if server is None:
+    async def _drain_delay_phase(self, report_conns: set[Linger]) -> None:
+        """``drain_delay``: the notice is out, and the server keeps accepting for a while.
+
+        Every open connection is told now, and each new one as it attaches,
+        so that load balancers see the notice (a failing readiness probe,
+        ``Connection: close``) and stop sending before the listener closes.
+        A handoff ends the phase at once: the successor accepts.
+        """
+        delay = self._drain_delay
+        if delay <= 0 or self._handed_off.is_set() or not self.is_serving():
             return
-        for sock in await close_and_drain(self._loop, server):
-            self._drained += 1
-            self._track(asyncio.ensure_future(self._adopt(sock)))
+        for graceful in list(report_conns):
+            conn = self._conns.get(graceful)
+            if conn is not None:
+                conn._notify()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._handed_off.wait(), delay)
+
+    async def _stop_accepting(self) -> None:
+        """Close the listeners without resetting the queue; serve what it held.
+
+        After a handoff the queue is the successor's: the listeners are
+        closed here without draining it (the kernel socket lives on there).
+        """
+        offer = self._offer
+        if offer is not None:
+            await offer.settle()  # a successor taking the sockets now: its ack, or its failure
+            offer.close()
+        for server in self._servers:
+            if self._handed_off.is_set():
+                await close_listeners(self._loop, server)
+                continue
+            for sock in await close_and_drain(self._loop, server):
+                self._drained += 1
+                self._track(asyncio.ensure_future(self._adopt(sock)))
 
     async def _adopt(self, sock: socket.socket) -> None:
         """Serve a connection taken from the accept queue during the shutdown."""
@@ -454,8 +650,7 @@ class GracefulServer:
                 tasks.append(task)
         if tasks:
             await asyncio.wait(tasks, timeout=_LOST_WAIT)
-        server = self._server
-        if server is not None:
+        for server in self._servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), _LOST_WAIT)
 
@@ -484,12 +679,18 @@ async def _serve(
     backlog: object,
     reuse_port: bool | None,
     create_kwargs: dict[str, Any],
+    drain_delay: object = 0.0,
+    handoff: object = None,
+    unix: bool = False,
 ) -> GracefulServer:
     """Validate the options of start_server/create_server, then make and start the server."""
     grace_s = _check_seconds("grace", grace)
     force_s = _check_seconds("force_timeout", force_timeout)
+    drain_s = _check_seconds("drain_delay", drain_delay)
     assert grace_s is not None
     assert force_s is not None
+    assert drain_s is not None
+    handoff_path = check_handoff(handoff)
     try:
         linger = LingerOptions(
             timeout=linger_timeout,  # type: ignore[arg-type]
@@ -538,9 +739,36 @@ async def _serve(
         on_notice=on_notice,
         idle_timeout=idle_s,
         create_kwargs=create_kwargs,
+        drain_delay=drain_s,
+        handoff=handoff_path,
+        unix=unix,
     )
     await server._start(host, port, backlog_n, reuse_port)
     return server
+
+
+def _takes_cleanup_socket(loop: asyncio.AbstractEventLoop) -> bool:
+    """True where ``create_unix_server`` has ``cleanup_socket`` (asyncio on Python 3.13+)."""
+    try:
+        return "cleanup_socket" in inspect.signature(loop.create_unix_server).parameters
+    except (TypeError, ValueError):  # no signature to read (a compiled loop)
+        return False
+
+
+def _check_taken(taken: Taken, host: Any, port: Any, unix: bool) -> None:
+    """The sockets a predecessor passed must be the ones this server was asked to serve."""
+    if unix:
+        if host is not None and os.fspath(host) not in taken.addresses:
+            raise ValueError(
+                f"handoff: the predecessor listens on {taken.addresses}, not on {host!r}"
+            )
+        return
+    if port:
+        ports = {a[1] for a in taken.addresses if isinstance(a, list) and len(a) >= 2}
+        if ports != {int(port)}:
+            raise ValueError(
+                f"handoff: the predecessor listens on {taken.addresses}, not on port {port}"
+            )
 
 
 async def start_server(
@@ -561,6 +789,8 @@ async def start_server(
     idle_timeout: float | None = None,
     backlog: int | None = None,
     reuse_port: bool | None = None,
+    drain_delay: float = 0.0,
+    handoff: str | os.PathLike[str] | None = None,
     limit: int = 2**16,
     **kwargs: Any,
 ) -> GracefulServer:
@@ -592,6 +822,15 @@ async def start_server(
       nginx keepalive_timeout 75 s). A slow download, or a handler pushing
       events while a read is pending, is not idle.
     * ``backlog``: listen backlog (2048, bounded by ``somaxconn``).
+    * ``drain_delay``: on SIGTERM or :meth:`~GracefulServer.shutdown`, first
+      set the notice and keep accepting for this long (new connections are
+      told at once), so that load balancers stop sending; then the shutdown
+      (default 0).
+    * ``handoff``: a Unix socket path. On start, take the listening sockets
+      of a predecessor offering them there instead of binding; then offer
+      this server's at the path. When a successor takes them, this server
+      stops accepting (the queue is the successor's now) and shuts down
+      gracefully. A restart: start the new process with the same path.
     * ``reuse_port``, ``limit`` and any other ``loop.create_server`` keyword
       (``ssl``, ``sock``, ``start_serving``, ``family``...) pass through.
 
@@ -621,6 +860,8 @@ async def start_server(
         backlog=backlog,
         reuse_port=reuse_port,
         create_kwargs={**kwargs, "limit": limit},
+        drain_delay=drain_delay,
+        handoff=handoff,
     )
 
 
@@ -641,6 +882,8 @@ async def create_server(
     idle_timeout: float | None = None,
     backlog: int | None = None,
     reuse_port: bool | None = None,
+    drain_delay: float = 0.0,
+    handoff: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> GracefulServer:
     """Start a protocol server, like ``loop.create_server``, that closes without losing data.
@@ -675,4 +918,121 @@ async def create_server(
         backlog=backlog,
         reuse_port=reuse_port,
         create_kwargs=dict(kwargs),
+        drain_delay=drain_delay,
+        handoff=handoff,
+    )
+
+
+async def start_unix_server(
+    client_connected_cb: StreamHandler,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    grace: float = DEFAULT_GRACE,
+    force_timeout: float = DEFAULT_FORCE_TIMEOUT,
+    linger_timeout: float = DEFAULT_TIMEOUT,
+    linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    max_discard: int | None = DEFAULT_MAX_DISCARD,
+    reset_on_failure: bool = True,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    max_connections: int | None = None,
+    on_reject: RejectHook | None = None,
+    on_notice: NoticeHook | None = None,
+    idle_timeout: float | None = None,
+    backlog: int | None = None,
+    drain_delay: float = 0.0,
+    handoff: str | os.PathLike[str] | None = None,
+    limit: int = 2**16,
+    **kwargs: Any,
+) -> GracefulServer:
+    """:func:`start_server` on a Unix stream socket at ``path``, like ``asyncio.start_unix_server``.
+
+    The whole graceful behaviour holds there: on Linux, closing a Unix stream
+    socket with unread data makes the peer's ``send()`` fail (``EPIPE``) and
+    its ``recv()`` fail with ``ECONNRESET`` once what was queued is read, as
+    a TCP reset does, so the lingering close is needed all the same. The
+    options are :func:`start_server`'s (``reuse_port`` aside); ``handoff=``
+    passes the Unix listening socket to a successor; other keywords go to
+    ``loop.create_unix_server`` (``sock``, ``ssl``, ``start_serving``...).
+    """
+    if not callable(client_connected_cb):
+        raise TypeError(
+            "client_connected_cb must be a coroutine function, "
+            f"got {type(client_connected_cb).__name__}"
+        )
+    if "reuse_port" in kwargs:
+        raise TypeError("reuse_port is not an option of a Unix server")
+    return await _serve(
+        client_connected_cb,
+        None,
+        path,
+        None,
+        grace=grace,
+        force_timeout=force_timeout,
+        linger_timeout=linger_timeout,
+        linger_idle_timeout=linger_idle_timeout,
+        max_discard=max_discard,
+        reset_on_failure=reset_on_failure,
+        send_timeout=send_timeout,
+        max_connections=max_connections,
+        on_reject=on_reject,
+        on_notice=on_notice,
+        idle_timeout=idle_timeout,
+        backlog=backlog,
+        reuse_port=None,
+        create_kwargs={**kwargs, "limit": limit},
+        drain_delay=drain_delay,
+        handoff=handoff,
+        unix=True,
+    )
+
+
+async def create_unix_server(
+    protocol_factory: Callable[[], GracefulProtocol],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    grace: float = DEFAULT_GRACE,
+    force_timeout: float = DEFAULT_FORCE_TIMEOUT,
+    linger_timeout: float = DEFAULT_TIMEOUT,
+    linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    max_discard: int | None = DEFAULT_MAX_DISCARD,
+    reset_on_failure: bool = True,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    max_connections: int | None = None,
+    on_reject: RejectHook | None = None,
+    idle_timeout: float | None = None,
+    backlog: int | None = None,
+    drain_delay: float = 0.0,
+    handoff: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> GracefulServer:
+    """:func:`create_server` on a Unix stream socket at ``path``, like ``loop.create_unix_server``.
+
+    See :func:`start_unix_server`; the options are :func:`create_server`'s.
+    """
+    if not callable(protocol_factory):
+        raise TypeError(f"protocol_factory must be callable, got {type(protocol_factory).__name__}")
+    if "reuse_port" in kwargs:
+        raise TypeError("reuse_port is not an option of a Unix server")
+    return await _serve(
+        None,
+        protocol_factory,
+        path,
+        None,
+        grace=grace,
+        force_timeout=force_timeout,
+        linger_timeout=linger_timeout,
+        linger_idle_timeout=linger_idle_timeout,
+        max_discard=max_discard,
+        reset_on_failure=reset_on_failure,
+        send_timeout=send_timeout,
+        max_connections=max_connections,
+        on_reject=on_reject,
+        on_notice=None,
+        idle_timeout=idle_timeout,
+        backlog=backlog,
+        reuse_port=None,
+        create_kwargs=dict(kwargs),
+        drain_delay=drain_delay,
+        handoff=handoff,
+        unix=True,
     )

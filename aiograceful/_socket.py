@@ -24,6 +24,7 @@ __all__ = [
     "TCPI_SACKED",
     "TCPI_UNACKED",
     "listen_overflows",
+    "peer_uid",
     "receive_queue",
     "reset",
     "send_queue",
@@ -171,3 +172,22 @@ def send_queue(transport: asyncio.BaseTransport) -> int | None:
 def receive_queue(transport: asyncio.BaseTransport) -> int | None:
     """Bytes in the kernel's receive queue, not yet read (``SIOCINQ``); None if unknown."""
     return _ioctl_int(transport, _SIOCINQ)
+
+
+def peer_uid(sock: Any) -> int | None:
+    """The user id of the process at the other end of a Unix socket; None where unknown.
+
+    Linux ``SO_PEERCRED`` (``struct ucred {pid, uid, gid}``): for a connected
+    socket, the credentials of the peer when it called ``connect()`` or
+    ``listen()``. The BSDs and macOS have ``getpeereid()`` / ``LOCAL_PEERCRED``
+    instead, which Python does not wrap; there the socket file's mode (0600)
+    is the only check.
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return int(uid)

@@ -48,12 +48,18 @@ async def loop_exception_guard() -> AsyncIterator[list[dict[str, Any]]]:
 
 
 @pytest.fixture(scope="session")
-def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """A server and a client SSLContext around a self-signed certificate (needs openssl)."""
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as files (needs openssl)."""
     made = make_cert(Path(tmp_path_factory.mktemp("tls")))
     if made is None:
         pytest.skip("openssl is not installed: cannot make a test certificate")
-    cert, key = made
+    return made
+
+
+@pytest.fixture(scope="session")
+def tls_contexts(tls_files: tuple[Path, Path]) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server and a client SSLContext around a self-signed certificate (needs openssl)."""
+    cert, key = tls_files
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert, key)
     client = ssl.create_default_context(cafile=str(cert))

@@ -26,11 +26,15 @@ PUBLIC = [
     "GracefulServer",
     "HalfCloseState",
     "LingerOptions",
+    "ServerStats",
     "ShutdownReport",
     "abort",
     "create_server",
+    "create_unix_server",
     "graceful_close",
+    "listen_fds",
     "start_server",
+    "start_unix_server",
 ]
 
 #: Constants: a docstring cannot be attached to a float or an enum member.
