@@ -117,6 +117,7 @@ class ConnectionMachine(RuleBasedStateMachine):
         self.close_futures: list[asyncio.Future[CloseResult]] = []
         self.wait_tasks: list[asyncio.Task[CloseResult]] = []
         self.forced_before_end = False  # abort() or a cancelled close before the result
+        self.aborted = False  # abort() itself (a cancelled close may hand over instead)
         self.options: LingerOptions | None = None  # the options of the close that started
         self.tasks_cancelled = 0
 
@@ -346,6 +347,7 @@ class ConnectionMachine(RuleBasedStateMachine):
     @rule()
     def abort(self) -> None:
         self.forced_before_end = True
+        self.aborted = True
         self.run(self.connected().abort)
         FIGURES["aborts"] += 1
 
@@ -466,6 +468,19 @@ class ConnectionMachine(RuleBasedStateMachine):
             assert self.peer_saw_eof, "a CLEAN close reset the peer"
             assert bytes(self.peer_received) == bytes(self.local_sent), (
                 f"a CLEAN close lost data: peer got {len(self.peer_received)} of "
+                f"{len(self.local_sent)} bytes"
+            )
+        elif (
+            result.outcome is CloseOutcome.ABORTED
+            and not self.aborted
+            and not self.peer_saw_reset
+            and self.peer_saw_eof
+        ):
+            # A cancelled close with nothing unread hands what is queued to the
+            # kernel (a plain close), so that it still arrives: all of it.
+            self.peer_drain()
+            assert bytes(self.peer_received) == bytes(self.local_sent), (
+                f"a cancelled close lost data: peer got {len(self.peer_received)} of "
                 f"{len(self.local_sent)} bytes"
             )
         elif result.outcome is CloseOutcome.ABORTED or (

@@ -23,7 +23,7 @@ from _util import (
 )
 
 import aiograceful._streams
-from aiograceful import CloseOutcome, abort, graceful_close
+from aiograceful import CloseOutcome, CloseResult, abort, graceful_close
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -101,8 +101,8 @@ async def test_streams_concurrent_calls_share_one_result() -> None:
         assert a.outcome is CloseOutcome.CLEAN
 
 
-async def test_streams_cancel_mid_linger_aborts() -> None:
-    """Cancelling graceful_close mid-linger resets the peer; CancelledError propagates."""
+async def test_streams_cancel_mid_linger_hands_over_when_nothing_is_unread() -> None:
+    """Cancelled mid-linger with nothing unread: a plain close (no RST), ABORTED; it propagates."""
     async with one_connection() as ((_reader, writer), sock):
         task = asyncio.create_task(graceful_close(writer, timeout=30.0, idle_timeout=None))
         # Our FIN arrives: the linger is under way.
@@ -112,12 +112,30 @@ async def test_streams_cancel_mid_linger_aborts() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        # The RST moves the peer from CLOSE_WAIT to CLOSE; a FIN alone would not.
-        assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
         await asyncio.wait_for(writer.wait_closed(), 2)
+        # No RST: the peer stays in CLOSE_WAIT after our FIN; a RST would move it to CLOSE.
+        assert await wait_for_tcp_state(sock, TCP_CLOSE, within=0.3) != TCP_CLOSE
         later = await graceful_close(writer)
         assert later.outcome is CloseOutcome.ABORTED
         assert "deadline" not in linger_repr(writer)
+
+
+async def test_streams_cancel_mid_linger_resets_when_bytes_are_unread() -> None:
+    """Cancelled with bytes unread (a close would reset anyway): RST now, ABORTED."""
+    async with one_connection() as ((_reader, writer), sock):
+        task = asyncio.create_task(graceful_close(writer, timeout=30.0, idle_timeout=None))
+        data, error = await asyncio.to_thread(recv_until_eof, sock)
+        assert (data, error) == (b"", None)
+        writer.transport.pause_reading()  # so that what the peer sends stays unread
+        await asyncio.to_thread(sock.sendall, b"u" * 1000)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The RST moves the peer from CLOSE_WAIT to CLOSE; a FIN alone would not.
+        assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
+        await asyncio.wait_for(writer.wait_closed(), 2)
+        assert (await graceful_close(writer)).outcome is CloseOutcome.ABORTED
 
 
 async def test_streams_client_keeps_trailing_answers() -> None:
@@ -399,7 +417,7 @@ async def test_streams_peer_reset_while_we_flush() -> None:
 async def test_streams_tls_peer_never_reads_is_bounded(
     tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
 ) -> None:
-    """TLS with a peer that never reads: graceful_close returns within timeout + margin."""
+    """TLS with a peer that never reads: graceful_close returns within send_timeout + margin."""
     server_ctx, client_ctx = tls_contexts
     loop = asyncio.get_running_loop()
     closed: asyncio.Future[tuple[object, float]] = loop.create_future()
@@ -408,7 +426,7 @@ async def test_streams_tls_peer_never_reads_is_bounded(
         await reader.readline()
         writer.write(b"z" * (8 * 1024 * 1024))
         start = time.monotonic()
-        result = await graceful_close(writer, timeout=0.5, idle_timeout=None)
+        result = await graceful_close(writer, timeout=0.1, idle_timeout=None, send_timeout=0.5)
         closed.set_result((result, time.monotonic() - start))
 
     async with stream_server(handler, ssl=server_ctx) as port:
@@ -420,7 +438,9 @@ async def test_streams_tls_peer_never_reads_is_bounded(
         finally:
             with contextlib.suppress(OSError):
                 tls.close()
-    assert result.outcome is CloseOutcome.TIMEOUT  # type: ignore[attr-defined]
+    assert isinstance(result, CloseResult)
+    assert result.outcome is CloseOutcome.IDLE_TIMEOUT, result
+    assert result.unacked, result
     assert elapsed < 0.5 + 2.0
 
 
