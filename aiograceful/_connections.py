@@ -21,7 +21,6 @@ The server sees each through :class:`_Connection`: its ``Linger`` record,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import inspect
 from collections.abc import Awaitable
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from ._linger import Linger, LingerOptions, logger
 from ._protocol import GracefulProtocol
 from ._socket import TCPI_LAST_DATA_RECV, TCPI_LAST_DATA_SENT, receive_queue, tcp_info_u32
-from ._streams import _take_unread, graceful_close
+from ._streams import _take_unread
 
 if TYPE_CHECKING:
     from ._server import GracefulServer
@@ -128,8 +127,11 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
             logger.exception("connection handler %r raised", server._handler)
         finally:
             self._handler_returned = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await graceful_close(writer, **server._linger_kwargs())
+            # The graceful close, started here and left to run: the server
+            # follows it through the Linger (its result, on_lost), and the
+            # writer carries the record, so graceful_close(writer) finds it.
+            # Not awaiting it spares the task a wake-up per connection.
+            self._close_now(server._linger_options)
 
     # -- what the server does to it -------------------------------------------
 
@@ -183,9 +185,9 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
         # The force bounds everything, a download in progress included.
         graceful.shorten(timeout)
         task = self._handler_task
-        # Not once the handler has returned: its task then awaits the final
-        # graceful_close, and cancelling that wait aborts (RST) at once,
-        # skipping the force_timeout linger just set.
+        # Not once the handler has returned (its task may still be running
+        # the handler's own graceful_close, and cancelling that would give
+        # up on the force_timeout linger just set).
         if task is not None and not task.done() and not self._handler_returned:
             task.cancel()
 

@@ -721,6 +721,63 @@ async def _h5_final(close: Close, rounds: int) -> Tally:
     return tally
 
 
+# -- H6: the send side of a close: a slow reader ------------------------------------------
+
+# A download of 1 MiB, written at once, to a client that reads 4 MiB/s through
+# a 64 KiB receive buffer: about 0.25 s. The close lingers, bounded at 0.1 s
+# either way. The naive linger counts from the start of the close, as a close
+# timer does, and gives up with a RST, which drops what the kernel still holds;
+# aiograceful bounds lack of progress only, so its 0.1 s start once the client
+# has acknowledged everything.
+_H6_SIZE: Final = 1 << 20
+_H6_RATE: Final = 4 << 20
+_H6_BOUND: Final = 0.1
+_H6_ROUNDS: Final = 3
+
+
+def _slow_read(port: int) -> tuple[int, End]:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.settimeout(CLIENT_TIMEOUT)
+        sock.connect((_HOST, port))
+        sock.sendall(b"GET\n")
+        got = 0
+        try:
+            while chunk := sock.recv(16 * 1024):
+                got += len(chunk)
+                time.sleep(len(chunk) / _H6_RATE)
+        except (ConnectionResetError, BrokenPipeError):
+            return got, "RST"
+        except TimeoutError:
+            return got, "open"
+        return got, "FIN"
+
+
+async def _h6(close: Close, rounds: int) -> Tally:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"d" * _H6_SIZE)
+        if close == GRACEFUL:
+            await graceful_close(writer, timeout=_H6_BOUND, idle_timeout=_H6_BOUND)
+            return
+        # A linger bounded by a timer from the start of the close: our FIN,
+        # wait for the client's, then reset.
+        writer.write_eof()
+        try:
+            await asyncio.wait_for(reader.read(), _H6_BOUND)
+        except (TimeoutError, OSError):
+            pass
+        abort(writer)
+
+    tally = Tally()
+    async with _naive_server(handler) as (port, handlers):
+        for _ in range(min(rounds, _H6_ROUNDS)):
+            got, end = await asyncio.to_thread(_slow_read, port)
+            tally.count(got == _H6_SIZE, end)
+        await handlers.wait()
+    return tally
+
+
 # -- H7: a restart under load -------------------------------------------------------------
 
 
@@ -763,6 +820,13 @@ CASES: Final[tuple[Case, ...]] = (
         "final message at close",
         "the server's last message and the client's reply, both read",
         _h5_final,
+    ),
+    Case(
+        "H6",
+        "slow reader at close",
+        "a 1 MiB download read in full by a client reading 4 MiB/s (naive: a\n"
+        "    linger bounded at 0.1 s from the close; aiograceful: timeout=0.1)",
+        _h6,
     ),
     Case(
         "H7",

@@ -31,6 +31,21 @@ _LINGERS: Final[weakref.WeakKeyDictionary[asyncio.StreamWriter, Linger]] = (
 )
 
 
+def _recorded(writer: asyncio.StreamWriter) -> Linger | None:
+    """The close record already tied to ``writer``, if any.
+
+    A :class:`GracefulServer` handler's writer carries its own (``linger``),
+    so that the server's close needs no entry here and a later
+    ``graceful_close(writer)`` still finds the result.
+    """
+    linger = _LINGERS.get(writer)
+    if linger is None:
+        own = getattr(writer, "linger", None)
+        if isinstance(own, Linger):
+            return own
+    return linger
+
+
 def linger_of(transport: asyncio.BaseTransport) -> Linger | None:
     """The :class:`Linger` record driving ``transport``, if aiograceful has one."""
     protocol = transport.get_protocol()
@@ -120,34 +135,52 @@ async def graceful_close(
     options = _options(timeout, idle_timeout, max_discard, reset_on_failure, send_timeout)
     data = check_final(final)
     keep = check_flag("keep_trailing", keep_trailing)
-    linger = _LINGERS.get(stream)
-    if linger is None:
-        transport = cast(asyncio.Transport, stream.transport)
-        # Typeshed says get_protocol() never returns None; asyncio's
-        # transports do return None once connection_lost has run.
-        protocol: asyncio.BaseProtocol | None = transport.get_protocol()
-        linger = linger_of(transport)
+    linger = _recorded(stream)
+    if linger is None or not linger.lingering:
+        linger = _start(stream, linger, options, data, keep)
         if linger is None:
-            if protocol is None:
-                # The connection is already gone; wait_closed() says how.
-                return await _already_closed(stream)
-            linger = Linger(asyncio.get_running_loop(), transport, protocol)
-        if not linger.lingering:
-            if data and not transport.is_closing():
-                # Before the reader is emptied: asyncio and uvloop refuse
-                # write() after the app's own writer.write_eof(), which no
-                # public API reveals, and then nothing must have changed.
-                transport.write(data)
-                data = b""
-            unread, peer_eof = _take_unread(protocol)
-            linger.begin(options, final=data, keep_trailing=keep, unread=unread, peer_eof=peer_eof)
-        _LINGERS[stream] = linger
+            # The connection is already gone; wait_closed() says how.
+            return await _already_closed(stream)
     try:
         # Our own waiter: cancelling this task cancels it, which gives up on grace.
         return await linger.waiter()
     except asyncio.CancelledError:
         linger.cancel()
         raise
+
+
+def _start(
+    stream: asyncio.StreamWriter,
+    linger: Linger | None,
+    options: LingerOptions,
+    final: bytes,
+    keep_trailing: bool,
+) -> Linger | None:
+    """Begin the close of ``stream`` (its record ``linger``, if known); None if it is gone."""
+    transport = cast(asyncio.Transport, stream.transport)
+    # Typeshed says get_protocol() never returns None; asyncio's
+    # transports do return None once connection_lost has run.
+    protocol: asyncio.BaseProtocol | None = transport.get_protocol()
+    if linger is None:
+        linger = linger_of(transport)
+    if linger is None:
+        if protocol is None:
+            return None
+        linger = Linger(asyncio.get_running_loop(), transport, protocol)
+    if not linger.lingering and linger.result is None:
+        if final and not transport.is_closing():
+            # Before the reader is emptied: asyncio and uvloop refuse
+            # write() after the app's own writer.write_eof(), which no
+            # public API reveals, and then nothing must have changed.
+            transport.write(final)
+            final = b""
+        unread, peer_eof = _take_unread(protocol)
+        linger.begin(
+            options, final=final, keep_trailing=keep_trailing, unread=unread, peer_eof=peer_eof
+        )
+    if getattr(stream, "linger", None) is not linger:
+        _LINGERS[stream] = linger
+    return linger
 
 
 @functools.lru_cache(maxsize=64, typed=True)
@@ -209,7 +242,7 @@ def abort(writer_or_transport: asyncio.StreamWriter | asyncio.BaseTransport) -> 
     """
     target: object = writer_or_transport
     if isinstance(target, asyncio.StreamWriter):
-        linger = _LINGERS.get(target)
+        linger = _recorded(target)
         transport: asyncio.BaseTransport = target.transport
     elif _is_transport(target):
         linger = None

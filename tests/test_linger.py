@@ -344,7 +344,9 @@ async def test_linger_flood_overflows_at_the_cap() -> None:
     result, _, sock = await linger_against(flooding_peer, timeout=10.0, max_discard=cap)
     sock.close()
     assert result.outcome is CloseOutcome.OVERFLOW
-    assert cap < result.discarded <= cap + 64 * 1024
+    # One read is at most 256 KiB on either loop (asyncio's max_size; uvloop's
+    # read buffer is smaller): the cap is checked after each.
+    assert cap < result.discarded <= cap + 256 * 1024
 
 
 async def test_linger_flood_keep_trailing_keeps_the_cap() -> None:

@@ -185,12 +185,14 @@ async def test_protocol_states_through_a_connection() -> None:
         sock.shutdown(socket.SHUT_WR)
         await asyncio.to_thread(recv_until_eof, sock)
         await asyncio.wait_for(proto.wait_closed(), 2)
-    assert proto.states == [
+    # Right after write_eof() both directions are done: FLUSHING while the 1 MiB
+    # answer is unacknowledged, CLOSING if loopback acknowledged it at once.
+    assert proto.states[3][0] == "after-write-eof"
+    assert proto.states[3][1] in (HalfCloseState.FLUSHING, HalfCloseState.CLOSING)
+    assert proto.states[:3] + proto.states[4:] == [
         ("made", HalfCloseState.OPEN, False, False),
         ("peer-eof", HalfCloseState.PEER_EOF, True, False),
         ("answering", HalfCloseState.PEER_EOF, True, False),
-        # Both directions are done, but the 1 MiB answer is not yet acknowledged.
-        ("after-write-eof", HalfCloseState.FLUSHING, True, True),
         ("lost-before-super", HalfCloseState.CLOSING, True, True),
         ("lost", HalfCloseState.CLOSED, True, True),
     ]
