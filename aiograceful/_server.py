@@ -738,43 +738,13 @@ class GracefulServer:
         )
 
     async def _stop_accepting(self) -> None:
-        """Close the listeners without resetting the queue; drain it through dups."""
+        """Close the listeners without resetting the queue; serve what was queued."""
         server = self._server
         if server is None:
             return
-        # asyncio accepts in a reader callback on the listening socket and
-        # makes each transport one task step later (_accept_connection2),
-        # where asyncio.Server._attach asserts that the server is still open:
-        # a connection accepted in the iteration in which the shutdown began
-        # would be dropped without a word (logged in debug mode only). So stop
-        # the loop's own accepting first, and give those transports a step to
-        # be made; they join the shutdown as they attach. uvloop accepts and
-        # attaches in one callback; remove_reader() of a descriptor it did not
-        # add is a no-op there.
-        for sock in server.sockets:
-            self._loop.remove_reader(sock.fileno())
-        await asyncio.sleep(0)  # the transports are made...
-        await asyncio.sleep(0)  # ...and connection_made, scheduled by them, runs
-        dups: list[socket.socket] = []
-        for sock in server.sockets:
-            try:
-                dups.append(socket.socket(fileno=os.dup(sock.fileno())))
-            except OSError:
-                logger.warning("could not duplicate listening socket %r", sock)
-        server.close()
-        for dup in dups:
-            with dup:
-                dup.setblocking(False)
-                for _ in range(_DRAIN_LIMIT):
-                    try:
-                        conn_sock, _addr = dup.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:
-                        logger.exception("accept() failed while draining the queue")
-                        break
-                    self._drained += 1
-                    self._track(asyncio.ensure_future(self._adopt(conn_sock)))
+        for conn_sock in await stop_accepting(self._loop, server):
+            self._drained += 1
+            self._track(asyncio.ensure_future(self._adopt(conn_sock)))
 
     async def _adopt(self, sock: socket.socket) -> None:
         """Serve a connection taken from the accept queue during the shutdown."""
@@ -806,6 +776,52 @@ class GracefulServer:
         if server is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), _LOST_WAIT)
+
+
+async def stop_accepting(
+    loop: asyncio.AbstractEventLoop, server: asyncio.Server
+) -> list[socket.socket]:
+    """Close ``server``'s listeners without resetting their accept queue.
+
+    Returns the connections that were queued, accepted (non-blocking sockets
+    for ``loop.connect_accepted_socket``). Each listening socket is duplicated
+    first, so the kernel socket outlives ``server.close()``, and the queue is
+    drained through the dup.
+    """
+    # asyncio accepts in a reader callback on the listening socket and
+    # makes each transport one task step later (_accept_connection2),
+    # where asyncio.Server._attach asserts that the server is still open:
+    # a connection accepted in the iteration in which the shutdown began
+    # would be dropped without a word (logged in debug mode only). So stop
+    # the loop's own accepting first, and give those transports a step to
+    # be made; they join the shutdown as they attach. uvloop accepts and
+    # attaches in one callback; remove_reader() of a descriptor it did not
+    # add is a no-op there.
+    for sock in server.sockets:
+        loop.remove_reader(sock.fileno())
+    await asyncio.sleep(0)  # the transports are made...
+    await asyncio.sleep(0)  # ...and connection_made, scheduled by them, runs
+    dups: list[socket.socket] = []
+    for sock in server.sockets:
+        try:
+            dups.append(socket.socket(fileno=os.dup(sock.fileno())))
+        except OSError:
+            logger.warning("could not duplicate listening socket %r", sock)
+    server.close()
+    queued: list[socket.socket] = []
+    for dup in dups:
+        with dup:
+            dup.setblocking(False)
+            for _ in range(_DRAIN_LIMIT):
+                try:
+                    conn_sock, _addr = dup.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    logger.exception("accept() failed while draining the queue")
+                    break
+                queued.append(conn_sock)
+    return queued
 
 
 async def _no_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
