@@ -56,15 +56,17 @@ import socket
 import sys
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import h11
 import uvicorn
 from uvicorn.config import Config
 from uvicorn.protocols.http import h11_impl
 
+from ._h11 import CloseAwareConnection as _Connection
 from ._linger import Linger, LingerOptions, check_seconds
 from ._server import DEFAULT_FORCE_TIMEOUT, DEFAULT_GRACE, stop_accepting
+from ._transport import ClosingView as _Transport
 
 if TYPE_CHECKING:
     from uvicorn.protocols.http import httptools_impl
@@ -91,80 +93,8 @@ IDLE_LINGER: Final = LingerOptions(timeout=5.0, idle_timeout=0.5, reset_on_failu
 #: Seconds an idle keep-alive connection stays open after the shutdown notice.
 SHUTDOWN_QUIET: Final = 1.0
 
-_CLOSE: Final = (b"connection", b"close")
 # How many times the quiet window is renewed for a request half-received when it ends.
 _QUIET_RENEWALS: Final = 3
-
-
-class _Transport(asyncio.Transport):
-    """What uvicorn's protocol and its request cycles see as their transport.
-
-    Everything goes to the real transport, except ``close()``, which starts
-    the connection's lingering close, and ``is_closing()``, which is true from
-    then on (uvicorn checks it before arming its keep-alive timer, say).
-    Writes after the close are dropped: the closer has half-closed already.
-    """
-
-    __slots__ = ("_end", "_raw")
-
-    def __init__(self, raw: asyncio.Transport, end: _End) -> None:
-        super().__init__()
-        self._raw = raw
-        self._end = end
-
-    def close(self) -> None:
-        self._end.close()
-
-    def is_closing(self) -> bool:
-        return self._end.closing or self._raw.is_closing()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._end.closing:
-            self._raw.write(data)
-
-    def writelines(self, list_of_data: Any) -> None:
-        if not self._end.closing:
-            self._raw.writelines(list_of_data)
-
-    def abort(self) -> None:
-        self._raw.abort()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._raw.get_extra_info(name, default)
-
-    def is_reading(self) -> bool:
-        return self._raw.is_reading()
-
-    def pause_reading(self) -> None:
-        if not self._end.closing:
-            self._raw.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._raw.resume_reading()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._raw.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._raw.get_protocol()
-
-    def get_write_buffer_size(self) -> int:
-        return self._raw.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._raw.get_write_buffer_limits()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._raw.set_write_buffer_limits(high, low)
-
-    def can_write_eof(self) -> bool:
-        return self._raw.can_write_eof()
-
-    def write_eof(self) -> None:
-        self._raw.write_eof()
-
-    def __repr__(self) -> str:
-        return f"<aiograceful.uvicorn transport closing={self.is_closing()} {self._end.linger!r}>"
 
 
 class _Hooks:
@@ -318,43 +248,6 @@ def _new_end(
         quiet=protocol.shutdown_quiet,
     )
     return end, _Transport(transport, end)
-
-
-class _Connection(h11.Connection):
-    """h11's connection, adding ``Connection: close`` to an answer the connection ends after.
-
-    That is when the answer starts while the request body is still arriving
-    (an early answer: the rest of the body goes to the closer, bounded), and,
-    once :attr:`close_wanted` is set (the shutdown notice, the client's FIN),
-    when no further request is already buffered. h11 then knows the
-    connection must close, and uvicorn closes it after the answer.
-    """
-
-    close_wanted = False
-
-    @overload
-    def send(self, event: h11.ConnectionClosed) -> None: ...
-    @overload
-    def send(
-        self,
-        event: h11.Request | h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage,
-    ) -> bytes: ...
-    @overload
-    def send(self, event: h11.Event) -> bytes | None: ...
-
-    def send(self, event: h11.Event) -> bytes | None:
-        if type(event) is h11.Response and (
-            self.their_state is h11.SEND_BODY or (self.close_wanted and not self.trailing_data[0])
-        ):
-            headers = [(k, v) for k, v in event.headers if k != b"connection"]
-            headers.append(_CLOSE)
-            event = h11.Response(
-                status_code=event.status_code,
-                headers=headers,
-                reason=event.reason,
-                http_version=event.http_version,
-            )
-        return super().send(event)
 
 
 class H11Protocol(h11_impl.H11Protocol, _Hooks):

@@ -309,10 +309,14 @@ class RaceCounts:
         self.answered = 0
         self.lost = 0
         self.closes_announced = 0
+        #: How each lost request failed (the client's exception), for the report.
+        self.failures: list[str] = []
         self._lock = threading.Lock()
 
-    def add(self, sent: int, answered: int, lost: int, announced: int) -> None:
+    def add(self, sent: int, answered: int, lost: int, announced: int, failure: str) -> None:
         with self._lock:
+            if failure:
+                self.failures.append(failure)
             self.sent += sent
             self.answered += answered
             self.lost += lost
@@ -321,7 +325,7 @@ class RaceCounts:
     def __repr__(self) -> str:
         return (
             f"<RaceCounts sent={self.sent} answered={self.answered} lost={self.lost} "
-            f"closes_announced={self.closes_announced}>"
+            f"closes_announced={self.closes_announced} failures={self.failures}>"
         )
 
 
@@ -332,6 +336,7 @@ def _keepalive_client(port: int, until: float, counts: RaceCounts, go: threading
     A refused connect ends the client (the server is gone): nothing was sent.
     """
     sent = answered = lost = announced = 0
+    failure = ""
     conn: http.client.HTTPConnection | None = None
     go.wait(5)
     try:
@@ -349,8 +354,9 @@ def _keepalive_client(port: int, until: float, counts: RaceCounts, go: threading
                 sent += 1
                 response = conn.getresponse()
                 response.read()
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as exc:
                 lost += 1
+                failure = f"{type(exc).__name__} after {answered} answers"
                 break
             answered += 1
             if response.will_close:
@@ -360,7 +366,7 @@ def _keepalive_client(port: int, until: float, counts: RaceCounts, go: threading
     finally:
         if conn is not None:
             conn.close()
-        counts.add(sent, answered, lost, announced)
+        counts.add(sent, answered, lost, announced, failure)
 
 
 def shutdown_race(
