@@ -1,11 +1,14 @@
 """A drop-in for aiohttp's server: ``run_app(app, **kwargs)``, with ``web.run_app``'s signature.
 
 aiohttp already reads away the body of a request it answered early (its own
-``lingering_time``), and answers a half-closed client. What it loses is at
-shutdown: it stops listening, then closes every idle keep-alive connection at
-once, and ends the busy ones after their answer without saying so; a request
-that was on its way on such a connection is lost. Here:
+``lingering_time``). What it loses is at shutdown: it stops listening, then
+closes every idle keep-alive connection at once, and ends the busy ones after
+their answer without saying so; a request that was on its way on such a
+connection is lost. And its ``eof_received`` lets asyncio close the transport,
+so a client that half-closes after its request loses the answer. Here:
 
+* A half-closed client gets its answer (with ``Connection: close``), then the
+  connection closes.
 * The notice: every answer sent after the shutdown began says
   ``Connection: close``.
 * An idle keep-alive connection gets a quiet window of :data:`SHUTDOWN_QUIET`
@@ -106,6 +109,19 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
         self._end_quiet()
         super().connection_lost(exc)
 
+    def eof_received(self) -> bool:  # type: ignore[override]
+        """The client half-closed: answer what it sent, then close (aiohttp closes at once)."""
+        end = self._end
+        if end is None or end.closing or end.linger.machine.peer_eof:
+            return bool(self.transport is not None and self.transport.can_write_eof())
+        end.linger.peer_eof()
+        if self._waiting_for_request():
+            self.force_close()  # nothing to answer: a graceful close, which ends at once
+        # Otherwise finish_response says Connection: close, and the connection
+        # ends after the answer. True keeps the transport open for writing
+        # (asyncio closes it on a false return); TLS cannot half-close.
+        return end.linger.transport.can_write_eof()
+
     def _waiting_for_request(self) -> bool:
         waiter = self._waiter
         return (
@@ -162,7 +178,9 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
     async def finish_response(
         self, request: BaseRequest, resp: StreamResponse, start_time: float | None
     ) -> tuple[StreamResponse, bool]:
-        if self._notified and not resp.prepared:
+        end = self._end
+        peer_eof = end is not None and end.linger.machine.peer_eof
+        if (self._notified or peer_eof) and not resp.prepared:
             resp.force_close()  # Connection: close
         result = await super().finish_response(request, resp, start_time)
         if self._notified:

@@ -10,7 +10,9 @@ ones after an answer that did not say Connection: close. The server is
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -18,6 +20,7 @@ import pytest
 pytest.importorskip("aiohttp")
 
 from _dropins import (
+    HOST,
     curl_uploads,
     httpclient_uploads,
     node_uploads,
@@ -101,3 +104,80 @@ def test_aiohttp_shutdown_race_dropin_loses_nothing(loop: str) -> None:
         assert counts.answered > 0, counts
         assert counts.lost == 0, counts
         assert counts.closes_announced >= 1, counts
+
+
+async def test_aiohttp_app_runner_notice_and_quiet_window() -> None:
+    """``GracefulAppRunner`` + ``TCPSite``: at cleanup, an idle keep-alive connection stays
+    open for the quiet window, and a request sent in it is answered with Connection: close.
+
+    (Stock ``web.AppRunner`` closes that connection at once: the request is lost.)
+    """
+    from aiohttp import web
+
+    from aiograceful.aiohttp import GracefulAppRunner
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    results = {}
+    for name, runner_class in (("stock", web.AppRunner), ("dropin", GracefulAppRunner)):
+        app = web.Application()
+        app.add_routes([web.get("/", ok)])
+        runner = runner_class(app, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, HOST, 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        sock = await asyncio.to_thread(socket.create_connection, (HOST, port), 5)
+        with sock:
+            await asyncio.to_thread(sock.sendall, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            first = await asyncio.to_thread(_read_answer, sock)
+            cleanup = asyncio.ensure_future(runner.cleanup())
+            await asyncio.sleep(0.2)  # the shutdown has begun; the connection is idle
+            try:
+                await asyncio.to_thread(sock.sendall, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                second = await asyncio.to_thread(_read_answer, sock)
+            except OSError as exc:
+                second = repr(exc).encode()
+            await asyncio.wait_for(cleanup, 20)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        results[name] = second
+    assert not results["stock"].startswith(b"HTTP/1.1 200"), results
+    assert results["dropin"].startswith(b"HTTP/1.1 200"), results
+    assert b"connection: close" in results["dropin"].lower(), results
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    """One answer (headers and a 3-byte body), or what came before the connection ended."""
+    data = b""
+    while not data.endswith(b"ok\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _get_then_half_close(port: int) -> bytes:
+    """GET /slow (answered after 0.2 s), shutdown(SHUT_WR), read to the end."""
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                data += chunk
+        return data
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_aiohttp_half_closed_client_gets_its_answer(
+    dropin_servers: Callable[[str], int], loop: str
+) -> None:
+    """A request, then the client's FIN: stock aiohttp drops the answer, the drop-in sends it."""
+    with server_process(_argv("stock", loop)) as (_proc, port):
+        assert _get_then_half_close(port) == b""
+    data = _get_then_half_close(dropin_servers(loop))
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert data.endswith(b"ok\n"), data
+    assert b"connection: close" in data.lower(), data
