@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 import pytest
+from _util import UPLOAD_HEAD
 
 pytest.importorskip("uvicorn")
 
@@ -128,6 +129,38 @@ def test_uvicorn_early_413_reaches_every_client(
         assert answered < total, f"stock uvicorn delivered {answered}/{total}: no hazard shown"
     answered, total = client(servers(parser, loop, True), rounds)
     assert answered == total, f"the drop-in delivered the 413 {answered}/{total} times"
+
+
+# -- the unread body is bounded ------------------------------------------------------
+
+
+def _upload_without_reading(port: int, size: int) -> tuple[int, bool]:
+    """Send a head announcing ``size`` bytes, then the body; return (bytes sent, reset?)."""
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(UPLOAD_HEAD % size)
+        chunk = b"x" * 65536
+        sent = 0
+        try:
+            while sent < size:
+                sent += sock.send(chunk[: size - sent])
+        except (ConnectionResetError, BrokenPipeError):
+            return sent, True
+        return sent, False
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_uvicorn_unread_body_after_early_answer_is_bounded(
+    servers: Callable[[str, str, bool], int], loop: str
+) -> None:
+    """After an early 413, stock uvicorn reads a keep-alive body however large; the drop-in
+    stops at its discard cap (here a subclass with ``max_discard`` = 1 MiB, via ``--http``)."""
+    size = 64 << 20
+    sent, reset = _upload_without_reading(servers("h11", loop, False), size)
+    assert (sent, reset) == (size, False)  # stock: all 64 MiB read and dropped
+    with server_process(_argv("_uvicorn_small_cap:H11Protocol", loop)) as (_proc, port):
+        sent, reset = _upload_without_reading(port, size)
+    assert reset, sent
+    assert sent < size // 2, sent  # stopped near the cap (plus socket buffers), not at 64 MiB
 
 
 # -- the half-closed client ------------------------------------------------------------------
