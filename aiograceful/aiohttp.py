@@ -18,6 +18,8 @@ so a client that half-closes after its request loses the answer. Here:
   the client still sends is discarded until its FIN, bounded by
   :data:`LINGER`), and the shutdown waits for those closes, bounded, before
   the loop ends.
+* The listeners' accept queues are drained, not reset: the connections queued
+  there when the shutdown begins are served (and told).
 * ``shutdown_timeout`` keeps its meaning: how long requests in progress may
   take once the shutdown began.
 
@@ -35,14 +37,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import aiohttp.web
 from aiohttp import web_protocol, web_runner, web_server
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from ._linger import Linger, LingerOptions
+from ._linger import Linger, LingerOptions, logger
+from ._server import stop_accepting
 from ._transport import ClosingView
 
 __all__ = [
@@ -170,10 +173,15 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._quiet_handle is not None and self._messages:
-            # A request came in during the quiet window: it is answered,
-            # with Connection: close, before the shutdown goes on.
-            self._end_quiet()
+        handle = self._quiet_handle
+        if handle is not None and self._messages:
+            # A request came in during the quiet window: it is answered, with
+            # Connection: close, before the shutdown goes on (finish_response
+            # ends the window then). Were the window ended now, aiohttp's
+            # shutdown could stop the connection before its task took the
+            # request up.
+            handle.cancel()
+            self._quiet_handle = None
 
     async def finish_response(
         self, request: BaseRequest, resp: StreamResponse, start_time: float | None
@@ -233,7 +241,33 @@ class GracefulWebServer(web_server.Server):
 
 
 class GracefulAppRunner(web_runner.AppRunner):
-    """aiohttp's ``web.AppRunner``, serving through :class:`GracefulWebServer`."""
+    """aiohttp's ``web.AppRunner``, serving through :class:`GracefulWebServer`.
+
+    Its ``cleanup()`` first stops the sites' listeners without resetting their
+    accept queues: the connections queued there are served, and get the
+    notice with the others (aiohttp's ``site.stop()`` closes the listener,
+    which resets them).
+    """
+
+    async def cleanup(self) -> None:
+        server = self.server
+        if server is not None:
+            loop = asyncio.get_running_loop()
+            for site in self.sites:
+                # aiohttp's BaseSite keeps its listener there. uvloop's server
+                # derives from no asyncio class: recognised by what is used.
+                listener = getattr(site, "_server", None)
+                if not hasattr(listener, "sockets") or not callable(
+                    getattr(listener, "close", None)
+                ):
+                    continue
+                for sock in await stop_accepting(loop, cast(asyncio.Server, listener)):
+                    try:
+                        await loop.connect_accepted_socket(server, sock)
+                    except Exception:
+                        logger.exception("could not serve a connection taken from the queue")
+                        sock.close()
+        await super().cleanup()
 
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()

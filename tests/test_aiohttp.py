@@ -181,3 +181,45 @@ def test_aiohttp_half_closed_client_gets_its_answer(
     assert data.startswith(b"HTTP/1.1 200"), data
     assert data.endswith(b"ok\n"), data
     assert b"connection: close" in data.lower(), data
+
+
+async def test_aiohttp_app_runner_drains_the_accept_queue() -> None:
+    """Connections queued at cleanup: ``web.AppRunner`` resets them, ``GracefulAppRunner``
+    answers each (with Connection: close)."""
+    from aiohttp import web
+
+    from aiograceful.aiohttp import GracefulAppRunner
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    answered = {}
+    for name, runner_class in (("stock", web.AppRunner), ("dropin", GracefulAppRunner)):
+        app = web.Application()
+        app.add_routes([web.get("/", ok)])
+        runner = runner_class(app, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, HOST, 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        # Blocking connects from the loop's own thread: the kernel completes
+        # the handshakes; the loop accepts none before the cleanup begins.
+        socks = []
+        for _ in range(4):
+            sock = socket.create_connection((HOST, port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            socks.append(sock)
+        cleanup = asyncio.ensure_future(runner.cleanup())
+        answers = await asyncio.gather(*(asyncio.to_thread(_read_all, s) for s in socks))
+        await asyncio.wait_for(cleanup, 20)
+        answered[name] = sum(a.startswith(b"HTTP/1.1 200") for a in answers)
+    assert answered["stock"] < 4, answered
+    assert answered["dropin"] == 4, answered
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    with sock, contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
