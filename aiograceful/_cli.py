@@ -58,14 +58,33 @@ def _seconds(text: str) -> float:
     return value
 
 
+_SIZE_UNITS: Final = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "kb": 1000,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "mb": 1000**2,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "gb": 1000**3,
+}
+
+
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20}
-    scale = units.get(text[-1:].lower(), 1)
-    digits = text[:-1] if scale != 1 else text
+    """A byte count: digits and a unit (K, M, G are KiB, MiB, GiB; KB, MB, GB are SI)."""
+    stripped = text.strip()
+    digits = stripped.rstrip("bBiIkKmMgG ")
+    unit = stripped[len(digits) :].strip().lower()
+    scale = _SIZE_UNITS.get(unit)
     try:
+        if scale is None:
+            raise ValueError(unit)
         value = int(digits, 10) * scale
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size (like 16M): {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a size (like 16M, 16MiB, 16MB): {text!r}") from None
     if not 0 < value <= 1 << 30:
         raise argparse.ArgumentTypeError(f"must be 1 byte to 1G, got {text}")
     return value
@@ -194,11 +213,14 @@ def _run_probe(args: argparse.Namespace) -> int:
     def show(verdict: _probe.Verdict) -> None:
         print(_probe.format_verdict(verdict), flush=True)
 
-    print(
-        f"aiograceful probe {args.target} ({'HTTP/1.1' if args.http else 'raw TCP'}); "
-        f"idle-close wait up to {args.wait:g} s",
-        flush=True,
-    )
+    def started(target: _probe.Target) -> None:
+        # Printed once the server is reached: a connect error comes alone.
+        print(
+            f"aiograceful probe {target} ({'HTTP/1.1' if args.http else 'raw TCP'}); "
+            f"idle-close wait up to {args.wait:g} s",
+            flush=True,
+        )
+
     try:
         _, verdicts = _probe.run_probe(
             host,
@@ -210,6 +232,7 @@ def _run_probe(args: argparse.Namespace) -> int:
             wait=args.wait,
             timeout=args.timeout,
             progress=show,
+            started=started,
         )
     except _probe.ProbeError as exc:
         print(f"{PROG} probe: {exc}", file=sys.stderr)

@@ -1,14 +1,18 @@
 """``python -m aiograceful probe HOST:PORT``: check a server from the outside.
 
-Theory of operation: three checks, each on its own connection to the one
-address ``HOST:PORT`` resolved to (nothing else is ever contacted), each
-bounded in time, each ending in a :class:`Verdict` with the evidence seen:
+Theory of operation: three checks (the first one three times over HTTP), each
+on its own connection to the one address ``HOST:PORT`` resolved to (nothing
+else is ever contacted), each bounded in time, each ending in a
+:class:`Verdict` with the evidence seen:
 
 1. *early answer* (hazard H1/H2): send a request that announces a large body,
    then the body, the way most clients do (all of it, then read). A server
    that answers early and closes with the body still unread makes Linux send a
    RST; the client's send fails and it never reads the answer. A lingering
-   server reads the body away and the answer survives. The probe also peeks
+   server reads the body away and the answer survives. Over HTTP the request
+   is sent three ways: keep-alive, with ``Connection: close``, and as
+   HTTP/1.0, since a server may drain the body only when it means to reuse
+   the connection (uvicorn does). The probe also peeks
    (``MSG_PEEK``, which consumes nothing) while it sends, to report when the
    answer came.
 2. *answer after half-close* (H3): send a complete request, then
@@ -36,6 +40,7 @@ __all__ = [
     "DEFAULT_BODY_SIZE",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WAIT",
+    "VARIANTS",
     "ProbeError",
     "Target",
     "Verdict",
@@ -54,6 +59,12 @@ DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_WAIT: Final = 10.0
 
 Status = Literal["pass", "HAZARD", "inconclusive"]
+#: How the early-answer request asks for its connection to end. A server may
+#: drain the body of a keep-alive request (to reuse the connection) and still
+#: close with it unread when the client asked for the close: uvicorn does.
+Variant = Literal["keep-alive", "Connection: close", "HTTP/1.0"]
+#: The variants an HTTP probe sends, each on its own connection.
+VARIANTS: Final[tuple[Variant, ...]] = ("keep-alive", "Connection: close", "HTTP/1.0")
 End = Literal["FIN", "RST", "open"]
 
 _CHUNK: Final = b"x" * 65536
@@ -89,6 +100,13 @@ class Verdict:
 
 def parse_target(text: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6); raise ``ValueError`` if malformed."""
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        shown = rest.split("/", 1)[0] or "HOST:PORT"
+        raise ValueError(
+            f"expected HOST:PORT, not a URL: give {shown!r}"
+            + (" with --http" if scheme.lower() in ("http", "https") else "")
+        )
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
@@ -124,7 +142,8 @@ def resolve(host: str, port: int, timeout: float) -> Target:
         sock.close()
         return target
     reason = _describe(last) if last is not None else "no address"
-    raise ProbeError(f"cannot connect to {host}:{port}: {reason}")
+    shown = f"[{host}]" if ":" in host else host
+    raise ProbeError(f"cannot connect to {shown}:{port}: {reason}")
 
 
 def _describe(exc: BaseException) -> str:
@@ -191,15 +210,17 @@ class _Requests:
         self.raw = send if send is not None else _RAW_REQUEST
         self.prefix = send if send is not None else b""
 
-    def upload_head(self, body_size: int) -> bytes:
+    def upload_head(self, body_size: int, variant: Variant = "keep-alive") -> bytes:
         if not self.http:
             # A line with no end (after --send, if given): a server with a line
             # limit, or one that rejects what it cannot parse, answers early.
             return self.prefix
+        version = "1.0" if variant == "HTTP/1.0" else "1.1"
+        connection = "Connection: close\r\n" if variant == "Connection: close" else ""
         return (
-            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\n"
+            f"POST {self.path} HTTP/{version}\r\nHost: {self.host}\r\n"
             "User-Agent: aiograceful-probe\r\nContent-Type: application/octet-stream\r\n"
-            f"Content-Length: {body_size}\r\n\r\n"
+            f"{connection}Content-Length: {body_size}\r\n\r\n"
         ).encode("latin-1")
 
     def simple(self) -> bytes:
@@ -274,14 +295,20 @@ def _upload(sock: socket.socket, head: bytes, body_size: int, timeout: float) ->
 
 
 def check_early_answer(
-    target: Target, requests: _Requests, body_size: int, timeout: float
+    target: Target,
+    requests: _Requests,
+    body_size: int,
+    timeout: float,
+    variant: Variant = "keep-alive",
 ) -> Verdict:
     """Check 1: is an early answer still readable by a client that sends everything first?"""
     name = "early answer while the client is still sending"
-    head = requests.upload_head(body_size)
+    if requests.http:
+        name += f" ({variant})"
+    head = requests.upload_head(body_size, variant)
     total = len(head) + body_size
     what = (
-        f"POST {requests.path} announcing a {_size(body_size)} body"
+        f"POST {requests.path} announcing a {_size(body_size)} body ({variant})"
         if requests.http
         else f"{requests.prefix!r} then {_size(body_size)} with no line end"
         if requests.prefix
@@ -309,7 +336,7 @@ def check_early_answer(
             if early:
                 evidence += (
                     f"; {early}, and a client that sends its whole request before reading "
-                    "(http.client, curl, most clients) never reads that answer"
+                    "(http.client, node, wget, ab) never reads that answer"
                 )
             return Verdict(name, "HAZARD", evidence + ".")
         if up.stalled:
@@ -487,16 +514,26 @@ def run_probe(
     wait: float = DEFAULT_WAIT,
     timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[Verdict], None] | None = None,
+    started: Callable[[Target], None] | None = None,
 ) -> tuple[Target, list[Verdict]]:
-    """Run the three checks against ``host:port``.
+    """Run the checks against ``host:port`` (with ``http``, the early answer once per variant).
 
-    Raises :class:`ProbeError` when ``host:port`` cannot be resolved or reached.
+    ``started(target)`` is called once ``host:port`` is reached, before the
+    first check. Raises :class:`ProbeError` when ``host:port`` cannot be
+    resolved or reached.
     """
     target = resolve(host, port, timeout)
+    if started is not None:
+        started(target)
     requests = _Requests(target, http, path, send)
     verdicts: list[Verdict] = []
+    variants: Sequence[Variant] = VARIANTS if http else ("keep-alive",)
+
+    def early(variant: Variant) -> Callable[[], Verdict]:
+        return lambda: check_early_answer(target, requests, body_size, timeout, variant)
+
     steps: Sequence[Callable[[], Verdict]] = (
-        lambda: check_early_answer(target, requests, body_size, timeout),
+        *(early(v) for v in variants),
         lambda: check_half_close(target, requests, timeout),
         lambda: check_idle_close(target, wait, timeout),
     )

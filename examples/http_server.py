@@ -14,7 +14,8 @@ What aiograceful does for it:
 * On shutdown (SIGTERM, SIGINT, or ``server.shutdown()``), each connection gets
   a notice (``on_notice``): a request in progress is answered with
   ``Connection: close``; a keep-alive connection waiting between requests is
-  closed at once. After ``--grace`` seconds the rest are closed for them.
+  closed at once (a FIN, then a short wait for the client's, never a RST).
+  After ``--grace`` seconds the rest are closed for them.
 * A keep-alive connection silent for ``--idle-timeout`` seconds is closed
   gracefully (the server's ``idle_timeout``).
 
@@ -39,6 +40,8 @@ MAX_BODY: Final = 1024 * 1024
 MAX_CONNECTIONS: Final = 100
 IDLE_TIMEOUT: Final = 15.0
 GRACE: Final = 10.0
+#: Seconds an idle connection closed at shutdown waits for the client's FIN.
+IDLE_LINGER: Final = 0.5
 MAX_HEAD: Final = 16 * 1024
 
 SERVER_NAME: Final = b"aiograceful-example"
@@ -64,6 +67,8 @@ class HttpConnection:
         self.max_body = max_body
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.notice = asyncio.Event()
+        #: The shutdown notice found the connection between requests.
+        self.idle_at_notice = False
 
     async def serve(self) -> None:
         """Answer requests until the client or the shutdown ends the connection."""
@@ -152,9 +157,14 @@ class HttpConnection:
             notice.cancel()
             if not read.done():
                 read.cancel()  # StreamReader.read keeps unread bytes in its buffer
+            # cancel() only asks: the task is cancelled (or, if bytes came in
+            # the same step, done) once it has run. Wait for that.
+            await asyncio.wait({read, notice})
         if read.cancelled():
-            raise _Closing  # an idle keep-alive connection at shutdown: close it now
-        return read.result()
+            # An idle keep-alive connection at shutdown: close it now.
+            self.idle_at_notice = True
+            raise _Closing
+        return read.result()  # bytes that raced the notice: answered, with Connection: close
 
 
 def _content_length(request: h11.Request) -> int | None:
@@ -181,6 +191,13 @@ async def serve(
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = connections[writer] = HttpConnection(reader, writer, max_body)
         await conn.serve()
+        if conn.idle_at_notice:
+            # Nothing of the client's is unread, and a pooled client reads (so
+            # sends its FIN) only when it next uses the connection: a short
+            # wait for that FIN, then a plain close (a FIN, never a RST).
+            await aiograceful.graceful_close(
+                writer, idle_timeout=IDLE_LINGER, reset_on_failure=False
+            )
         # Returning hands the writer to the server, which closes it gracefully.
 
     def on_notice(writer: asyncio.StreamWriter) -> None:
@@ -225,9 +242,12 @@ async def main(argv: list[str] | None = None) -> int:
     print(f"serving HTTP on {names}; Ctrl-C or SIGTERM to stop", flush=True)
     await server.serve_forever()
     report = await server.shutdown()
+    # How each one ended: "clean" is a FIN both ways; the others are spelled out.
+    ends = ", ".join(f"{n} {o.value}" for o, n in sorted(report.outcomes.items(), key=str))
     print(
         f"shut down in {report.duration:.2f} s: {report.connections} connection(s), "
-        f"{report.closed_clean} closed within the grace period, {report.forced} forced",
+        f"{report.closed_clean} closed within the grace period ({ends or 'none'}), "
+        f"{report.forced} forced",
         flush=True,
     )
     return 0

@@ -1,0 +1,208 @@
+"""A drop-in for hypercorn (asyncio worker, HTTP/1.1): ``await serve(app, config)``.
+
+``aiograceful.hypercorn.serve`` has ``hypercorn.asyncio.serve``'s signature and
+runs hypercorn's own server, with its connection class (``TCPServer``)
+replaced by a subclass that changes only how connections end:
+
+* Every close is a lingering close. hypercorn ends a connection with
+  ``write_eof()`` then ``close()``; when the client is still sending (an
+  upload answered early with a 413), Linux then resets the connection and the
+  client loses the answer (BrokenPipeError after 3.1 MiB of 16 MiB, measured).
+  Here the close is :func:`aiograceful.graceful_close`: the rest of the body is
+  read and discarded until the client's FIN, bounded by :data:`LINGER`.
+* An early answer (the request body still arriving) says ``Connection: close``.
+* The shutdown notice. hypercorn closes idle keep-alive connections as soon as
+  the shutdown begins, and ends busy ones after their answer without telling
+  the client. Here every answer after the notice says ``Connection: close``,
+  and an idle connection gets a quiet window of :data:`SHUTDOWN_QUIET` seconds
+  (a request already on the wire is answered), then closes gracefully.
+* ``config.graceful_timeout`` stays the grace period: the lingering closes
+  still open when it ends (hypercorn cancels the connections' tasks) are reset.
+
+hypercorn offers no hook for its connection class: ``serve`` sets
+``hypercorn.asyncio.run.TCPServer`` to the subclass while it runs (and puts
+hypercorn's back when the last ``serve`` returns). The listener is still
+closed by hypercorn, so the accept queue is not drained; HTTP/2 and
+WebSocket connections get the lingering close but not the header.
+Tested with hypercorn 0.18 (the ``aiograceful[hypercorn]`` extra pins it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Final, Literal
+
+import h11
+import hypercorn.asyncio
+import hypercorn.asyncio.run as hypercorn_run
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event, Updated
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.typing import Framework
+
+from ._h11 import CloseAwareConnection
+from ._linger import LingerOptions
+from ._streams import abort, graceful_close
+
+__all__ = ["LINGER", "SHUTDOWN_QUIET", "GracefulTCPServer", "serve"]
+
+#: The lingering close of every connection.
+LINGER: Final = LingerOptions()
+#: Seconds an idle keep-alive connection stays open after the shutdown notice.
+SHUTDOWN_QUIET: Final = 1.0
+
+
+class _NoticeConnection(CloseAwareConnection):
+    """h11's connection that also says ``Connection: close`` once the worker is terminating."""
+
+    terminated: Any = None  # hypercorn's WorkerContext.terminated event
+
+    def wants_close(self) -> bool:
+        terminated = self.terminated
+        return terminated is not None and bool(terminated.is_set())
+
+
+class GracefulTCPServer(TCPServer):
+    """hypercorn's ``TCPServer`` (one connection), ending the connection gracefully."""
+
+    linger: LingerOptions = LINGER
+    shutdown_quiet: float = SHUTDOWN_QUIET
+
+    _closing: asyncio.Future[Any] | None = None
+
+    async def _read_data(self) -> None:
+        # Runs once the protocol exists and before any byte is read: give an
+        # HTTP/1.1 connection the h11 connection that adds the header (made as
+        # hypercorn makes its own).
+        inner = getattr(self.protocol, "protocol", None)
+        if isinstance(inner, H11Protocol) and not isinstance(inner.connection, _NoticeConnection):
+            conn = _NoticeConnection(
+                h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+            )
+            conn.terminated = self.context.terminated
+            inner.connection = conn
+        await super()._read_data()
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Closed) and self._answered_before_notice():
+            # hypercorn ends a reusable connection once the worker terminates,
+            # even after an answer that started before the notice and so did
+            # not say Connection: close: the client would send its next
+            # request into the close. Keep it, idle, for its quiet window.
+            await self.idle_task.restart(self._task_group, self._idle_timeout)
+            return
+        if isinstance(event, Updated) and event.idle and self.reader.at_eof():
+            # Answered, and the client had half-closed: no request can
+            # follow. (hypercorn would keep it for its keep-alive timeout.)
+            self._start_close()
+            return
+        if isinstance(event, Closed):
+            # Start the close, without waiting for it here: this runs inside
+            # the application's last send(), which must not wait for the linger.
+            self._start_close()
+            return
+        await super().protocol_send(event)
+
+    def _answered_before_notice(self) -> bool:
+        """After an answer without ``Connection: close``, the worker is terminating: recycle."""
+        inner = getattr(self.protocol, "protocol", None)
+        if not isinstance(inner, H11Protocol) or inner.stream is not None:
+            return False
+        conn = inner.connection
+        if not isinstance(conn, h11.Connection) or self._closing is not None:
+            return False
+        if not self.context.terminated.is_set():
+            return False
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        conn.start_next_cycle()
+        inner.response = None
+        inner.scope = None
+        return True
+
+    def _start_close(self) -> asyncio.Future[Any]:
+        closing = self._closing
+        if closing is None:
+            closing = self._closing = asyncio.ensure_future(
+                graceful_close(
+                    self.writer,
+                    timeout=self.linger.timeout,
+                    idle_timeout=self.linger.idle_timeout,
+                    max_discard=self.linger.max_discard,
+                    reset_on_failure=self.linger.reset_on_failure,
+                )
+            )
+            # The result is the close's own business; never "never retrieved".
+            closing.add_done_callback(_consume)
+        return closing
+
+    async def _close(self) -> None:
+        try:
+            await asyncio.shield(self._start_close())
+        except asyncio.CancelledError:
+            # hypercorn's graceful_timeout ran out: grace is over, reset.
+            abort(self.writer)
+            raise
+        except OSError:
+            pass
+        finally:
+            await self.idle_task.stop()
+
+    async def _initiate_server_close(self) -> None:
+        await self.protocol.handle(Closed())
+        self._start_close()
+
+    async def _idle_timeout(self) -> None:
+        terminated = self.context.terminated
+        try:
+            # Not wait_for(), as hypercorn has it: on 3.11 wait_for() returns
+            # the result when a cancel comes in the same step as the event,
+            # and this task is cancelled exactly when a request arrives. It
+            # then slept through the quiet window while the request waited.
+            async with asyncio.timeout(self.config.keep_alive_timeout):
+                await terminated.wait()
+        except TimeoutError:
+            pass
+        else:
+            # The notice: a request already on the wire is answered (its
+            # arrival cancels this task) with Connection: close.
+            await asyncio.sleep(self.shutdown_quiet)
+        await asyncio.shield(self._initiate_server_close())
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+_installed = 0
+
+
+@contextlib.contextmanager
+def _installed_server() -> Iterator[None]:
+    """hypercorn's worker makes ``hypercorn.asyncio.run.TCPServer(...)`` per connection."""
+    global _installed
+    if _installed == 0:
+        setattr(hypercorn_run, "TCPServer", GracefulTCPServer)  # noqa: B010
+    _installed += 1
+    try:
+        yield
+    finally:
+        _installed -= 1
+        if _installed == 0:
+            setattr(hypercorn_run, "TCPServer", TCPServer)  # noqa: B010
+
+
+async def serve(
+    app: Framework,
+    config: Config,
+    *,
+    shutdown_trigger: Callable[..., Awaitable[None]] | None = None,
+    mode: Literal["asgi", "wsgi"] | None = None,
+) -> None:
+    """``hypercorn.asyncio.serve(app, config, ...)``, with connections that end gracefully."""
+    with _installed_server():
+        await hypercorn.asyncio.serve(app, config, shutdown_trigger=shutdown_trigger, mode=mode)

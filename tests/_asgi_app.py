@@ -1,0 +1,50 @@
+"""The ASGI application the drop-in tests serve (with uvicorn and hypercorn).
+
+* ``POST /upload``: an early 413, without reading the body (a size check on
+  ``Content-Length``, as an upload limit does it).
+* ``GET /slow``: 200 after 0.2 s (an answer still being made when the client
+  half-closes).
+* anything else: 200 ``ok``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+async def app(scope: Scope, receive: Any, send: Any) -> None:
+    """The application: see the module's notes."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    if scope["method"] == "POST":
+        await _answer(send, 413, b"too large\n")
+        return
+    if scope["path"] == "/slow":
+        await asyncio.sleep(0.2)
+    await _answer(send, 200, b"ok\n")
+
+
+async def _answer(send: Any, status: int, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

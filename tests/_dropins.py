@@ -1,0 +1,397 @@
+"""Helpers for the drop-in tests: a real server in a subprocess, real clients against it.
+
+* :func:`server_process`: start a server command on 127.0.0.1 port 0, read the
+  port it logs, yield ``(proc, port)``; stop it (SIGTERM, then SIGKILL) after.
+* Early-answer clients, each sending a 16 MiB upload that ``tests/_asgi_app.py``
+  answers with an early 413, ``rounds`` times, and counting the 413s seen:
+  :func:`httpclient_uploads` (stdlib, with or without ``Connection: close``,
+  or as HTTP/1.0), :func:`node_uploads`, :func:`wget_uploads`,
+  :func:`curl_uploads` (``-H 'Expect:'``, so it sends the body at once),
+  :func:`ab_uploads`. Each returns ``(answered, rounds)``.
+* :func:`shutdown_race`: keep-alive clients sending requests back to back
+  while the server gets SIGTERM; counts the requests sent on an open
+  connection that got no answer.
+
+Every loop is bounded in count and time; every server listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+HOST = "127.0.0.1"
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+#: The upload each early-answer round sends: far more than loopback's buffers.
+UPLOAD_SIZE = 16 << 20
+_CHUNK = b"x" * 65536
+_PORT_RE = re.compile(rb"[Rr]unning on https?://[^\s:]+:(\d+)")
+
+_NODE_UPLOAD = r"""
+const http = require('http');
+const [port, rounds, size] = process.argv.slice(1).map(Number);
+let answered = 0;
+const chunk = Buffer.alloc(65536, 120);
+function one(i) {
+  if (i >= rounds) { console.log(answered); return; }
+  let done = false;
+  const finish = (ok) => {
+    if (done) return; done = true; if (ok) answered++; setImmediate(() => one(i + 1));
+  };
+  const req = http.request({host: '127.0.0.1', port, method: 'POST', path: '/upload',
+    agent: false, headers: {'Content-Length': size}});
+  req.setTimeout(10000, () => req.destroy());
+  req.on('response', (res) => {
+    res.resume(); res.on('end', () => finish(res.statusCode === 413));
+  });
+  req.on('error', () => finish(false));
+  let sent = 0;
+  const write = () => {
+    while (sent < size) {
+      sent += chunk.length;
+      if (!req.write(chunk)) { req.once('drain', write); return; }
+    }
+    req.end();
+  };
+  write();
+}
+one(0);
+"""
+
+
+def env() -> dict[str, str]:
+    """The subprocess environment: this worktree's aiograceful and the tests' app first."""
+    paths = [str(ROOT), str(TESTS)]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
+
+
+@contextlib.contextmanager
+def server_process(
+    argv: Sequence[str], *, start_timeout: float = 20.0
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Run ``argv`` (a server that logs ``Running on http://127.0.0.1:PORT``); yield it and PORT."""
+    proc = subprocess.Popen(
+        list(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env(),
+        cwd=str(ROOT),
+    )
+    assert proc.stdout is not None
+    output = bytearray()
+    try:
+        deadline = time.monotonic() + start_timeout
+        port = None
+        while port is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or proc.poll() is not None:
+                pytest.fail(f"server did not start: {bytes(output).decode(errors='replace')}")
+            ready, _, _ = select.select([proc.stdout], [], [], min(remaining, 0.5))
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    continue
+                output += chunk
+                match = _PORT_RE.search(output)
+                if match:
+                    port = int(match.group(1))
+        # Keep draining its output, so a chatty server never blocks on the pipe.
+        drain = threading.Thread(target=_drain, args=(proc,), daemon=True)
+        drain.start()
+        yield proc, port
+    finally:
+        stop(proc)
+
+
+def _drain(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdout is not None
+    with contextlib.suppress(OSError, ValueError):
+        while os.read(proc.stdout.fileno(), 65536):
+            pass
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+    """SIGTERM, wait up to ``timeout`` s, then SIGKILL; return the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    assert proc.returncode is not None
+    return proc.returncode
+
+
+def need(tool: str) -> str:
+    """The path of ``tool``, or skip the test naming it."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed")
+    return path
+
+
+# -- early-answer clients ------------------------------------------------------------------
+
+
+def httpclient_uploads(port: int, rounds: int, variant: str = "keep-alive") -> tuple[int, int]:
+    """http.client POSTs of the upload, the usual way (send it all, then read).
+
+    ``variant``: "keep-alive", "Connection: close", or "HTTP/1.0".
+    """
+    answered = 0
+    body = b"x" * UPLOAD_SIZE
+    for _ in range(rounds):
+        conn = http.client.HTTPConnection(HOST, port, timeout=10)
+        if variant == "HTTP/1.0":
+            conn._http_vsn = 10  # type: ignore[attr-defined]
+            conn._http_vsn_str = "HTTP/1.0"  # type: ignore[attr-defined]
+        headers = {"Content-Type": "application/octet-stream"}
+        if variant == "Connection: close":
+            headers["Connection"] = "close"
+        try:
+            conn.request("POST", "/upload", body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            answered += response.status == 413
+        except (OSError, http.client.HTTPException):
+            pass  # the answer was lost
+        finally:
+            conn.close()
+    return answered, rounds
+
+
+def _body_file() -> Path:
+    path = Path(tempfile.gettempdir(), f"aiograceful-upload-{UPLOAD_SIZE}.bin")
+    if not path.exists() or path.stat().st_size != UPLOAD_SIZE:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(b"x" * UPLOAD_SIZE)
+        tmp.replace(path)
+    return path
+
+
+def node_uploads(port: int, rounds: int) -> tuple[int, int]:
+    """node's http.request, one upload per round (no agent: a new connection each)."""
+    node = need("node")
+    out = subprocess.run(
+        [node, "-e", _NODE_UPLOAD, str(port), str(rounds), str(UPLOAD_SIZE)],
+        capture_output=True,
+        timeout=30 + 10 * rounds,
+        check=True,
+    )
+    return int(out.stdout.strip()), rounds
+
+
+def wget_uploads(port: int, rounds: int) -> tuple[int, int]:
+    """``wget --post-file``, once per round, no retries; the 413 counted from ``-S``."""
+    wget = need("wget")
+    body = _body_file()
+    answered = 0
+    for _ in range(rounds):
+        out = subprocess.run(
+            [
+                wget,
+                "-S",
+                "-t",
+                "1",
+                "-T",
+                "10",
+                "-O",
+                os.devnull,
+                f"--post-file={body}",
+                f"http://{HOST}:{port}/upload",
+            ],
+            capture_output=True,
+            timeout=30,
+        )
+        answered += b" 413 " in out.stderr
+    return answered, rounds
+
+
+def curl_uploads(port: int, rounds: int, *extra: str) -> tuple[int, int]:
+    """``curl -H 'Expect:' --data-binary``: the body is sent at once, not after a 100."""
+    curl = need("curl")
+    body = _body_file()
+    answered = 0
+    for _ in range(rounds):
+        out = subprocess.run(
+            [
+                curl,
+                "-s",
+                "-o",
+                os.devnull,
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Expect:",
+                *extra,
+                "--max-time",
+                "20",
+                "--data-binary",
+                f"@{body}",
+                f"http://{HOST}:{port}/upload",
+            ],
+            capture_output=True,
+            timeout=30,
+        )
+        answered += out.stdout.strip() == b"413"
+    return answered, rounds
+
+
+def ab_uploads(port: int, rounds: int) -> tuple[int, int]:
+    """ApacheBench (HTTP/1.0), ``rounds`` POSTs, one at a time.
+
+    ab reads what it can while it sends, but a reset while it sends is a
+    failed request for it ("Send request failed!", counted in "Failed
+    requests"): those count as lost answers.
+    """
+    ab = need("ab")
+    body = _body_file()
+    out = subprocess.run(
+        [
+            ab,
+            "-s",
+            "10",
+            "-n",
+            str(rounds),
+            "-p",
+            str(body),
+            "-T",
+            "application/octet-stream",
+            f"http://{HOST}:{port}/upload",
+        ],
+        capture_output=True,
+        timeout=30 + 10 * rounds,
+    )
+    text = out.stdout + out.stderr
+    send_failed = text.count(b"Send request failed")
+    complete = _ab_count(text, b"Complete requests")
+    failed = _ab_count(text, b"Failed requests")
+    non_2xx = _ab_count(text, b"Non-2xx responses")
+    lost = min(rounds, send_failed + max(0, rounds - complete))
+    if failed or non_2xx != rounds:
+        lost = max(lost, 1)
+    return rounds - lost, rounds
+
+
+def _ab_count(text: bytes, label: bytes) -> int:
+    match = re.search(re.escape(label) + rb":\s+(\d+)", text)
+    return int(match.group(1)) if match else 0
+
+
+# -- the shutdown race -------------------------------------------------------------------------
+
+
+class RaceCounts:
+    """What the keep-alive clients of one shutdown race saw (summed over clients)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.answered = 0
+        self.lost = 0
+        self.closes_announced = 0
+        #: How each lost request failed (the client's exception), for the report.
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, sent: int, answered: int, lost: int, announced: int, failure: str) -> None:
+        with self._lock:
+            if failure:
+                self.failures.append(failure)
+            self.sent += sent
+            self.answered += answered
+            self.lost += lost
+            self.closes_announced += announced
+
+    def __repr__(self) -> str:
+        return (
+            f"<RaceCounts sent={self.sent} answered={self.answered} lost={self.lost} "
+            f"closes_announced={self.closes_announced} failures={self.failures}>"
+        )
+
+
+def _keepalive_client(port: int, until: float, counts: RaceCounts, go: threading.Event) -> None:
+    """GET / back to back on one keep-alive connection; a new one after ``Connection: close``.
+
+    A request written on an open connection that gets no full answer is lost.
+    A refused connect ends the client (the server is gone): nothing was sent.
+    """
+    sent = answered = lost = announced = 0
+    failure = ""
+    conn: http.client.HTTPConnection | None = None
+    go.wait(5)
+    try:
+        for _ in range(1_000_000):  # bounded by ``until`` too
+            if time.monotonic() >= until:
+                break
+            if conn is None:
+                conn = http.client.HTTPConnection(HOST, port, timeout=5)
+                try:
+                    conn.connect()
+                except OSError:
+                    break
+            try:
+                conn.request("GET", "/")
+                sent += 1
+                response = conn.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                lost += 1
+                failure = f"{type(exc).__name__} after {answered} answers"
+                break
+            answered += 1
+            if response.will_close:
+                announced += 1
+                conn.close()
+                conn = None
+    finally:
+        if conn is not None:
+            conn.close()
+        counts.add(sent, answered, lost, announced, failure)
+
+
+def shutdown_race(
+    proc: subprocess.Popen[bytes], port: int, *, clients: int = 4, before: float = 0.5
+) -> RaceCounts:
+    """``clients`` keep-alive clients send back to back; SIGTERM after ``before`` s; count."""
+    counts = RaceCounts()
+    go = threading.Event()
+    until = time.monotonic() + before + 8.0
+    threads = [
+        threading.Thread(target=_keepalive_client, args=(port, until, counts, go), daemon=True)
+        for _ in range(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    go.set()
+    time.sleep(before)
+    proc.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(15)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(20)
+    return counts
+
+
+def python() -> str:
+    """The interpreter running the tests (the one with the servers installed)."""
+    return sys.executable

@@ -1,0 +1,69 @@
+"""Run hypercorn or aiohttp, stock or with the aiograceful drop-in, on 127.0.0.1, port 0.
+
+``python tests/_serve_main.py {hypercorn,aiohttp} {stock,dropin} {asyncio,uvloop}``.
+Both log ``Running on http://127.0.0.1:PORT``; both serve ``_asgi_app``'s routes
+(hypercorn the ASGI app itself, aiohttp the same answers as aiohttp handlers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import uvloop
+
+
+def _hypercorn(dropin: bool, run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+    from _asgi_app import app
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = 5.0
+    if dropin:
+        from aiograceful.hypercorn import serve
+    else:
+        from hypercorn.asyncio import serve
+    run(serve(app, config))  # type: ignore[arg-type]
+
+
+def _aiohttp(dropin: bool, loop: asyncio.AbstractEventLoop) -> None:
+    from aiohttp import web
+
+    async def upload(request: web.Request) -> web.Response:
+        return web.Response(status=413, text="too large\n")  # the body is not read
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.2)
+        return web.Response(text="ok\n")
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    app = web.Application()
+    app.add_routes([web.post("/upload", upload), web.get("/slow", slow), web.get("/", ok)])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    if dropin:
+        from aiograceful.aiohttp import run_app
+    else:
+        from aiohttp.web import run_app
+    run_app(app, sock=sock, shutdown_timeout=5.0, loop=loop, access_log=None)
+
+
+def main() -> None:
+    server, build, loop_name = sys.argv[1:4]
+    dropin = build == "dropin"
+    new_loop = uvloop.new_event_loop if loop_name == "uvloop" else asyncio.SelectorEventLoop
+    if server == "hypercorn":
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            _hypercorn(dropin, runner.run)
+    else:
+        _aiohttp(dropin, new_loop())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""aiograceful.aiohttp against the real aiohttp: its shutdown loses requests, the drop-in not.
+
+aiohttp itself reads away the body of a request it answered early, so its
+early 413 reaches every client (shown here for the drop-in too). What it
+loses is at shutdown: idle keep-alive connections are closed at once, busy
+ones after an answer that did not say Connection: close. The server is
+``web.run_app`` or ``aiograceful.aiohttp.run_app`` in a subprocess on
+127.0.0.1, on asyncio's loop and on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+
+pytest.importorskip("aiohttp")
+
+from _dropins import (
+    HOST,
+    curl_uploads,
+    httpclient_uploads,
+    node_uploads,
+    python,
+    server_process,
+    shutdown_race,
+    wget_uploads,
+)
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _argv(build: str, loop: str) -> list[str]:
+    return [python(), "tests/_serve_main.py", "aiohttp", build, loop]
+
+
+@pytest.fixture(scope="module")
+def dropin_servers() -> Iterator[Callable[[str], int]]:
+    """``dropin_servers(loop) -> port``: one drop-in aiohttp per loop, started on use."""
+    started: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+
+        def get(loop: str) -> int:
+            if loop not in started:
+                _proc, port = stack.enter_context(server_process(_argv("dropin", loop)))
+                started[loop] = port
+            return started[loop]
+
+        yield get
+
+
+def _httpclient_close(port: int, rounds: int) -> tuple[int, int]:
+    return httpclient_uploads(port, rounds, "Connection: close")
+
+
+CLIENTS: list[tuple[str, Callable[[int, int], tuple[int, int]], int]] = [
+    ("http.client keep-alive", httpclient_uploads, 3),
+    ("http.client Connection: close", _httpclient_close, 3),
+    ("node", node_uploads, 3),
+    ("wget", wget_uploads, 3),
+    ("curl -H Expect:", curl_uploads, 3),
+]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    ("client", "rounds"), [pytest.param(c, n, id=name) for name, c, n in CLIENTS]
+)
+def test_aiohttp_dropin_early_413_reaches_every_client(
+    dropin_servers: Callable[[str], int],
+    loop: str,
+    client: Callable[[int, int], tuple[int, int]],
+    rounds: int,
+) -> None:
+    """The drop-in keeps aiohttp's own drain of an early-answered body: every 413 arrives."""
+    answered, total = client(dropin_servers(loop), rounds)
+    assert answered == total, f"the drop-in delivered the 413 {answered}/{total} times"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_aiohttp_shutdown_race_stock_loses_requests(loop: str) -> None:
+    """Stock aiohttp at SIGTERM: keep-alive clients sending back to back lose requests."""
+    seen = []
+    for _ in range(4):
+        with server_process(_argv("stock", loop)) as (proc, port):
+            counts = shutdown_race(proc, port)
+        seen.append(counts)
+        assert counts.answered > 0, counts
+        if counts.lost:
+            break
+    assert any(c.lost for c in seen), f"stock aiohttp lost nothing: {seen}"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_aiohttp_shutdown_race_dropin_loses_nothing(loop: str) -> None:
+    """The drop-in at SIGTERM: every request sent on an open connection is answered."""
+    for _ in range(2):
+        with server_process(_argv("dropin", loop)) as (proc, port):
+            counts = shutdown_race(proc, port)
+            assert proc.returncode == 0, counts
+        assert counts.answered > 0, counts
+        assert counts.lost == 0, counts
+        assert counts.closes_announced >= 1, counts
+
+
+async def test_aiohttp_app_runner_notice_and_quiet_window() -> None:
+    """``GracefulAppRunner`` + ``TCPSite``: at cleanup, an idle keep-alive connection stays
+    open for the quiet window, and a request sent in it is answered with Connection: close.
+
+    (Stock ``web.AppRunner`` closes that connection at once: the request is lost.)
+    """
+    from aiohttp import web
+
+    from aiograceful.aiohttp import GracefulAppRunner
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    results = {}
+    for name, runner_class in (("stock", web.AppRunner), ("dropin", GracefulAppRunner)):
+        app = web.Application()
+        app.add_routes([web.get("/", ok)])
+        runner = runner_class(app, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, HOST, 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        sock = await asyncio.to_thread(socket.create_connection, (HOST, port), 5)
+        with sock:
+            await asyncio.to_thread(sock.sendall, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            first = await asyncio.to_thread(_read_answer, sock)
+            cleanup = asyncio.ensure_future(runner.cleanup())
+            await asyncio.sleep(0.2)  # the shutdown has begun; the connection is idle
+            try:
+                await asyncio.to_thread(sock.sendall, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                second = await asyncio.to_thread(_read_answer, sock)
+            except OSError as exc:
+                second = repr(exc).encode()
+            await asyncio.wait_for(cleanup, 20)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        results[name] = second
+    assert not results["stock"].startswith(b"HTTP/1.1 200"), results
+    assert results["dropin"].startswith(b"HTTP/1.1 200"), results
+    assert b"connection: close" in results["dropin"].lower(), results
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    """One answer (headers and a 3-byte body), or what came before the connection ended."""
+    data = b""
+    while not data.endswith(b"ok\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _get_then_half_close(port: int) -> bytes:
+    """GET /slow (answered after 0.2 s), shutdown(SHUT_WR), read to the end."""
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                data += chunk
+        return data
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_aiohttp_half_closed_client_gets_its_answer(
+    dropin_servers: Callable[[str], int], loop: str
+) -> None:
+    """A request, then the client's FIN: stock aiohttp drops the answer, the drop-in sends it."""
+    with server_process(_argv("stock", loop)) as (_proc, port):
+        assert _get_then_half_close(port) == b""
+    data = _get_then_half_close(dropin_servers(loop))
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert data.endswith(b"ok\n"), data
+    assert b"connection: close" in data.lower(), data
+
+
+async def test_aiohttp_app_runner_drains_the_accept_queue() -> None:
+    """Connections queued at cleanup: ``web.AppRunner`` resets them, ``GracefulAppRunner``
+    answers each (with Connection: close)."""
+    from aiohttp import web
+
+    from aiograceful.aiohttp import GracefulAppRunner
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    answered = {}
+    for name, runner_class in (("stock", web.AppRunner), ("dropin", GracefulAppRunner)):
+        app = web.Application()
+        app.add_routes([web.get("/", ok)])
+        runner = runner_class(app, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, HOST, 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        # Blocking connects from the loop's own thread: the kernel completes
+        # the handshakes; the loop accepts none before the cleanup begins.
+        socks = []
+        for _ in range(4):
+            sock = socket.create_connection((HOST, port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            socks.append(sock)
+        cleanup = asyncio.ensure_future(runner.cleanup())
+        answers = await asyncio.gather(*(asyncio.to_thread(_read_all, s) for s in socks))
+        await asyncio.wait_for(cleanup, 20)
+        answered[name] = sum(a.startswith(b"HTTP/1.1 200") for a in answers)
+    assert answered["stock"] < 4, answered
+    assert answered["dropin"] == 4, answered
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    with sock, contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data

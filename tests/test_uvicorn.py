@@ -1,0 +1,382 @@
+"""aiograceful.uvicorn against the real uvicorn: stock loses answers, the drop-in does not.
+
+Each server is ``python -m uvicorn _asgi_app:app`` in a subprocess on
+127.0.0.1, stock (``--http h11`` / ``httptools``) or with the drop-in (``--http
+aiograceful.uvicorn:H11Protocol`` / ``HttpToolsProtocol``), on asyncio's loop
+and on uvloop (``--loop``). The clients are real: http.client, node, wget,
+curl, ab. Every check first shows the stock server losing, then the drop-in
+delivering every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+from _util import UPLOAD_HEAD
+
+pytest.importorskip("uvicorn")
+
+import uvicorn
+from _dropins import (
+    HOST,
+    ab_uploads,
+    curl_uploads,
+    env,
+    httpclient_uploads,
+    node_uploads,
+    python,
+    server_process,
+    shutdown_race,
+    wget_uploads,
+)
+
+from aiograceful import uvicorn as graceful_uvicorn
+from aiograceful._probe import run_probe
+
+PARSERS = ["h11", "httptools"]
+LOOPS = ["asyncio", "uvloop"]
+DROPIN = {
+    "h11": "aiograceful.uvicorn:H11Protocol",
+    "httptools": "aiograceful.uvicorn:HttpToolsProtocol",
+}
+
+
+def _argv(http: str, loop: str) -> list[str]:
+    return [
+        python(), "-m", "uvicorn", "_asgi_app:app", "--host", HOST, "--port", "0",
+        "--http", http, "--loop", loop, "--log-level", "info", "--no-access-log",
+    ]  # fmt: skip
+
+
+def _need_parser(parser: str) -> None:
+    if parser == "httptools":
+        pytest.importorskip("httptools")
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Callable[[str, str, bool], int]]:
+    """``servers(parser, loop, dropin) -> port``: one uvicorn per combination, started on use."""
+    started: dict[tuple[str, str, bool], int] = {}
+    with contextlib.ExitStack() as stack:
+
+        def get(parser: str, loop: str, dropin: bool) -> int:
+            key = (parser, loop, dropin)
+            if key not in started:
+                http = DROPIN[parser] if dropin else parser
+                _proc, port = stack.enter_context(server_process(_argv(http, loop)))
+                started[key] = port
+            return started[key]
+
+        yield get
+
+
+# -- the early answer, per client ------------------------------------------------------
+
+
+# (name, client, rounds, whether stock uvicorn loses answers to it). Stock
+# uvicorn drains the body of a keep-alive request, so keep-alive clients
+# (http.client by default, curl, wget) get its 413; a client that asks for
+# the close (Connection: close, HTTP/1.0: ab) is reset while it uploads.
+def _httpclient_close(port: int, rounds: int) -> tuple[int, int]:
+    return httpclient_uploads(port, rounds, "Connection: close")
+
+
+def _httpclient_10(port: int, rounds: int) -> tuple[int, int]:
+    return httpclient_uploads(port, rounds, "HTTP/1.0")
+
+
+def _curl_close(port: int, rounds: int) -> tuple[int, int]:
+    return curl_uploads(port, rounds, "-H", "Connection: close")
+
+
+CLIENTS: list[tuple[str, Callable[[int, int], tuple[int, int]], int, bool]] = [
+    ("http.client Connection: close", _httpclient_close, 4, True),
+    ("http.client HTTP/1.0", _httpclient_10, 4, True),
+    ("http.client keep-alive", httpclient_uploads, 3, False),
+    ("node", node_uploads, 4, True),
+    ("ab", ab_uploads, 4, True),
+    ("wget", wget_uploads, 3, False),
+    ("curl -H Expect:", curl_uploads, 3, False),
+    ("curl -H Expect: Connection: close", _curl_close, 3, False),
+]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("parser", PARSERS)
+@pytest.mark.parametrize(
+    ("client", "rounds", "stock_loses"),
+    [pytest.param(c, n, s, id=name) for name, c, n, s in CLIENTS],
+)
+def test_uvicorn_early_413_reaches_every_client(
+    servers: Callable[[str, str, bool], int],
+    parser: str,
+    loop: str,
+    client: Callable[[int, int], tuple[int, int]],
+    rounds: int,
+    stock_loses: bool,
+) -> None:
+    """Stock uvicorn loses the early 413 to clients that ask for the close; the drop-in never."""
+    _need_parser(parser)
+    if stock_loses:
+        answered, total = client(servers(parser, loop, False), rounds)
+        assert answered < total, f"stock uvicorn delivered {answered}/{total}: no hazard shown"
+    answered, total = client(servers(parser, loop, True), rounds)
+    assert answered == total, f"the drop-in delivered the 413 {answered}/{total} times"
+
+
+# -- the unread body is bounded ------------------------------------------------------
+
+
+def _upload_without_reading(port: int, size: int) -> tuple[int, bool]:
+    """Send a head announcing ``size`` bytes, then the body; return (bytes sent, reset?)."""
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(UPLOAD_HEAD % size)
+        chunk = b"x" * 65536
+        sent = 0
+        try:
+            while sent < size:
+                sent += sock.send(chunk[: size - sent])
+        except (ConnectionResetError, BrokenPipeError):
+            return sent, True
+        return sent, False
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_uvicorn_unread_body_after_early_answer_is_bounded(
+    servers: Callable[[str, str, bool], int], loop: str
+) -> None:
+    """After an early 413, stock uvicorn reads a keep-alive body however large; the drop-in
+    stops at its discard cap (here a subclass with ``max_discard`` = 1 MiB, via ``--http``)."""
+    size = 64 << 20
+    sent, reset = _upload_without_reading(servers("h11", loop, False), size)
+    assert (sent, reset) == (size, False)  # stock: all 64 MiB read and dropped
+    with server_process(_argv("_uvicorn_small_cap:H11Protocol", loop)) as (_proc, port):
+        sent, reset = _upload_without_reading(port, size)
+    assert reset, sent
+    assert sent < size // 2, sent  # stopped near the cap (plus socket buffers), not at 64 MiB
+
+
+# -- the half-closed client ------------------------------------------------------------------
+
+
+def _get_then_half_close(port: int) -> bytes:
+    """GET /slow (answered after 0.2 s), shutdown(SHUT_WR), read to the end."""
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                data += chunk
+        return data
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("parser", PARSERS)
+def test_uvicorn_half_closed_client_gets_its_answer(
+    servers: Callable[[str, str, bool], int], parser: str, loop: str
+) -> None:
+    """A request, then the client's FIN: stock uvicorn drops the answer, the drop-in sends it."""
+    _need_parser(parser)
+    assert _get_then_half_close(servers(parser, loop, False)) == b""
+    data = _get_then_half_close(servers(parser, loop, True))
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert data.endswith(b"ok\n"), data
+    assert b"connection: close" in data.lower(), data
+
+
+# -- the shutdown race ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("parser", PARSERS)
+def test_uvicorn_shutdown_race_stock_loses_requests(parser: str, loop: str) -> None:
+    """Stock uvicorn at SIGTERM: keep-alive clients sending back to back lose requests."""
+    _need_parser(parser)
+    seen = []
+    for _ in range(4):  # each round can lose one request per client
+        with server_process(_argv(parser, loop)) as (proc, port):
+            counts = shutdown_race(proc, port)
+        seen.append(counts)
+        assert counts.answered > 0, counts
+        if counts.lost:
+            break
+    assert any(c.lost for c in seen), f"stock uvicorn lost nothing: {seen}"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("parser", PARSERS)
+def test_uvicorn_shutdown_race_dropin_loses_nothing(parser: str, loop: str) -> None:
+    """The drop-in at SIGTERM: every request sent on an open connection is answered."""
+    _need_parser(parser)
+    for _ in range(2):
+        with server_process(_argv(DROPIN[parser], loop)) as (proc, port):
+            counts = shutdown_race(proc, port)
+            assert proc.returncode in (0, -signal.SIGTERM), counts  # uvicorn re-raises it
+        assert counts.answered > 0, counts
+        assert counts.lost == 0, counts
+        # The notice: the answers after it said Connection: close.
+        assert counts.closes_announced >= 1, counts
+
+
+# -- the probe ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_uvicorn_probe_flags_stock_and_passes_dropin(
+    servers: Callable[[str, str, bool], int], parser: str
+) -> None:
+    """The probe finds the hazards of stock uvicorn and none with the drop-in."""
+    _need_parser(parser)
+    _, stock = run_probe(
+        HOST, servers(parser, "asyncio", False), http=True, body_size=16 << 20, wait=1, timeout=3
+    )
+    by_check = {v.check: v.status for v in stock}
+    assert by_check["early answer while the client is still sending (keep-alive)"] == "pass"
+    assert by_check["early answer while the client is still sending (Connection: close)"] == (
+        "HAZARD"
+    ), stock
+    assert by_check["early answer while the client is still sending (HTTP/1.0)"] == "HAZARD"
+    _, dropin = run_probe(
+        HOST, servers(parser, "asyncio", True), http=True, body_size=16 << 20, wait=1, timeout=3
+    )
+    assert [v.status for v in dropin[:4]] == ["pass"] * 4, dropin
+
+
+# -- aiograceful.uvicorn.Server / run ---------------------------------------------------------
+
+
+def _config(**kwargs: object) -> uvicorn.Config:
+    from _asgi_app import app
+
+    return uvicorn.Config(
+        app,
+        host=HOST,
+        port=0,
+        lifespan="off",
+        log_level="warning",
+        http=graceful_uvicorn.H11Protocol,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _queued_requests(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections, each with a GET sent, made without letting the server's loop run."""
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection((HOST, port), timeout=5)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        socks.append(sock)
+    return socks
+
+
+async def _answers(socks: list[socket.socket]) -> list[bytes]:
+    def read(sock: socket.socket) -> bytes:
+        data = b""
+        with sock, contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                data += chunk
+        return data
+
+    return await asyncio.gather(*(asyncio.to_thread(read, s) for s in socks))
+
+
+@pytest.mark.parametrize("dropin", [False, True], ids=["stock", "dropin"])
+async def test_uvicorn_server_drains_the_accept_queue(dropin: bool) -> None:
+    """Connections queued at shutdown: uvicorn.Server resets them, aiograceful's Server answers."""
+    config = _config()
+    server = graceful_uvicorn.Server(config) if dropin else uvicorn.Server(config)
+    config.load()
+    server.lifespan = config.lifespan_class(config)
+    await server.startup()
+    port = server.servers[0].sockets[0].getsockname()[1]
+    # Blocking connects from the loop's own thread: the kernel completes the
+    # handshakes, the loop accepts none of them before the shutdown begins.
+    socks = _queued_requests(port, 4)
+    shutdown = asyncio.ensure_future(server.shutdown())
+    answers = await _answers(socks)
+    await asyncio.wait_for(shutdown, 30)
+    answered = sum(a.startswith(b"HTTP/1.1 200") for a in answers)
+    if dropin:
+        # (uvloop accepts as it attaches, so there they may be answered before
+        # the notice, then closed after the quiet window: answered all the same.)
+        assert answered == 4, answers
+    else:
+        assert answered < 4, answers
+
+
+async def test_uvicorn_server_forces_after_grace() -> None:
+    """A client that never finishes its request is closed after grace + force, not waited on."""
+    config = _config(timeout_graceful_shutdown=1)
+    server = graceful_uvicorn.Server(config, force_timeout=0.5)
+    config.load()
+    server.lifespan = config.lifespan_class(config)
+    await server.startup()
+    port = server.servers[0].sockets[0].getsockname()[1]
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 10")  # no end
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if server.server_state.connections:
+                break
+        await asyncio.wait_for(server.shutdown(), 10)
+        assert not server.server_state.connections
+        data = await asyncio.to_thread(_read_all, sock)
+    assert data == b"", data
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_uvicorn_run_rejects_bad_force_timeout() -> None:
+    """``run(force_timeout=...)`` and ``Server(force_timeout=...)`` name the bad argument."""
+    with pytest.raises(ValueError, match="force_timeout"):
+        graceful_uvicorn.run("_asgi_app:app", force_timeout=-1)
+    with pytest.raises(TypeError, match="force_timeout"):
+        graceful_uvicorn.Server(_config(), force_timeout="1")  # type: ignore[arg-type]
+
+
+def test_uvicorn_run_serves_and_shuts_down() -> None:
+    """``aiograceful.uvicorn.run(app, host=, port=)`` serves, and its SIGTERM race loses nothing."""
+    code = (
+        "import aiograceful.uvicorn as u; "
+        f"u.run('_asgi_app:app', host={HOST!r}, port=0, log_level='info', access_log=False)"
+    )
+    with server_process([python(), "-c", code]) as (proc, port):
+        counts = shutdown_race(proc, port)
+        assert proc.returncode in (0, -signal.SIGTERM), counts  # uvicorn re-raises it
+    assert counts.answered > 0, counts
+    assert counts.lost == 0, counts
+
+
+def test_uvicorn_http_names_map_to_the_dropins() -> None:
+    """``run(http=...)``: uvicorn's names select aiograceful's protocols; a class is kept."""
+    assert graceful_uvicorn._protocol_class("h11") is graceful_uvicorn.H11Protocol
+    auto = graceful_uvicorn._protocol_class("auto")
+    assert auto in (
+        graceful_uvicorn.H11Protocol,
+        getattr(graceful_uvicorn, "HttpToolsProtocol", None),
+    )
+    assert graceful_uvicorn._protocol_class(int) is int
+
+
+def test_import_aiograceful_does_not_import_uvicorn() -> None:
+    """``import aiograceful`` never needs the server packages."""
+    code = (
+        "import sys, aiograceful; "
+        "bad = [m for m in ('uvicorn', 'hypercorn', 'aiohttp') if m in sys.modules]; "
+        "sys.exit(1 if bad else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=env(), timeout=30)
