@@ -58,7 +58,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import _deadlines
-from ._socket import receive_queue, reset, send_queue, shutdown_error
+from ._socket import connection_failed, receive_queue, reset, send_queue, shutdown_error
 from ._state import Event, HalfCloseMachine, HalfCloseState
 
 __all__ = [
@@ -818,6 +818,12 @@ class Linger:
             else:
                 if total < self._outstanding or self._outstanding < 0:
                     self._progress_at = now  # the peer acknowledged something
+                elif connection_failed(self.transport):
+                    # Reset while nothing of the loop's watched the socket
+                    # (FLUSHING: no reader after the FIN, no writer with
+                    # the buffer empty): the count will never go down.
+                    self._peer_reset()
+                    return
                 self._outstanding = total
                 if now - self._progress_at >= options.send_timeout:
                     # The peer stopped reading (a zero window that never reopens).

@@ -23,6 +23,7 @@ __all__ = [
     "TCPI_LAST_DATA_SENT",
     "TCPI_SACKED",
     "TCPI_UNACKED",
+    "connection_failed",
     "listen_overflows",
     "peer_uid",
     "receive_queue",
@@ -117,6 +118,32 @@ def tcp_info_u32(sock: Any, *indexes: int) -> tuple[int, ...] | None:
     if len(raw) < TCPI_SIZE:
         return None
     return tuple(struct.unpack_from("I", raw, _TCPI_U32_OFFSET + 4 * i)[0] for i in indexes)
+
+
+# include/net/tcp_states.h
+_TCP_CLOSE: Final = 7
+
+
+def connection_failed(transport: asyncio.BaseTransport) -> bool:
+    """True when the kernel has given up on the connection under a transport still open.
+
+    Linux: TCP_INFO's state is ``TCP_CLOSE``: the peer reset it (or our
+    retransmissions timed out), and the kernel dropped what we still had
+    queued for it. The loops only learn of it through a read or a write they
+    are waiting on; after the peer's FIN (the reader is removed) with our
+    buffer empty (no writer), neither is, so a close that waits for the
+    peer's acknowledgement asks here. False where the platform cannot tell.
+    """
+    if sys.platform != "linux":
+        return False
+    sock = _raw_socket(transport)
+    if sock is None:
+        return False
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_U32_OFFSET)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(raw) and raw[0] == _TCP_CLOSE
 
 
 def listen_overflows() -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 
 import pytest
@@ -26,7 +27,8 @@ from _util import (
 )
 
 import aiograceful
-from aiograceful import CloseOutcome, CloseResult, GracefulProtocol, graceful_close
+from aiograceful import CloseOutcome, CloseResult, GracefulProtocol, HalfCloseState, graceful_close
+from aiograceful._streams import linger_of
 
 SIZE = 3 << 19  # 1.5 MiB: about 2 s at RATE
 RATE = 768 << 10
@@ -405,3 +407,45 @@ def test_deliver_send_timeout_is_validated(value: object) -> None:
     """A bad send_timeout raises before anything is touched, naming the argument."""
     with pytest.raises((TypeError, ValueError), match="send_timeout"):
         aiograceful.LingerOptions(send_timeout=value)  # type: ignore[arg-type]
+
+
+async def test_deliver_peer_reset_while_flushing_ends_the_close() -> None:
+    """A peer that resets while we wait for its acknowledgement (both FINs in) ends it PEER_RESET.
+
+    After the peer's FIN the loop stops reading, and with our buffer empty it
+    does not write either, so no event reports the RST: the close has to see
+    it itself, rather than wait out send_timeout and call it IDLE_TIMEOUT.
+    """
+    writers: list[asyncio.StreamWriter] = []
+    results: list[CloseResult] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        await reader.read()  # the peer's FIN
+        writer.write(b"x" * (512 << 10))
+        await writer.drain()
+        writers.append(writer)
+        results.append(await graceful_close(writer, send_timeout=30.0))
+
+    server = await aiograceful.start_server(handler, HOST, 0)
+    async with server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+        sock.settimeout(5)
+        try:
+            sock.connect(server.sockets[0].getsockname())
+            sock.sendall(b"GET\n")
+            sock.shutdown(socket.SHUT_WR)
+            await asyncio.to_thread(sock.recv, 16 << 10)
+            await _until(lambda: bool(writers))
+            linger = linger_of(writers[0].transport)
+            assert linger is not None
+            await _until(lambda: linger.state is HalfCloseState.FLUSHING)
+            assert linger.state is HalfCloseState.FLUSHING, linger
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a RST, our bytes unread in its receive buffer
+        await _until(lambda: bool(results))
+        assert results, f"the close still waits after the peer's RST: {linger!r}"
+    assert results[0].outcome is CloseOutcome.PEER_RESET, results[0]
+    assert results[0].unacked, results[0]
