@@ -233,16 +233,16 @@ def _no_traffic(graceful: Linger) -> bool:
 
 
 def _waiting_for_request(reader: asyncio.StreamReader) -> bool:
-    """True when the handler is blocked reading ``reader`` and nothing is buffered.
+    """True when the handler is blocked reading ``reader`` (a read is pending).
 
-    The keep-alive race: closing while a request is half-received, or while
-    the handler works on one, would lose it. asyncio has no public view of
-    either, so this reads CPython's ``StreamReader._buffer`` and ``_waiter``
-    (the future a pending read waits on), as ``_take_unread`` does.
+    The keep-alive race: closing while the handler works on a request would
+    lose its answer, so a handler that is not reading is never idle. A read
+    pending with bytes already buffered is a request that stopped arriving
+    halfway (slowloris): that is idle once no byte has come for the period,
+    as nginx's ``client_header_timeout`` has it. asyncio has no public view
+    of a pending read, so this reads CPython's ``StreamReader._waiter``, as
+    ``_take_unread`` reads ``_buffer``.
     """
-    buffer = getattr(reader, "_buffer", None)
-    if not isinstance(buffer, bytearray) or buffer:
-        return False
     return getattr(reader, "_waiter", None) is not None
 
 

@@ -58,7 +58,16 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import _deadlines
-from ._socket import connection_failed, receive_queue, reset, send_queue, shutdown_error
+from ._socket import (
+    TCP_CLOSE,
+    TCP_FIN_UNACKED,
+    bytes_acked,
+    receive_queue,
+    reset,
+    send_queue,
+    shutdown_error,
+    tcp_state,
+)
 from ._state import Event, HalfCloseMachine, HalfCloseState
 
 __all__ = [
@@ -94,6 +103,11 @@ _POLL_MAX: Final = 1.0
 # this long (or idle_timeout, if shorter). A peer still uploading is not
 # silent, and keeps being read; one that is silent is waiting for us.
 _TLS_QUIET: Final = 0.2
+
+# The states in which a close is under way (its timer may end it).
+_CLOSE_STATES: Final = frozenset(
+    {HalfCloseState.LINGERING, HalfCloseState.FLUSHING, HalfCloseState.CLOSING}
+)
 
 
 class CloseOutcome(enum.Enum):
@@ -315,6 +329,7 @@ class Linger:
 
     __slots__ = (
         "_acked_at",
+        "_acked_mark",
         "_forward",
         "_future",
         "_hard_deadline",
@@ -365,6 +380,7 @@ class Linger:
         # last went down, and the interval to the next sample.
         self._acked_at: float | None = None
         self._outstanding = -1
+        self._acked_mark = -1  # the quiet wait's last sample of tcpi_bytes_acked
         self._progress_at = 0.0
         self._poll = _POLL_FIRST
         self._idle_timeout: float | None = None
@@ -442,9 +458,15 @@ class Linger:
         queued = send_queue(transport)
         if queued is None:
             return buffered, False
-        if queued and not buffered and self.machine.eof_written:
-            # The loops call shutdown(SHUT_WR) as soon as their buffer is
-            # empty: from then on the kernel counts our FIN as one byte.
+        # Once shutdown(SHUT_WR) has run the kernel counts our FIN as one byte.
+        # asyncio calls it as soon as its buffer is empty; uvloop (libuv) when
+        # the socket is next writable: so ask the kernel where the FIN is.
+        if (
+            queued
+            and not buffered
+            and self.machine.eof_written
+            and tcp_state(transport) in TCP_FIN_UNACKED
+        ):
             queued -= 1
         return buffered + queued, True
 
@@ -680,7 +702,9 @@ class Linger:
 
         Sampled by the timer (a few ms at first, backing off to 250 ms) until
         a close starts or the connection ends; a transfer in progress is never
-        interrupted by it.
+        interrupted by it. A peer that acknowledges none of our bytes for
+        ``send_timeout`` while we wait ends it (IDLE_TIMEOUT), as in a close;
+        so does a reset (Linux: TCP_INFO, where the loop watches nothing).
         """
         if self._started is not None or not self.machine.live:
             return
@@ -689,7 +713,9 @@ class Linger:
             return
         self._on_quiet = action
         self._poll = _POLL_FIRST
-        self._clock().at(self.loop.time() + self._poll)
+        now = self.loop.time()
+        self._progress_at = now
+        self._clock().at(now + self._poll)
 
     def shorten(self, seconds: float) -> None:
         """Bound everything left of the close (or of a quiet wait) to ``seconds`` from now.
@@ -818,7 +844,7 @@ class Linger:
             else:
                 if total < self._outstanding or self._outstanding < 0:
                     self._progress_at = now  # the peer acknowledged something
-                elif connection_failed(self.transport):
+                elif tcp_state(self.transport) == TCP_CLOSE:
                     # Reset while nothing of the loop's watched the socket
                     # (FLUSHING: no reader after the FIN, no writer with
                     # the buffer empty): the count will never go down.
@@ -851,10 +877,13 @@ class Linger:
         if not self.machine.live:
             return
         on_quiet = self._on_quiet
-        if on_quiet is not None and self.quiet():
-            self._on_quiet = None
-            on_quiet()
-            if self._started is not None or not self.machine.live:
+        if on_quiet is not None:
+            if self.quiet():
+                self._on_quiet = None
+                on_quiet()
+                if self._started is not None or not self.machine.live:
+                    return
+            elif self._quiet_wait_failed(now):
                 return
         idle = self._idle_timeout
         on_idle = self._on_idle
@@ -866,6 +895,26 @@ class Linger:
                 self.last_read = now
         self._arm()
 
+    def _quiet_wait_failed(self, now: float) -> bool:
+        """The quiet wait's own bound: True if it ended the connection (stalled, or reset)."""
+        progress = bytes_acked(self.transport)
+        if progress is None:
+            return False  # the platform cannot tell: the caller (a server's grace) bounds it
+        state, acked = progress
+        if state == TCP_CLOSE:
+            self._peer_reset()
+            return True
+        if acked != self._acked_mark:
+            self._acked_mark = acked
+            self._progress_at = now
+        elif self.transport.get_write_buffer_size() or send_queue(self.transport):
+            if now - self._progress_at >= self._opts().send_timeout:
+                self._fail(CloseOutcome.IDLE_TIMEOUT)
+                return True
+        else:
+            self._progress_at = now  # nothing of ours outstanding: nothing to wait for
+        return False
+
     def _fail(self, outcome: CloseOutcome) -> None:
         """Give up on grace: record ``outcome`` and close by force."""
         machine = self.machine
@@ -874,7 +923,9 @@ class Linger:
         if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
             self.outcome = outcome
         self._measure()
-        machine.feed(Event.TIMER)
+        # TIMER ends a close under way; before one (a quiet wait that
+        # stalled, say), giving up on the connection is an abort.
+        machine.feed(Event.TIMER if machine.state in _CLOSE_STATES else Event.ABORT)
         if self._opts().reset_on_failure:
             reset(self.transport)
         else:

@@ -136,9 +136,12 @@ class GracefulProtocol(asyncio.Protocol):
         The default closes at once when nothing of ours is buffered in the
         transport, and otherwise waits with :meth:`close_when_quiet`, so that
         an answer still being produced under flow control (``pause_writing``
-        / ``resume_writing``) is not cut. Override it to finish answering
-        first; call :meth:`write_eof` or :meth:`close_gracefully` when done
-        (``write_eof`` then closes the transport once the peer has
+        / ``resume_writing``) is not cut. It cannot know of an answer that
+        has not been written yet: one produced later (from a task, a timer, a
+        thread) needs this hook overridden, or its first write after the
+        close meets ``write() after write_eof()``. Override it to finish
+        answering first; call :meth:`write_eof` or :meth:`close_gracefully`
+        when done (``write_eof`` then closes the transport once the peer has
         acknowledged what we wrote, since both directions are done).
         """
         if self.transport.get_write_buffer_size():

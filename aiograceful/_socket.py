@@ -23,7 +23,9 @@ __all__ = [
     "TCPI_LAST_DATA_SENT",
     "TCPI_SACKED",
     "TCPI_UNACKED",
-    "connection_failed",
+    "TCP_CLOSE",
+    "TCP_FIN_UNACKED",
+    "bytes_acked",
     "listen_overflows",
     "peer_uid",
     "receive_queue",
@@ -32,6 +34,7 @@ __all__ = [
     "set_linger_zero",
     "shutdown_error",
     "tcp_info_u32",
+    "tcp_state",
 ]
 
 # struct linger is {int l_onoff; int l_linger;} on Linux, the BSDs and macOS,
@@ -121,29 +124,59 @@ def tcp_info_u32(sock: Any, *indexes: int) -> tuple[int, ...] | None:
 
 
 # include/net/tcp_states.h
-_TCP_CLOSE: Final = 7
+TCP_CLOSE: Final = 7
+#: States in which our FIN is queued or sent and not yet acknowledged.
+TCP_FIN_UNACKED: Final = frozenset({4, 9, 11})  # FIN_WAIT1, LAST_ACK, CLOSING
 
 
-def connection_failed(transport: asyncio.BaseTransport) -> bool:
-    """True when the kernel has given up on the connection under a transport still open.
+def tcp_state(transport: asyncio.BaseTransport) -> int | None:
+    """The kernel's TCP state of the transport's socket (TCP_INFO's first byte); None if unknown.
 
-    Linux: TCP_INFO's state is ``TCP_CLOSE``: the peer reset it (or our
-    retransmissions timed out), and the kernel dropped what we still had
-    queued for it. The loops only learn of it through a read or a write they
-    are waiting on; after the peer's FIN (the reader is removed) with our
-    buffer empty (no writer), neither is, so a close that waits for the
-    peer's acknowledgement asks here. False where the platform cannot tell.
+    Linux only. Used where the loops cannot tell: ``TCP_CLOSE`` under a
+    transport still open means the peer reset the connection (or our
+    retransmissions timed out) and the kernel dropped what we had queued; the
+    loops learn of it only through a read or a write they are waiting on, and
+    after the peer's FIN (no reader) with our buffer empty (no writer) neither
+    is. FIN_WAIT1, LAST_ACK and CLOSING say that our FIN is in the send queue.
     """
     if sys.platform != "linux":
-        return False
+        return None
     sock = _raw_socket(transport)
     if sock is None:
-        return False
+        return None
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_U32_OFFSET)
     except (OSError, ValueError, AttributeError):
-        return False
-    return bool(raw) and raw[0] == _TCP_CLOSE
+        return None
+    return raw[0] if raw else None
+
+
+# struct tcp_info: after the 8 one-byte fields and 24 u32s, u64 tcpi_pacing_rate,
+# tcpi_max_pacing_rate, then tcpi_bytes_acked (RFC 4898 HCThruOctetsAcked, Linux 4.1).
+_TCPI_BYTES_ACKED_OFFSET: Final = 120
+_TCPI_BYTES_ACKED_SIZE: Final = 128
+
+
+def bytes_acked(transport: asyncio.BaseTransport) -> tuple[int, int] | None:
+    """The TCP state and the count of our bytes the peer has acknowledged so far; None if unknown.
+
+    Linux (TCP_INFO's ``tcpi_bytes_acked``): it only grows, and it grows only
+    when the peer acknowledges new data, unlike ``tcpi_last_ack_recv``, which
+    a zero-window peer refreshes by answering our window probes.
+    """
+    if sys.platform != "linux":
+        return None
+    sock = _raw_socket(transport)
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_BYTES_ACKED_SIZE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if len(raw) < _TCPI_BYTES_ACKED_SIZE:
+        return None
+    acked: int = struct.unpack_from("Q", raw, _TCPI_BYTES_ACKED_OFFSET)[0]
+    return raw[0], acked
 
 
 def listen_overflows() -> int | None:

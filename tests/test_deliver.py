@@ -449,3 +449,34 @@ async def test_deliver_peer_reset_while_flushing_ends_the_close() -> None:
         assert results, f"the close still waits after the peer's RST: {linger!r}"
     assert results[0].outcome is CloseOutcome.PEER_RESET, results[0]
     assert results[0].unacked, results[0]
+
+
+async def test_deliver_quiet_wait_is_bounded_by_send_timeout() -> None:
+    """The default on_peer_eof waits for a buffered answer, not for a peer that stopped reading."""
+    made: list[GracefulProtocol] = []
+
+    class Answer(GracefulProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            made.append(self)
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(b"x" * (8 << 20))  # far more than the kernel holds
+
+    server = await aiograceful.create_server(Answer, HOST, 0, send_timeout=1.0)
+    async with server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+        try:
+            sock.connect(server.sockets[0].getsockname())
+            sock.sendall(b"GET\n")
+            sock.shutdown(socket.SHUT_WR)  # and never reads
+            await _until(lambda: bool(made))
+            start = time.monotonic()
+            result = await asyncio.wait_for(made[0].wait_closed(), 5)
+            elapsed = time.monotonic() - start
+        finally:
+            sock.close()
+    assert result.outcome is CloseOutcome.IDLE_TIMEOUT, result
+    assert result.unacked, result
+    assert 1.0 <= elapsed < 1.0 + 1.5, elapsed

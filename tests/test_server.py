@@ -665,6 +665,21 @@ async def test_idle_timeout_waits_for_an_unfinished_request() -> None:
         writer.close()
 
 
+async def test_idle_timeout_closes_a_request_that_stopped_halfway() -> None:
+    """A request that stops arriving halfway (slowloris) is closed after idle_timeout."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()  # never completes: the line has no end
+
+    async with await start_server(handler, LOCALHOST, 0, idle_timeout=0.3) as server:
+        reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+        writer.write(b"GET /slowlo")
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # our FIN
+        assert asyncio.get_running_loop().time() - started >= 0.3 - 0.05
+        writer.close()
+
+
 async def test_idle_timeout_spares_a_busy_handler() -> None:
     """A handler working on a request longer than idle_timeout is not cut off."""
 
