@@ -56,10 +56,24 @@ class _Connection(Protocol):
 
 
 class _ServerWriter(asyncio.StreamWriter):
-    """The handler's writer: ``write_eof()`` goes through the connection's Linger, so the
-    state machine knows the write side is closed (no notice is given after it)."""
+    """The handler's writer: how it ends goes through the connection's Linger.
+
+    * ``close()`` is a graceful close (asyncio's would reset a client still
+      sending: the handler's own ``writer.close(); await writer.wait_closed()``
+      is the idiom); ``wait_closed()`` then waits for its end.
+    * ``write_eof()`` is recorded, so no notice is given after it.
+    * ``write()`` records the moment, for the idle watch where the kernel
+      cannot tell when data last moved (no TCP_INFO: Unix sockets, not Linux).
+    """
 
     linger: Linger | None = None
+    _conn: _StreamConnection | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        super().write(data)
+        linger = self.linger
+        if linger is not None:
+            linger.last_read = linger.loop.time()
 
     def write_eof(self) -> None:
         linger = self.linger
@@ -67,6 +81,14 @@ class _ServerWriter(asyncio.StreamWriter):
             linger.write_eof()
         else:
             super().write_eof()
+
+    def close(self) -> None:
+        conn = self._conn
+        linger = self.linger
+        if conn is not None and linger is not None and linger.machine.live:
+            conn._close_now(conn._server._linger_options)
+        else:
+            super().close()
 
 
 class _StreamConnection(asyncio.StreamReaderProtocol):
@@ -93,8 +115,10 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
         self._graceful = Linger(loop, tr, self, server._linger_options)
         writer = self._conn_writer = _ServerWriter(tr, self, self._conn_reader, loop)
         writer.linger = self._graceful
+        writer._conn = self
         server._attach(self)
         self._handler_task = loop.create_task(self._run(self._conn_writer))
+        server._track(self._handler_task)
 
     def data_received(self, data: bytes) -> None:
         graceful = self._graceful
@@ -196,23 +220,24 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
         graceful = self._graceful
         if graceful is None or not _waiting_for_request(self._conn_reader):
             return False  # unread request bytes, or the handler is busy with one
-        if not _no_traffic(graceful):
+        if _no_traffic(graceful, watched=True) is not True:
             return False
         self._close_now(self._server._linger_options)
         return True
 
 
-def _no_traffic(graceful: Linger) -> bool:
+def _no_traffic(graceful: Linger, *, watched: bool) -> bool | None:
     """True when nothing moved either way for the idle period and nothing is buffered either way.
 
-    The watch that calls this knows when we last read. What it cannot see
-    is our own bytes moving: a download to a slow reader, or a handler
-    pushing events while a read is pending. So: not idle while anything of
+    The watch that calls this knows when the stream server last read or
+    wrote (``watched``); for a protocol server it knows nothing, since the
+    user's ``data_received`` is not wrapped. So: not idle while anything of
     ours is unacknowledged (the transport's buffer, the kernel's send queue)
     or anything is waiting in the kernel's receive queue; and not idle if
-    TCP_INFO (Linux) says data was sent or received within the period (then
-    the watch restarts from that moment). Where TCP_INFO is missing, only
-    reads and the buffers count.
+    TCP_INFO (Linux TCP) says data was sent or received within the period
+    (then the watch restarts from that moment). Where TCP_INFO is missing
+    (Unix sockets, other systems), a watched stream counts its own reads and
+    writes; for an unwatched protocol the answer is None: cannot tell.
     """
     total, _exact = graceful.outstanding()
     transport = graceful.transport
@@ -223,7 +248,9 @@ def _no_traffic(graceful: Linger) -> bool:
         transport.get_extra_info("socket"), TCPI_LAST_DATA_SENT, TCPI_LAST_DATA_RECV
     )
     idle = graceful.idle_timeout
-    if info is not None and idle is not None:
+    if info is None:
+        return True if watched else None
+    if idle is not None:
         quiet = min(info) / 1000.0
         if quiet < idle:
             # The kernel saw data move more recently than the watch knew.
@@ -280,9 +307,17 @@ class _ProtocolConnection:
 
     def _idle(self) -> bool:
         graceful = self._graceful
-        if graceful is None or not _no_traffic(graceful):
+        proto = self.protocol
+        if graceful is None:
             return False
-        self.protocol._run_hook(self.protocol.on_idle_timeout)
+        idle = _no_traffic(graceful, watched=False)
+        # Where the kernel cannot tell (None), only a protocol that overrides
+        # the hook (and so keeps its own account of traffic) is asked.
+        if idle is False or (
+            idle is None and type(proto).on_idle_timeout is GracefulProtocol.on_idle_timeout
+        ):
+            return False
+        proto._run_hook(proto.on_idle_timeout)
         return graceful.lingering or not graceful.machine.live
 
 

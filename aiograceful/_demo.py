@@ -70,6 +70,8 @@ class Tally:
     rst: int = 0
     #: Connections still open when the client's bound ran out.
     open: int = 0
+    #: What the losses were, where a case can tell (printed when aiograceful loses).
+    detail: str = ""
 
     def count(self, delivered: bool, end: End | None = None) -> None:
         """Count one reply, and (if given) how its connection ended."""
@@ -801,6 +803,7 @@ async def _h7(close: Close, rounds: int) -> Tally:
     tally.fin = result.load.ok  # every answer ended with the server's FIN
     tally.rst = failed["ConnectionResetError"] + failed["BrokenPipeError"]
     tally.open = failed["TimeoutError"]
+    tally.detail = ", ".join(f"{count} {kind}" for kind, count in sorted(failed.items()))
     return tally
 
 
@@ -956,7 +959,11 @@ def summary(rows: Sequence[Row]) -> tuple[bool, str]:
     naive_lost = sum(row.tally.lost for row in rows if row.close == NAIVE)
     naive_total = sum(row.tally.lost + row.tally.delivered for row in rows if row.close == NAIVE)
     if failed:
-        names = ", ".join(f"{row.case.hazard} {row.case.title} on {row.loop}" for row in failed)
+        names = ", ".join(
+            f"{row.case.hazard} {row.case.title} on {row.loop}"
+            + (f" ({row.tally.detail})" if row.tally.detail else "")
+            for row in failed
+        )
         return False, f"aiograceful did NOT deliver everything: {names}."
     delivered = sum(row.tally.delivered for row in graceful)
     return True, (

@@ -127,7 +127,9 @@ class CloseOutcome(enum.Enum):
     OVERFLOW = "overflow"
     #: The peer reset the connection (or it failed under us).
     PEER_RESET = "peer-reset"
-    #: A local ``abort()`` (or a cancelled close) ended it with a RST.
+    #: A local ``abort()`` ended it with a RST, or a cancelled close gave up
+    #: on grace, or the app closed the transport itself with bytes of ours
+    #: unacknowledged (or unread bytes, which make the kernel send a RST).
     ABORTED = "aborted"
 
 
@@ -591,7 +593,7 @@ class Linger:
         way the outcome is ABORTED.
         """
         machine = self.machine
-        if not machine.live and machine.state is not HalfCloseState.FLUSHING:
+        if not machine.live:
             return  # closing already, or gone
         if receive_queue(self.transport) != 0:
             self.abort()  # bytes unread (or the platform cannot tell): a RST either way
@@ -626,17 +628,24 @@ class Linger:
             timer.cancel()
             # The timer's callback is our bound method: drop the cycle.
             self._timer = None
+        if self.unacked == -1:
+            # Not measured when the close ended (the loop closed the transport
+            # itself): both loops still hold the socket during connection_lost.
+            self._measure()
         outcome = self.outcome
         if exc is not None and outcome in (None, CloseOutcome.CLEAN):
             # A close we believed clean failed while flushing, or the peer
             # reset a connection nobody was closing.
             outcome = CloseOutcome.PEER_RESET
         elif outcome is None:
-            outcome = CloseOutcome.CLEAN
-        if self.unacked == -1:
-            # Not measured when the close ended (the loop closed the transport
-            # itself): both loops still hold the socket during connection_lost.
-            self._measure()
+            # Nobody here decided how it ended: the app or the loop closed the
+            # transport itself. Clean only if nothing of ours was left
+            # unacknowledged and nothing unread (which makes close() a RST).
+            unacked = self.unacked
+            if (unacked is not None and unacked > 0) or receive_queue(self.transport):
+                outcome = CloseOutcome.ABORTED
+            else:
+                outcome = CloseOutcome.CLEAN
         started = self._started
         trailing = self._trailing
         self.result = CloseResult(

@@ -107,8 +107,8 @@ async def close_and_drain(
 ) -> list[socket.socket]:
     """Close ``server`` without resetting its accept queue; return the queued connections.
 
-    The returned sockets are connected and non-blocking, for
-    ``loop.connect_accepted_socket``.
+    The returned sockets are connected, for ``loop.connect_accepted_socket``
+    (which makes them non-blocking).
     """
     # asyncio accepts in a reader callback on the listening socket and
     # makes each transport one task step later (_accept_connection2),

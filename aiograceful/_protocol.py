@@ -237,7 +237,8 @@ class GracefulProtocol(asyncio.Protocol):
         Idempotent: a second call starts nothing (its options are ignored) and
         its future gets the same result. Each call returns a future of its own;
         a synchronous callback may call this and never await it. Cancelling
-        the returned future aborts the connection (RST).
+        the returned future gives up on grace (outcome ABORTED): the transport
+        is closed the plain way when nothing is unread, and reset otherwise.
         """
         options = merge_options(
             self._linger_options or self.linger,

@@ -276,6 +276,8 @@ class Load:
                 pid = self._request()
             except OSError as exc:
                 failure = type(exc).__name__
+                if type(exc) is OSError:  # no subclass says what it was: the errno does
+                    failure = f"OSError({exc.errno})"
             if pid is None and failure is None:
                 failure = "bad reply"
             with self._lock:

@@ -239,6 +239,10 @@ class GracefulServer:
         self._report_conns: set[Linger] | None = None
         self._grace_over = False
         self._drained = 0
+        # Set once the listeners close and the accept queue is drained: from
+        # then on no connection is rejected (the kernel accepted them all
+        # before the shutdown reached them). During drain_delay the limit holds.
+        self._draining = False
 
     # -- construction --------------------------------------------------------
 
@@ -251,7 +255,7 @@ class GracefulServer:
         if factory is None:
             reader = asyncio.StreamReader(limit=self._create_kwargs.get("limit", 2**16))
             return _StreamConnection(self, reader)
-        if self._max_connections is not None and not self._notice.is_set():
+        if self._max_connections is not None and not self._draining:
             return _ProtocolGate(self)
         return self._new_protocol()
 
@@ -270,7 +274,7 @@ class GracefulServer:
     def _over_limit(self) -> bool:
         """True when a connection attaching now would exceed ``max_connections``."""
         limit = self._max_connections
-        return limit is not None and len(self._conns) >= limit and not self._notice.is_set()
+        return limit is not None and len(self._conns) >= limit and not self._draining
 
     async def _start(self, host: Any, port: Any, backlog: int, reuse_port: bool | None) -> None:
         kwargs = {k: v for k, v in self._create_kwargs.items() if k != "limit"}
@@ -365,16 +369,6 @@ class GracefulServer:
                 # Too late for grace (a TLS handshake that ended after it,
                 # say): the notice, then the force linger, so it is bounded.
                 self._loop.call_soon(conn._force, self._force_timeout)
-
-    def _linger_kwargs(self) -> dict[str, Any]:
-        options = self._linger_options
-        return {
-            "timeout": options.timeout,
-            "idle_timeout": options.idle_timeout,
-            "max_discard": options.max_discard,
-            "reset_on_failure": options.reset_on_failure,
-            "send_timeout": options.send_timeout,
-        }
 
     def _detach(self, graceful: Linger) -> None:
         self._conns.pop(graceful, None)
@@ -612,6 +606,7 @@ class GracefulServer:
         After a handoff the queue is the successor's: the listeners are
         closed here without draining it (the kernel socket lives on there).
         """
+        self._draining = True
         offer = self._offer
         if offer is not None:
             await offer.settle()  # a successor taking the sockets now: its ack, or its failure
@@ -643,13 +638,20 @@ class GracefulServer:
             await asyncio.wait(pending, timeout=timeout)
 
     async def _finish_tasks(self) -> None:
-        tasks = list(self._tasks)
-        for conn in list(self._conns.values()):
-            task = getattr(conn, "_handler_task", None)
-            if task is not None:
-                tasks.append(task)
+        """Wait (bounded) for the server's tasks, handlers included; cancel what is left.
+
+        A handler may go on after its connection ended (the peer closed, the
+        handler still works): it is one of the server's tasks all the same,
+        and none may be left pending when the shutdown returns.
+        """
+        tasks = [t for t in self._tasks if not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=_LOST_WAIT)
+        left = [t for t in tasks if not t.done()]
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=_LOST_WAIT)
         for server in self._servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), _LOST_WAIT)
@@ -893,9 +895,12 @@ async def create_server(
     ``on_idle_timeout()`` the idle close. The options are those of
     :func:`start_server` (but ``on_notice``, which the protocol's hook
     replaces). Idle detection for protocols reads TCP_INFO's
-    ``tcpi_last_data_recv``/``tcpi_last_data_sent`` (Linux), so the user's
-    ``data_received`` is never wrapped; elsewhere the hook runs every
-    ``idle_timeout`` and the protocol decides.
+    ``tcpi_last_data_recv``/``tcpi_last_data_sent`` (Linux TCP), so the
+    user's ``data_received`` is never wrapped. Where it is missing (Unix
+    sockets, other systems) nothing tells when data last moved: the hook is
+    called every ``idle_timeout`` only if the protocol overrides
+    ``on_idle_timeout`` (and keeps its own account); the default never
+    closes a connection it cannot see.
     """
     if not callable(protocol_factory):
         raise TypeError(f"protocol_factory must be callable, got {type(protocol_factory).__name__}")

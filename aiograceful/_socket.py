@@ -200,11 +200,16 @@ _SIOCINQ: Final[int | None] = termios.FIONREAD if sys.platform == "linux" else N
 _INT_ZERO: Final = bytes(4)
 
 
+_TCP_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6})
+
+
 def _ioctl_int(transport: asyncio.BaseTransport, request: int | None) -> int | None:
     if request is None or sys.platform == "win32":
         return None
     sock = _raw_socket(transport)
-    if sock is None:
+    # TCP only: on a Unix socket SIOCOUTQ counts the memory of the buffers
+    # the peer has not read (not bytes, and not acknowledgements).
+    if sock is None or getattr(sock, "family", None) not in _TCP_FAMILIES:
         return None
     try:
         raw = fcntl.ioctl(sock.fileno(), request, _INT_ZERO)

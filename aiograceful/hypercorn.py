@@ -133,6 +133,7 @@ class GracefulTCPServer(TCPServer):
                     idle_timeout=self.linger.idle_timeout,
                     max_discard=self.linger.max_discard,
                     reset_on_failure=self.linger.reset_on_failure,
+                    send_timeout=self.linger.send_timeout,
                 )
             )
             # The result is the close's own business; never "never retrieved".

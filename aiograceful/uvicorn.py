@@ -200,14 +200,13 @@ class _End:
         if self.detached:
             return
         linger = self.linger
-        if linger.lingering:
-            linger.shorten(timeout)
-        elif linger.machine.live:
+        if not linger.lingering and linger.machine.live:
             self.closing = True
             self._cancel_quiet()
             linger.begin(dataclasses.replace(self.options, timeout=timeout))
-        else:
-            linger.abort()
+        # The force bounds everything, a download in progress included; what is
+        # still open after it is aborted by the shutdown's last step.
+        linger.shorten(timeout)
 
     def lost(self, exc: BaseException | None) -> None:
         self.closing = True
