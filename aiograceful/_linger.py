@@ -208,6 +208,9 @@ class LingerOptions:
     max_discard: int | None = DEFAULT_MAX_DISCARD
     reset_on_failure: bool = True
     send_timeout: float = DEFAULT_SEND_TIMEOUT
+    #: The longest interval between two samples of the send side (derived:
+    #: a quarter of the shortest bound, at most 1 s).
+    poll_cap: float = dataclasses.field(init=False, repr=False, compare=False, default=0.0)
 
     def __post_init__(self) -> None:
         timeout = check_seconds("timeout", self.timeout, allow_none=False)
@@ -226,13 +229,13 @@ class LingerOptions:
         object.__setattr__(self, "timeout", timeout)
         object.__setattr__(self, "idle_timeout", idle)
         object.__setattr__(self, "send_timeout", send)
-
-    def poll_cap(self) -> float:
-        """The longest interval between two samples of the send side."""
-        cap = min(_POLL_MAX, self.send_timeout / 4, self.timeout / 4)
-        if self.idle_timeout is not None:
-            cap = min(cap, self.idle_timeout / 4)
-        return max(cap, 0.001)
+        assert timeout is not None
+        assert send is not None
+        poll = min(_POLL_MAX, send / 4, timeout / 4)
+        if idle is not None:
+            poll = min(poll, idle / 4)
+        # Computed once: the close's timer reads it on every arming.
+        object.__setattr__(self, "poll_cap", max(poll, 0.001))
 
 
 _DEFAULT_OPTIONS: Final = LingerOptions()
@@ -240,6 +243,8 @@ _DEFAULT_OPTIONS: Final = LingerOptions()
 
 def check_final(final: object) -> bytes:
     """Validate a ``final`` argument; return it as bytes."""
+    if final.__class__ is bytes:
+        return final  # the common case, b"": no copy
     if not isinstance(final, bytes | bytearray | memoryview):
         raise TypeError(f"final must be bytes-like, got {type(final).__name__}")
     return bytes(final)
@@ -819,7 +824,7 @@ class Linger:
         options = self._opts()
         acked_at = self._acked_at
         if acked_at is None:
-            when = min(when, self._next_poll(now, options.poll_cap()))
+            when = min(when, self._next_poll(now, options.poll_cap))
         else:
             when = min(when, acked_at + options.timeout)
             if state is HalfCloseState.LINGERING:
