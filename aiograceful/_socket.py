@@ -139,16 +139,22 @@ def tcp_state(transport: asyncio.BaseTransport) -> int | None:
     after the peer's FIN (no reader) with our buffer empty (no writer) neither
     is. FIN_WAIT1, LAST_ACK and CLOSING say that our FIN is in the send queue.
     """
+    raw = _transport_tcp_info(transport, _TCPI_U32_OFFSET)
+    return raw[0] if raw else None
+
+
+def _transport_tcp_info(transport: asyncio.BaseTransport, size: int) -> bytes | None:
+    """The first ``size`` bytes of TCP_INFO for the transport's socket (Linux), or None."""
     if sys.platform != "linux":
         return None
     sock = _raw_socket(transport)
     if sock is None:
         return None
     try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_U32_OFFSET)
+        raw: bytes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, size)
     except (OSError, ValueError, AttributeError):
         return None
-    return raw[0] if raw else None
+    return raw
 
 
 # struct tcp_info: after the 8 one-byte fields and 24 u32s, u64 tcpi_pacing_rate,
@@ -164,16 +170,8 @@ def bytes_acked(transport: asyncio.BaseTransport) -> tuple[int, int] | None:
     when the peer acknowledges new data, unlike ``tcpi_last_ack_recv``, which
     a zero-window peer refreshes by answering our window probes.
     """
-    if sys.platform != "linux":
-        return None
-    sock = _raw_socket(transport)
-    if sock is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_BYTES_ACKED_SIZE)
-    except (OSError, ValueError, AttributeError):
-        return None
-    if len(raw) < _TCPI_BYTES_ACKED_SIZE:
+    raw = _transport_tcp_info(transport, _TCPI_BYTES_ACKED_SIZE)
+    if raw is None or len(raw) < _TCPI_BYTES_ACKED_SIZE:
         return None
     acked: int = struct.unpack_from("Q", raw, _TCPI_BYTES_ACKED_OFFSET)[0]
     return raw[0], acked

@@ -250,7 +250,43 @@ def _new_end(
     return end, _Transport(transport, end)
 
 
-class H11Protocol(h11_impl.H11Protocol, _Hooks):
+class _Ending(asyncio.Protocol, _Hooks):
+    """How both parsers' connections end: the callbacks that feed the connection's :class:`_End`.
+
+    First among the bases, so that its callbacks run before uvicorn's own
+    (each calls ``super()``).
+    """
+
+    linger: ClassVar[LingerOptions] = LINGER
+    idle_linger: ClassVar[LingerOptions] = IDLE_LINGER
+    shutdown_quiet: ClassVar[float] = SHUTDOWN_QUIET
+
+    _end: _End
+    loop: asyncio.AbstractEventLoop
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._end, view = _new_end(self, transport, self.loop)
+        super().connection_made(view)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end.lost(exc)
+        super().connection_lost(exc)
+
+    def eof_received(self) -> bool:
+        # True keeps the write side open after the client's FIN (uvicorn's
+        # own returns None, and asyncio then closes the transport at once).
+        return self._end.on_peer_eof()
+
+    def shutdown(self) -> None:
+        """uvicorn's shutdown notice: ``Connection: close`` on what follows, a quiet window."""
+        self._end.notice()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]  # uvicorn's protocols have it
+        self._end.response_done()
+
+
+class H11Protocol(_Ending, h11_impl.H11Protocol):  # type: ignore[misc]  # eof_received: bool
     """uvicorn's h11 protocol, ending its connections gracefully (see the module's notes).
 
     ``uvicorn app:app --http aiograceful.uvicorn:H11Protocol``. Class
@@ -259,12 +295,6 @@ class H11Protocol(h11_impl.H11Protocol, _Hooks):
     close), ``shutdown_quiet`` (seconds an idle connection stays open after
     the shutdown notice).
     """
-
-    linger: ClassVar[LingerOptions] = LINGER
-    idle_linger: ClassVar[LingerOptions] = IDLE_LINGER
-    shutdown_quiet: ClassVar[float] = SHUTDOWN_QUIET
-
-    _end: _End
 
     def __init__(
         self,
@@ -277,25 +307,6 @@ class H11Protocol(h11_impl.H11Protocol, _Hooks):
         size = config.h11_max_incomplete_event_size
         # As uvicorn makes its own (h11's default size when none is configured).
         self.conn = _Connection(h11.SERVER) if size is None else _Connection(h11.SERVER, size)
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._end, view = _new_end(self, transport, self.loop)
-        super().connection_made(view)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._end.lost(exc)
-        super().connection_lost(exc)
-
-    def eof_received(self) -> bool:  # type: ignore[override]
-        return self._end.on_peer_eof()
-
-    def shutdown(self) -> None:
-        """uvicorn's shutdown notice: ``Connection: close`` on what follows, a quiet window."""
-        self._end.notice()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._end.response_done()
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
         # The WebSocket protocol takes the real transport and ends it its own way.
@@ -334,42 +345,18 @@ class H11Protocol(h11_impl.H11Protocol, _Hooks):
 if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
     from uvicorn.protocols.http import httptools_impl
 
-    class HttpToolsProtocol(httptools_impl.HttpToolsProtocol, _Hooks):
+    class HttpToolsProtocol(_Ending, httptools_impl.HttpToolsProtocol):  # type: ignore[misc]
         """uvicorn's httptools protocol, ending its connections gracefully.
 
         ``uvicorn app:app --http aiograceful.uvicorn:HttpToolsProtocol``; the
         same changes and class attributes as :class:`H11Protocol`.
         """
 
-        linger: ClassVar[LingerOptions] = LINGER
-        idle_linger: ClassVar[LingerOptions] = IDLE_LINGER
-        shutdown_quiet: ClassVar[float] = SHUTDOWN_QUIET
-
-        _end: _End
         # The cycle whose Connection: close is provisional: its request body
         # was still arriving when it began; restored if the body ends first.
         _body_pending: httptools_impl.RequestResponseCycle | None = None
         # The cycle told to close for the notice or the client's FIN (the newest).
         _closing_cycle: httptools_impl.RequestResponseCycle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            self._end, view = _new_end(self, transport, self.loop)
-            super().connection_made(view)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._end.lost(exc)
-            super().connection_lost(exc)
-
-        def eof_received(self) -> bool:  # type: ignore[override]
-            return self._end.on_peer_eof()
-
-        def shutdown(self) -> None:
-            """uvicorn's shutdown notice: ``Connection: close`` on what follows, a quiet window."""
-            self._end.notice()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._end.response_done()
 
         def handle_websocket_upgrade(self) -> None:
             end = self._end
