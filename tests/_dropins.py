@@ -395,3 +395,35 @@ def shutdown_race(
 def python() -> str:
     """The interpreter running the tests (the one with the servers installed)."""
     return sys.executable
+
+
+def assert_stock_loses_in_race(argv: list[str], name: str, rounds: int = 4) -> None:
+    """Stock server at SIGTERM: at least one of ``rounds`` races loses a request.
+
+    Each round can lose one request per client, or none: the hazard is a race.
+    """
+    seen = []
+    for _ in range(rounds):
+        with server_process(argv) as (proc, port):
+            counts = shutdown_race(proc, port)
+        seen.append(counts)
+        assert counts.answered > 0, counts
+        if counts.lost:
+            return
+    raise AssertionError(f"stock {name} lost nothing: {seen}")
+
+
+def assert_dropin_loses_nothing_in_race(
+    argv: list[str], exits: tuple[int, ...] = (0,), rounds: int = 2
+) -> None:
+    """The drop-in at SIGTERM: every request sent on an open connection is answered.
+
+    The answers after the notice say ``Connection: close`` (at least one does).
+    """
+    for _ in range(rounds):
+        with server_process(argv) as (proc, port):
+            counts = shutdown_race(proc, port)
+            assert proc.returncode in exits, counts
+        assert counts.answered > 0, counts
+        assert counts.lost == 0, counts
+        assert counts.closes_announced >= 1, counts

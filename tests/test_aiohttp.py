@@ -21,12 +21,13 @@ pytest.importorskip("aiohttp")
 
 from _dropins import (
     HOST,
+    assert_dropin_loses_nothing_in_race,
+    assert_stock_loses_in_race,
     curl_uploads,
     httpclient_uploads,
     node_uploads,
     python,
     server_process,
-    shutdown_race,
     wget_uploads,
 )
 
@@ -83,27 +84,13 @@ def test_aiohttp_dropin_early_413_reaches_every_client(
 @pytest.mark.parametrize("loop", LOOPS)
 def test_aiohttp_shutdown_race_stock_loses_requests(loop: str) -> None:
     """Stock aiohttp at SIGTERM: keep-alive clients sending back to back lose requests."""
-    seen = []
-    for _ in range(4):
-        with server_process(_argv("stock", loop)) as (proc, port):
-            counts = shutdown_race(proc, port)
-        seen.append(counts)
-        assert counts.answered > 0, counts
-        if counts.lost:
-            break
-    assert any(c.lost for c in seen), f"stock aiohttp lost nothing: {seen}"
+    assert_stock_loses_in_race(_argv("stock", loop), "aiohttp")
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_aiohttp_shutdown_race_dropin_loses_nothing(loop: str) -> None:
     """The drop-in at SIGTERM: every request sent on an open connection is answered."""
-    for _ in range(2):
-        with server_process(_argv("dropin", loop)) as (proc, port):
-            counts = shutdown_race(proc, port)
-            assert proc.returncode == 0, counts
-        assert counts.answered > 0, counts
-        assert counts.lost == 0, counts
-        assert counts.closes_announced >= 1, counts
+    assert_dropin_loses_nothing_in_race(_argv("dropin", loop))
 
 
 async def test_aiohttp_app_runner_notice_and_quiet_window() -> None:
