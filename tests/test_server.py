@@ -9,6 +9,7 @@ import gc
 import http.client
 import logging
 import math
+import pathlib
 import random
 import socket
 import ssl
@@ -984,3 +985,100 @@ async def test_connection_attaching_after_grace_is_still_bounded(
         assert await asyncio.wait_for(reader.read(), 5) == b""
     await wait_until(lambda: server.connections == 0)
     writer.transport.abort()
+
+
+_REPLY_413 = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def _post_4mib(port: int) -> int | str:
+    """stdlib http.client POSTing 4 MiB: the status it read, or the error it met."""
+    conn = http.client.HTTPConnection(LOCALHOST, port, timeout=10)
+    try:
+        conn.request("POST", "/upload", body=b"x" * (4 << 20))
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        conn.close()
+
+
+async def test_handler_own_writer_close_is_graceful() -> None:
+    """A handler's own ``writer.close(); await writer.wait_closed()`` lingers: the 413 is read."""
+    results: list[aiograceful.CloseResult] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(_REPLY_413)  # the 4 MiB body is still arriving, unread
+        writer.close()
+        await writer.wait_closed()
+        results.append(await aiograceful.graceful_close(writer))
+
+    naive = await asyncio.start_server(handler, LOCALHOST, 0)
+    try:
+        naive_got = [await asyncio.to_thread(_post_4mib, port_of(naive)) for _ in range(3)]
+    finally:
+        naive.close()
+    results.clear()
+    async with await start_server(handler, LOCALHOST, 0) as server:
+        got = [await asyncio.to_thread(_post_4mib, port_of(server)) for _ in range(3)]
+        await _until(lambda: len(results) == 3)
+    assert naive_got.count(413) < 3, naive_got  # asyncio's close() resets the uploading client
+    assert got == [413] * 3, got
+    assert all(r.outcome is CloseOutcome.CLEAN and r.discarded > 0 for r in results), results
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in 5 s")
+
+
+async def test_max_connections_holds_during_drain_delay() -> None:
+    """During drain_delay the server still accepts, and still rejects over max_connections."""
+    release = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+
+    def reject(transport: asyncio.Transport) -> None:
+        transport.write(b"BUSY\n")
+
+    server = await start_server(
+        hold, LOCALHOST, 0, max_connections=1, on_reject=reject, drain_delay=1.0, grace=0.5
+    )
+    first = await asyncio.open_connection(LOCALHOST, port_of(server))
+    await _until(lambda: server.connections == 1)
+    shutting = asyncio.ensure_future(server.shutdown())
+    await _until(server.notice.is_set)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    answer = await asyncio.wait_for(reader.read(), 5)
+    release.set()
+    report = await asyncio.wait_for(shutting, 10)
+    writer.close()
+    first[1].close()
+    assert answer == b"BUSY\n"  # rejected at the limit, during the notice phase
+    assert report.rejected == 1, report
+
+
+async def test_idle_timeout_spares_a_busy_unix_protocol_connection(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A Unix socket has no TCP_INFO: idle_timeout never closes a busy protocol connection."""
+
+    class Echo(GracefulProtocol):
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    path = str(tmp_path / "echo.sock")
+    server = await aiograceful.create_unix_server(Echo, path, idle_timeout=0.3)
+    async with server:
+        reader, writer = await asyncio.open_unix_connection(path)
+        for i in range(10):  # 1 s of pings, 0.1 s apart: never 0.3 s without traffic
+            writer.write(b"ping %d\n" % i)
+            assert await asyncio.wait_for(reader.readline(), 2) == b"ping %d\n" % i
+            await asyncio.sleep(0.1)
+        writer.close()
