@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from _util import http_post
 
 import aiograceful
 from aiograceful import (
@@ -990,20 +991,6 @@ async def test_connection_attaching_after_grace_is_still_bounded(
 _REPLY_413 = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
-def _post_4mib(port: int) -> int | str:
-    """stdlib http.client POSTing 4 MiB: the status it read, or the error it met."""
-    conn = http.client.HTTPConnection(LOCALHOST, port, timeout=10)
-    try:
-        conn.request("POST", "/upload", body=b"x" * (4 << 20))
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    except OSError as exc:
-        return type(exc).__name__
-    finally:
-        conn.close()
-
-
 async def test_handler_own_writer_close_is_graceful() -> None:
     """A handler's own ``writer.close(); await writer.wait_closed()`` lingers: the 413 is read."""
     results: list[aiograceful.CloseResult] = []
@@ -1017,12 +1004,12 @@ async def test_handler_own_writer_close_is_graceful() -> None:
 
     naive = await asyncio.start_server(handler, LOCALHOST, 0)
     try:
-        naive_got = [await asyncio.to_thread(_post_4mib, port_of(naive)) for _ in range(3)]
+        naive_got = [await asyncio.to_thread(http_post, port_of(naive), 4 << 20) for _ in range(3)]
     finally:
         naive.close()
     results.clear()
     async with await start_server(handler, LOCALHOST, 0) as server:
-        got = [await asyncio.to_thread(_post_4mib, port_of(server)) for _ in range(3)]
+        got = [await asyncio.to_thread(http_post, port_of(server), 4 << 20) for _ in range(3)]
         await _until(lambda: len(results) == 3)
     assert naive_got.count(413) < 3, naive_got  # asyncio's close() resets the uploading client
     assert got == [413] * 3, got
