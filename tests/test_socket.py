@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import socket
 import struct
+import sys
+import termios
+from collections.abc import Callable
 
-from _util import recv_until_eof, set_linger_zero, stream_server
+import pytest
+from _util import recv_until_eof, set_linger_zero, stream_server, tcp_state
 
-from aiograceful import _socket
+from aiograceful import GracefulProtocol, _socket
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -100,3 +106,140 @@ async def test_socket_shutdown_error_none_on_a_healthy_connection() -> None:
             _socket.reset(writer.transport)
             release.set()
             sock.close()
+
+
+def _slow_peer_pair() -> tuple[socket.socket, socket.socket]:
+    """(ours, peer): TCP over loopback, small buffers both ends; the peer reads nothing yet."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        peer.connect(listener.getsockname())
+        ours, _ = listener.accept()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    ours.setblocking(False)
+    peer.setblocking(False)
+    return ours, peer
+
+
+def _raw_outq(sock: socket.socket) -> int:
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+    value: int = struct.unpack("i", raw)[0]
+    return value
+
+
+def _raw_inq(sock: socket.socket) -> int:
+    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4))
+    value: int = struct.unpack("i", raw)[0]
+    return value
+
+
+async def _settled(sample: Callable[[], tuple[int, ...]], rounds: int = 200) -> tuple[int, ...]:
+    """``sample()`` once it gives the same value twice, 20 ms apart (bounded: ``rounds`` tries)."""
+    last = sample()
+    for _ in range(rounds):
+        await asyncio.sleep(0.02)
+        now = sample()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"never settled: {last}")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIOCOUTQ and TCP_INFO are read on Linux only")
+async def test_socket_outstanding_counts_unacked_bytes_and_leaves_our_fin_out() -> None:
+    """outstanding() is our bytes the peer has not acknowledged: the buffer plus SIOCOUTQ, no FIN.
+
+    The peer cannot have acknowledged more than reached it (what it read plus
+    its receive queue), so the count is at least ``written - received``. Once
+    our FIN is queued behind the data (FIN_WAIT1), the kernel's SIOCOUTQ counts it as
+    one more byte; a close that counted it would wait for a byte that is not
+    data, and one that subtracted it before the kernel queued it (uvloop
+    defers shutdown()) would miss one.
+    """
+    ours, peer = _slow_peer_pair()
+    proto = GracefulProtocol()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_accepted_socket(lambda: proto, sock=ours)
+    graceful = proto._graceful
+    assert graceful is not None
+    received = 0
+    try:
+        written = 2 * 1024 * 1024
+        transport.write(bytes(written))
+
+        def sample() -> tuple[int, ...]:
+            total, exact = graceful.outstanding()
+            buffered = transport.get_write_buffer_size()
+            return total, int(exact), buffered, _raw_outq(ours), _raw_inq(peer)
+
+        total, exact, buffered, outq, peer_inq = await _settled(sample)
+        assert exact
+        assert buffered > 0, (total, buffered)
+        assert total == buffered + outq
+        # The peer cannot have acknowledged more than reached it.
+        assert total >= written - peer_inq
+
+        # The peer reads until our transport's buffer is empty; the kernel
+        # still holds data, and now our FIN behind it.
+        proto.write_eof()
+        for _ in range(500):
+            if not transport.get_write_buffer_size():
+                break
+            with contextlib.suppress(BlockingIOError):
+                received += len(peer.recv(8192))
+            await asyncio.sleep(0.002)
+        assert not transport.get_write_buffer_size()
+        total, exact, buffered, outq, peer_inq = await _settled(sample)
+        state = tcp_state(ours)
+        assert state == 4, f"expected FIN_WAIT1 (our FIN queued behind data), got {state}"
+        assert exact
+        assert buffered == 0
+        assert total == outq - 1  # the kernel counts the FIN; the library does not
+        assert total >= written - received - peer_inq > 0
+
+        # The peer reads the rest: nothing is outstanding, the FIN included.
+        for _ in range(2000):
+            try:
+                data = peer.recv(65536)
+            except BlockingIOError:
+                await asyncio.sleep(0.002)
+                continue
+            if not data:
+                break
+            received += len(data)
+        assert received == written
+        total, exact, buffered, outq, _ = await _settled(sample)
+        assert (total, exact, buffered, outq) == (0, 1, 0, 0)
+    finally:
+        transport.abort()
+        peer.close()
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIOCOUTQ is read on Linux only")
+async def test_socket_queues_are_not_read_on_unix_sockets() -> None:
+    """On a Unix stream socket SIOCOUTQ counts buffer memory, not bytes: the library ignores it.
+
+    The raw figure is larger than the bytes the peer has not read (each
+    buffer's overhead counts), so treating it as unacknowledged bytes would
+    report a wrong ``unacked`` and keep a quiet connection looking busy.
+    """
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    proto = GracefulProtocol()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_accepted_socket(lambda: proto, sock=ours)
+    graceful = proto._graceful
+    assert graceful is not None
+    try:
+        transport.write(b"x" * 1000)
+        await _settled(lambda: (transport.get_write_buffer_size(),))
+        assert not transport.get_write_buffer_size()
+        assert _raw_outq(ours) > 1000  # memory, not the 1,000 bytes unread
+        assert _socket.send_queue(transport) is None
+        assert _socket.receive_queue(transport) is None
+        assert graceful.outstanding() == (0, False)
+    finally:
+        transport.abort()
+        peer.close()
+        await asyncio.sleep(0.01)
