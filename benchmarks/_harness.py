@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import importlib.metadata
 import inspect
 import math
 import multiprocessing
@@ -191,10 +192,8 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:  # not Linux
         usable = os.cpu_count() or 0
     try:
-        import uvloop
-
-        uvloop_version = str(uvloop.__version__)
-    except ImportError:
+        uvloop_version = importlib.metadata.version("uvloop")
+    except importlib.metadata.PackageNotFoundError:
         uvloop_version = "not installed"
     import aiograceful
 

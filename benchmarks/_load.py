@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from typing import Any, Final, cast
 
@@ -94,7 +95,7 @@ async def keepalive_client(ctl: Control, args: dict[str, Any]) -> None:
         try:
             async with asyncio.timeout(STEP_TIMEOUT):
                 await loop.create_connection(
-                    lambda d=done: _PingPong(deadline, per_conn, d), HOST, args["port"]
+                    functools.partial(_PingPong, deadline, per_conn, done), HOST, args["port"]
                 )
         except (OSError, TimeoutError):
             errors += 1
@@ -164,7 +165,7 @@ async def oneshot_client(ctl: Control, args: dict[str, Any]) -> None:
             done: asyncio.Future[str] = loop.create_future()
             try:
                 async with asyncio.timeout(STEP_TIMEOUT):
-                    await loop.create_connection(lambda d=done: _OneShot(d), HOST, port)
+                    await loop.create_connection(functools.partial(_OneShot, done), HOST, port)
                     outcome = await done
             except (OSError, TimeoutError):
                 tally["errors"] += 1

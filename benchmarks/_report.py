@@ -104,11 +104,11 @@ def ratio_summary(
     """The median over repeats of ``variant[key] / baseline[key]`` paired by repeat."""
     mine = {r["repeat"]: r.get(key) for r in _select(runs, loop_name, variant)}
     base = {r["repeat"]: r.get(key) for r in _select(runs, loop_name, baseline)}
-    ratios = [
-        float(mine[k]) / float(base[k])
-        for k in sorted(mine)
-        if k in base and mine[k] is not None and base[k] and not math.isnan(float(base[k]))
-    ]
+    ratios: list[float] = []
+    for k in sorted(mine):
+        value, reference = mine[k], base.get(k)
+        if value is not None and reference and not math.isnan(float(reference)):
+            ratios.append(float(value) / float(reference))
     return median(ratios), ratios
 
 

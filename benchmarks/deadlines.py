@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-from aiograceful import _linger
 from aiograceful._deadlines import DeadlineTimer as HeapTimer
 
 from ._harness import loop_factory, median
@@ -28,6 +28,45 @@ ROUNDS = 5
 
 def _noop() -> None:
     pass
+
+
+class HandleTimer:
+    """The alternative measured: one ``loop.call_at`` handle per connection.
+
+    The same interface and laziness as the heap's timer (an earlier deadline
+    re-arms, a later one is left to the callback), so only the structure
+    behind it differs. aiograceful used it before the per-loop heap.
+    """
+
+    __slots__ = ("_callback", "_handle", "_loop", "when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._handle: asyncio.TimerHandle | None = None
+        self.when = math.inf
+
+    def at(self, when: float) -> None:
+        """Run the callback no later than ``when`` (loop time)."""
+        if self._handle is not None:
+            if when >= self.when:
+                return
+            self._handle.cancel()
+        self.when = when
+        # The timer is the handle's callback (__call__): no bound method per arming.
+        self._handle = self._loop.call_at(when, self)
+
+    def cancel(self) -> None:
+        """Drop the armed handle, if any."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            self.when = math.inf
+
+    def __call__(self) -> None:
+        self._handle = None
+        self.when = math.inf
+        self._callback()
 
 
 async def _measure(cls: Callable[..., Any]) -> dict[str, float]:
@@ -95,7 +134,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for loop_name in ("uvloop", "asyncio"):
         for label, cls in (
-            ("loop.call_at handle", _linger.DeadlineTimer),
+            ("loop.call_at handle", HandleTimer),
             ("per-loop heap", HeapTimer),
         ):
             with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:

@@ -16,7 +16,7 @@ import struct
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
@@ -170,8 +170,10 @@ class LoadClient(asyncio.Protocol):
         self.got = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.write(REQUEST)
+        # uvloop's transports are not asyncio.Transport subclasses.
+        tr = cast(asyncio.Transport, transport)
+        self.transport = tr
+        tr.write(REQUEST)
 
     def data_received(self, data: bytes) -> None:
         self.got += data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import random
@@ -48,7 +49,11 @@ async def test_deadline_timer_fires_in_deadline_order() -> None:
     timers = []
     for offset in offsets:
         when = now + offset
-        timer = DeadlineTimer(loop, lambda when=when: seen.append((when, loop.time())))
+
+        def fire(when: float = when) -> None:
+            seen.append((when, loop.time()))
+
+        timer = DeadlineTimer(loop, fire)
         timer.at(when)
         timers.append(timer)
     assert all(t.armed for t in timers)
@@ -112,7 +117,7 @@ async def test_deadline_timer_many_cancelled_and_fired() -> None:
     timers = []
     for _ in range(10_000):
         when = now + 0.02 + rng.random() * 0.1
-        timer = DeadlineTimer(loop, lambda when=when: seen.append(when))
+        timer = DeadlineTimer(loop, functools.partial(seen.append, when))
         timer.at(when)
         timers.append(timer)
     structure = deadlines_of(loop)

@@ -14,6 +14,7 @@ import asyncio
 import socket
 import struct
 import time
+from typing import TypedDict
 
 import pytest
 from _util import (
@@ -33,8 +34,17 @@ from aiograceful._streams import linger_of
 SIZE = 3 << 19  # 1.5 MiB: about 2 s at RATE
 RATE = 768 << 10
 CHUNK = 64 << 10
+
+
+class LingerBounds(TypedDict):
+    """The linger keyword arguments of start_server and create_server."""
+
+    linger_timeout: float
+    linger_idle_timeout: float | None
+
+
 #: Linger bounds much shorter than the transfer.
-SHORT = {"linger_timeout": 0.5, "linger_idle_timeout": 0.3}
+SHORT: LingerBounds = {"linger_timeout": 0.5, "linger_idle_timeout": 0.3}
 
 
 async def download(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -94,11 +104,11 @@ async def test_deliver_keepalive_download_is_not_idle() -> None:
                 writer.write(b"x" * CHUNK)
                 await writer.drain()
 
-    async def naive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def naive_keepalive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await keepalive(reader, writer)
         writer.close()
 
-    async with stream_server(naive) as port:
+    async with stream_server(naive_keepalive) as port:
         naive = await read_slowly(port, expect=SIZE)
     server = await aiograceful.start_server(keepalive, HOST, 0, idle_timeout=0.5, **SHORT)
     async with server:
@@ -235,12 +245,12 @@ async def test_deliver_server_idle_timeout_spares_a_pushing_handler() -> None:
         finally:
             sock.close()
 
-    async def naive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def naive_push(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await push(reader, writer)
         writer.close()
 
     expected = b"".join(b"event %d\n" % i for i in range(events))
-    async with stream_server(naive) as port:
+    async with stream_server(naive_push) as port:
         naive = await asyncio.to_thread(collect, port)
     server = await aiograceful.start_server(push, HOST, 0, idle_timeout=0.5)
     async with server:

@@ -8,7 +8,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from _util import (
@@ -38,7 +38,7 @@ ROUNDS = 10
 
 def refusing_handler(
     graceful: bool, results: list[CloseResult]
-) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]:
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """A streams handler that reads the headers, answers 413 and closes (naively or not)."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -421,8 +421,9 @@ async def test_linger_timer_fires_once_and_drops_its_handle() -> None:
     loop = asyncio.get_running_loop()
     fired: list[float] = []
     timer = DeadlineTimer(loop, lambda: fired.append(loop.time()))
-    assert not timer.armed
-    assert "unarmed" in repr(timer)
+    # Tuples: after `assert not timer.armed` or `assert timer.armed`, mypy would take
+    # `armed` as fixed for the rest of the test.
+    assert (timer.armed, "unarmed" in repr(timer)) == (False, True)
     when = loop.time() + 0.05
     timer.at(when)
     assert timer.armed
@@ -430,8 +431,7 @@ async def test_linger_timer_fires_once_and_drops_its_handle() -> None:
     await asyncio.sleep(0.2)
     assert len(fired) == 1
     assert fired[0] >= when - 0.01
-    assert not timer.armed
-    assert timer.when == math.inf
+    assert (timer.armed, timer.when) == (False, math.inf)
 
 
 async def test_linger_timer_rearms_only_earlier() -> None:

@@ -91,7 +91,7 @@ async def test_drain_delay_is_checked() -> None:
         with pytest.raises(ValueError, match="drain_delay"):
             await start_server(lines, HOST, 0, drain_delay=bad)
     with pytest.raises(TypeError, match="drain_delay"):
-        await start_server(lines, HOST, 0, drain_delay="1")
+        await start_server(lines, HOST, 0, drain_delay="1")  # type: ignore[arg-type]  # on purpose
 
 
 # -- stats -------------------------------------------------------------------------------

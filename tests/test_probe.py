@@ -89,7 +89,7 @@ class _NaiveHttp(asyncio.Protocol):
             self.idle.cancel()
 
 
-class _GracefulHttp(_NaiveHttp, GracefulProtocol):  # type: ignore[misc]
+class _GracefulHttp(_NaiveHttp, GracefulProtocol):
     """The same server, closing with aiograceful, answering after the client's FIN."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

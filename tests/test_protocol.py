@@ -175,12 +175,13 @@ async def test_protocol_states_through_a_connection() -> None:
     made, factory = recorder_factory(Answerer)
     async with connected(factory) as sock:
         proto = await accepted(made)
-        assert (proto.state, proto.peer_eof, proto.eof_written) == (
+        # One tuple: after `assert proto.close_result is None`, mypy would take it as None for good.
+        assert (proto.state, proto.peer_eof, proto.eof_written, proto.close_result) == (
             HalfCloseState.OPEN,
             False,
             False,
+            None,
         )
-        assert proto.close_result is None
         sock.sendall(b"GET /big\n")
         sock.shutdown(socket.SHUT_WR)
         await asyncio.to_thread(recv_until_eof, sock)

@@ -393,7 +393,7 @@ class ConnectionMachine(RuleBasedStateMachine):
         self.run(self.connected().abort)
         FIGURES["aborts"] += 1
 
-    @precondition(lambda self: sum(self.asked.values()) or self.peer_was_reset)
+    @precondition(lambda self: sum(self.asked.values()) > 0 or self.peer_was_reset)
     @rule()
     def calls_after_the_end(self) -> None:
         """Once connection_lost has run, every call is a harmless no-op."""

@@ -131,7 +131,20 @@ async def race_client(port: int, *, rng: random.Random) -> tuple[int, int]:
     return sent, answers
 
 
-async def graceful_round(clients: list[Awaitable[tuple[int, int]]], delay: float) -> list[object]:
+#: A race client bound to its random schedule: port -> (requests sent, answers received).
+RaceClient = Callable[[int], Awaitable[tuple[int, int]]]
+
+
+def client_results(results: list[tuple[int, int] | None]) -> list[tuple[int, int]]:
+    """The clients' (sent, answered) from a round's gather: stop()'s None first, then theirs."""
+    stopped, *answers = results
+    assert stopped is None
+    counts = [a for a in answers if a is not None]
+    assert len(counts) == len(answers)
+    return counts
+
+
+async def graceful_round(clients: list[RaceClient], delay: float) -> list[tuple[int, int]]:
     """One round against a GracefulServer: the notice, then the client's FIN, then ours."""
     server = await create_server(RaceLineServer, LOCALHOST, 0, grace=5.0)
 
@@ -140,10 +153,10 @@ async def graceful_round(clients: list[Awaitable[tuple[int, int]]], delay: float
         report = await server.shutdown()
         assert report.forced == 0
 
-    return await asyncio.gather(stop(), *(c(port_of(server)) for c in clients))
+    return client_results(await asyncio.gather(stop(), *(c(port_of(server)) for c in clients)))
 
 
-async def naive_round(clients: list[Awaitable[tuple[int, int]]], delay: float) -> list[object]:
+async def naive_round(clients: list[RaceClient], delay: float) -> list[tuple[int, int]]:
     """One round against a server that shuts down symmetrically (half-closes at once)."""
     registry: set[NaiveRaceServer] = set()
     loop = asyncio.get_running_loop()
@@ -158,7 +171,7 @@ async def naive_round(clients: list[Awaitable[tuple[int, int]]], delay: float) -
 
     results = await asyncio.gather(stop(), *(c(port_of(server)) for c in clients))
     await server.wait_closed()
-    return results
+    return client_results(results)
 
 
 async def run_race(rounds: int, seed: int, *, graceful: bool) -> tuple[int, int]:
@@ -170,9 +183,10 @@ async def run_race(rounds: int, seed: int, *, graceful: bool) -> tuple[int, int]
         n_clients = rng.randint(1, 4)
         delay = rng.uniform(0, 0.008)
         seeds = [rng.random() for _ in range(n_clients)]
-        clients = [functools.partial(race_client, rng=random.Random(s)) for s in seeds]
-        results = await play(clients, delay)  # type: ignore[arg-type]
-        for sent, answered in results[1:]:  # type: ignore[misc]
+        clients: list[RaceClient] = [
+            functools.partial(race_client, rng=random.Random(s)) for s in seeds
+        ]
+        for sent, answered in await play(clients, delay):
             sent_total += sent
             lost_total += sent - answered
     return sent_total, lost_total

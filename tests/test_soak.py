@@ -118,7 +118,8 @@ class ServerSide:
                 side._note(graceful)
                 super().add(graceful)
 
-            def discard(self, graceful: Linger) -> None:
+            def discard(self, graceful: object) -> None:  # set.discard takes any object
+                assert isinstance(graceful, Linger)
                 side._record(graceful)
                 super().discard(graceful)
 
@@ -151,10 +152,11 @@ class Session:
         self.local_port = 0
 
     async def open(self, kind: str, ports: dict[int, list[str]]) -> None:
-        self.reader, self.writer = await asyncio.wait_for(
+        reader, writer = await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", self.port), STEP
         )
-        self.local_port = self.writer.get_extra_info("sockname")[1]
+        self.reader, self.writer = reader, writer
+        self.local_port = writer.get_extra_info("sockname")[1]
         ports[self.local_port].append(kind)
 
     def send(self, *events: h11.Event) -> None:

@@ -129,12 +129,11 @@ def test_state_error_is_a_runtime_error() -> None:
 def test_state_peer_half_closes_first_then_we_do() -> None:
     """Peer FIN, our FIN: FLUSHING until the peer acknowledges, then CLOSING, CLOSED."""
     machine = HalfCloseMachine()
-    assert machine.feed(E.PEER_EOF) is S.PEER_EOF
-    assert machine.live
-    assert machine.feed(E.EOF_WRITTEN) is S.FLUSHING
-    assert machine.live  # the socket stays open until our bytes are acknowledged
-    assert machine.feed(E.FLUSHED) is S.CLOSING
-    assert not machine.live
+    # (state, live) in one tuple: mypy would keep `machine.live` narrowed across feed().
+    assert (machine.feed(E.PEER_EOF), machine.live) == (S.PEER_EOF, True)
+    # The socket stays open until our bytes are acknowledged.
+    assert (machine.feed(E.EOF_WRITTEN), machine.live) == (S.FLUSHING, True)
+    assert (machine.feed(E.FLUSHED), machine.live) == (S.CLOSING, False)
     assert machine.feed(E.LOST) is S.CLOSED
     assert machine.peer_eof
     assert machine.eof_written
