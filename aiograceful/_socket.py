@@ -199,15 +199,19 @@ _INT_ZERO: Final = bytes(4)
 
 
 _TCP_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6})
+# SIOCINQ counts unread bytes on TCP and on Unix stream sockets alike. SIOCOUTQ
+# is read on TCP only: on a Unix socket it counts the memory of the buffers the
+# peer has not read (not bytes, and not acknowledgements).
+_INQ_FAMILIES: Final = _TCP_FAMILIES | {socket.AF_UNIX}
 
 
-def _ioctl_int(transport: asyncio.BaseTransport, request: int | None) -> int | None:
+def _ioctl_int(
+    transport: asyncio.BaseTransport, request: int | None, families: frozenset[int]
+) -> int | None:
     if request is None or sys.platform == "win32":
         return None
     sock = _raw_socket(transport)
-    # TCP only: on a Unix socket SIOCOUTQ counts the memory of the buffers
-    # the peer has not read (not bytes, and not acknowledgements).
-    if sock is None or getattr(sock, "family", None) not in _TCP_FAMILIES:
+    if sock is None or getattr(sock, "family", None) not in families:
         return None
     try:
         raw = fcntl.ioctl(sock.fileno(), request, _INT_ZERO)
@@ -229,12 +233,15 @@ def send_queue(transport: asyncio.BaseTransport) -> int | None:
     holds data until it is acknowledged; Windows has ``SIO_TCP_INFO``'s
     ``BytesInFlight``; none of them is wired here).
     """
-    return _ioctl_int(transport, _SIOCOUTQ)
+    return _ioctl_int(transport, _SIOCOUTQ, _TCP_FAMILIES)
 
 
 def receive_queue(transport: asyncio.BaseTransport) -> int | None:
-    """Bytes in the kernel's receive queue, not yet read (``SIOCINQ``); None if unknown."""
-    return _ioctl_int(transport, _SIOCINQ)
+    """Bytes in the kernel's receive queue, not yet read (``SIOCINQ``); None if unknown.
+
+    Read on TCP and Unix stream sockets (Linux).
+    """
+    return _ioctl_int(transport, _SIOCINQ, _INQ_FAMILIES)
 
 
 def peer_uid(sock: Any) -> int | None:

@@ -217,12 +217,13 @@ async def test_socket_outstanding_counts_unacked_bytes_and_leaves_our_fin_out() 
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SIOCOUTQ is read on Linux only")
-async def test_socket_queues_are_not_read_on_unix_sockets() -> None:
+async def test_socket_send_queue_is_not_read_on_unix_sockets() -> None:
     """On a Unix stream socket SIOCOUTQ counts buffer memory, not bytes: the library ignores it.
 
     The raw figure is larger than the bytes the peer has not read (each
     buffer's overhead counts), so treating it as unacknowledged bytes would
     report a wrong ``unacked`` and keep a quiet connection looking busy.
+    SIOCINQ, though, counts unread bytes there as on TCP, and is read.
     """
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setblocking(False)
@@ -237,8 +238,11 @@ async def test_socket_queues_are_not_read_on_unix_sockets() -> None:
         assert not transport.get_write_buffer_size()
         assert _raw_outq(ours) > 1000  # memory, not the 1,000 bytes unread
         assert _socket.send_queue(transport) is None
-        assert _socket.receive_queue(transport) is None
         assert graceful.outstanding() == (0, False)
+        transport.pause_reading()
+        peer.sendall(b"y" * 1234)
+        await asyncio.sleep(0.05)
+        assert _socket.receive_queue(transport) == 1234
     finally:
         transport.abort()
         peer.close()
