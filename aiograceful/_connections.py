@@ -204,15 +204,17 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
         graceful = self._graceful
         if graceful is None:
             return
-        if not graceful.lingering:
+        closing = graceful.lingering
+        if not closing:
             self._close_now(dataclasses.replace(self._server._linger_options, timeout=timeout))
         # The force bounds everything, a download in progress included.
         graceful.shorten(timeout)
         task = self._handler_task
-        # Not once the handler has returned (its task may still be running
-        # the handler's own graceful_close, and cancelling that would give
-        # up on the force_timeout linger just set).
-        if task is not None and not task.done() and not self._handler_returned:
+        # Not once a close is under way: the handler (or, once it returned,
+        # the server) is awaiting that close, which the force_timeout now
+        # bounds, and cancelling it would give up on what it still delivers.
+        # The shutdown cancels a handler still running after its connection.
+        if task is not None and not task.done() and not closing and not self._handler_returned:
             task.cancel()
 
     def _idle(self) -> bool:
