@@ -37,13 +37,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Final, cast
+from typing import Any, cast
 
 import aiohttp.web
 from aiohttp import web_protocol, web_runner, web_server
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
 from ._linger import Linger, LingerOptions, logger
 from ._listeners import close_and_drain
 from ._transport import ClosingView
@@ -57,15 +58,6 @@ __all__ = [
     "GracefulWebServer",
     "run_app",
 ]
-
-#: The lingering close of a connection that ends with a request in it.
-LINGER: Final = LingerOptions()
-#: The close of an idle keep-alive connection: a short wait for the client's
-#: FIN (a pooled client reads only when it next uses the connection), then a
-#: plain close, not a RST.
-IDLE_LINGER: Final = LingerOptions(timeout=5.0, idle_timeout=0.5, reset_on_failure=False)
-#: Seconds an idle keep-alive connection stays open after the shutdown notice.
-SHUTDOWN_QUIET: Final = 1.0
 
 
 class _End:

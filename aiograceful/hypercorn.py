@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 import h11
 import hypercorn.asyncio
@@ -43,16 +43,12 @@ from hypercorn.events import Closed, Event, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.typing import Framework
 
+from ._dropin_options import LINGER, SHUTDOWN_QUIET
 from ._h11 import CloseAwareConnection
 from ._linger import LingerOptions
 from ._streams import abort, graceful_close
 
 __all__ = ["LINGER", "SHUTDOWN_QUIET", "GracefulTCPServer", "serve"]
-
-#: The lingering close of every connection.
-LINGER: Final = LingerOptions()
-#: Seconds an idle keep-alive connection stays open after the shutdown notice.
-SHUTDOWN_QUIET: Final = 1.0
 
 
 class _NoticeConnection(CloseAwareConnection):
@@ -66,7 +62,12 @@ class _NoticeConnection(CloseAwareConnection):
 
 
 class GracefulTCPServer(TCPServer):
-    """hypercorn's ``TCPServer`` (one connection), ending the connection gracefully."""
+    """hypercorn's ``TCPServer`` (one connection), ending the connection gracefully.
+
+    Class attributes: ``linger`` (the :class:`~aiograceful.LingerOptions` of
+    every close, :data:`LINGER`: hypercorn's close does not say whether the
+    connection was idle) and ``shutdown_quiet`` (:data:`SHUTDOWN_QUIET`).
+    """
 
     linger: LingerOptions = LINGER
     shutdown_quiet: float = SHUTDOWN_QUIET

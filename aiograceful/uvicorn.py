@@ -63,6 +63,7 @@ import uvicorn
 from uvicorn.config import Config
 from uvicorn.protocols.http import h11_impl
 
+from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
 from ._h11 import CloseAwareConnection as _Connection
 from ._linger import Linger, LingerOptions, check_seconds
 from ._listeners import close_and_drain
@@ -72,27 +73,19 @@ from ._transport import ClosingView as _Transport
 if TYPE_CHECKING:
     from uvicorn.protocols.http import httptools_impl
 
+# HttpToolsProtocol exists only where httptools is installed (uvicorn's own
+# extra): listed then, and appended below, so that ``__all__`` names only
+# what ``from aiograceful.uvicorn import *`` can import.
 __all__ = [
     "IDLE_LINGER",
     "LINGER",
     "SHUTDOWN_QUIET",
     "H11Protocol",
-    "HttpToolsProtocol",
     "Server",
     "run",
 ]
 
 logger: Final = logging.getLogger("uvicorn.error")
-
-#: The lingering close of a connection that ends with a request in it.
-LINGER: Final = LingerOptions()
-#: The close of an idle keep-alive connection (keep-alive timeout, end of the
-#: quiet window, a half-closed idle client). Nothing of ours is unread there,
-#: and a pooled client reads (and so sends its FIN) only when it next uses the
-#: connection: a short wait, then a plain close, not a RST.
-IDLE_LINGER: Final = LingerOptions(timeout=5.0, idle_timeout=0.5, reset_on_failure=False)
-#: Seconds an idle keep-alive connection stays open after the shutdown notice.
-SHUTDOWN_QUIET: Final = 1.0
 
 # How many times the quiet window is renewed for a request half-received when it ends.
 _QUIET_RENEWALS: Final = 3
@@ -345,6 +338,8 @@ class H11Protocol(_Ending, h11_impl.H11Protocol):  # type: ignore[misc]  # eof_r
 if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
     from uvicorn.protocols.http import httptools_impl
 
+    __all__ += ["HttpToolsProtocol"]
+
     class HttpToolsProtocol(_Ending, httptools_impl.HttpToolsProtocol):  # type: ignore[misc]
         """uvicorn's httptools protocol, ending its connections gracefully.
 
@@ -420,6 +415,7 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
 else:
 
     def __getattr__(name: str) -> Any:
+        """``HttpToolsProtocol`` without httptools: an ImportError saying what to install."""
         if name == "HttpToolsProtocol":
             raise ImportError(
                 "aiograceful.uvicorn.HttpToolsProtocol needs httptools: pip install httptools"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import importlib.util
 import signal
 import socket
 import subprocess
@@ -368,3 +370,40 @@ def test_import_aiograceful_does_not_import_uvicorn() -> None:
         "sys.exit(1 if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=env(), timeout=30)
+
+
+def test_uvicorn_all_is_importable_without_httptools() -> None:
+    """Without httptools, ``__all__`` leaves ``HttpToolsProtocol`` out, so ``import *`` works;
+    the name itself raises ImportError saying what to install."""
+    code = (
+        "import sys; sys.modules['httptools'] = None\n"  # as if it were not installed
+        "import aiograceful.uvicorn as u\n"
+        "assert 'HttpToolsProtocol' not in u.__all__, u.__all__\n"
+        "from aiograceful.uvicorn import *\n"
+        "try:\n"
+        "    u.HttpToolsProtocol\n"
+        "except ImportError as exc:\n"
+        "    assert 'pip install httptools' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('HttpToolsProtocol without httptools')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=env(), timeout=30)
+    if importlib.util.find_spec("httptools") is not None:
+        assert "HttpToolsProtocol" in graceful_uvicorn.__all__
+    for name in graceful_uvicorn.__all__:
+        assert getattr(graceful_uvicorn, name) is not None, name
+
+
+def test_dropins_share_one_set_of_close_options() -> None:
+    """LINGER, IDLE_LINGER and SHUTDOWN_QUIET are defined once and re-exported by each drop-in."""
+    from aiograceful import _dropin_options
+
+    modules = [graceful_uvicorn]
+    for name in ("aiograceful.hypercorn", "aiograceful.aiohttp"):
+        with contextlib.suppress(ImportError):  # that server is not installed
+            modules.append(importlib.import_module(name))
+    for module in modules:
+        for name in ("LINGER", "IDLE_LINGER", "SHUTDOWN_QUIET"):
+            if name in module.__all__:
+                assert getattr(module, name) is getattr(_dropin_options, name), (module, name)
+    assert graceful_uvicorn.H11Protocol.linger is _dropin_options.LINGER
