@@ -8,9 +8,12 @@ drop-in delivering every time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import socket
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
@@ -19,12 +22,16 @@ pytest.importorskip("hypercorn")
 from _dropins import (
     HOST,
     ab_uploads,
+    answer,
     assert_dropin_loses_nothing_in_race,
     assert_stock_loses_in_race,
+    connect_each_iteration,
     curl_uploads,
     httpclient_uploads,
+    hypercorn_serving,
     node_uploads,
     python,
+    queued_connections,
     server_process,
     wget_uploads,
 )
@@ -117,3 +124,93 @@ def test_hypercorn_dropin_answers_a_half_closed_client(
             data += chunk
     assert data.startswith(b"HTTP/1.1 200"), data
     assert data.endswith(b"ok\n"), data
+
+
+# -- the accept queue at shutdown ------------------------------------------------------------
+
+
+_GET_CLOSE = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+
+
+async def _arriving_at_shutdown(serve: Callable[..., Awaitable[None]]) -> list[bytes | str]:
+    """Connections arriving, one per loop iteration, as hypercorn's shutdown begins; a GET
+    on each; what each got (the answer, or the error)."""
+    socks: list[socket.socket] = []
+    async with hypercorn_serving(serve) as (port, stop):
+        # One served request first: hypercorn is up and accepting.
+        warm = await asyncio.to_thread(
+            answer, socket.create_connection((HOST, port), 5), None, _GET_CLOSE
+        )
+        assert isinstance(warm, bytes), warm
+        assert warm.startswith(b"HTTP/1.1 200"), warm
+        stop.set()
+        connect_each_iteration(asyncio.get_running_loop(), port, socks)
+        for _ in range(200):  # until a connect is refused (the listener is gone)
+            await asyncio.sleep(0.005)
+            if len(socks) >= 50 or not _accepting(port):
+                break
+        got = await asyncio.gather(*(asyncio.to_thread(answer, s) for s in socks))
+    return list(got)
+
+
+def _accepting(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _answered(got: list[bytes | str]) -> int:
+    return sum(isinstance(g, bytes) and g.startswith(b"HTTP/1.1 200") for g in got)
+
+
+async def test_hypercorn_connections_arriving_at_shutdown_are_answered() -> None:
+    """Connections that arrive as the shutdown begins: stock hypercorn answers none of them
+    (closed at once, reset from the accept queue, or accepted and dropped as the listener
+    closes); the drop-in accepts them all, draining the queue, and answers each."""
+    from hypercorn.asyncio import serve as stock_serve
+
+    from aiograceful.hypercorn import serve
+
+    with warnings.catch_warnings(record=True) as leaked:
+        # On asyncio's loop, a connection accepted in the iteration in which
+        # the listener closes gets a transport the server refuses to attach:
+        # nothing serves it, nothing closes it; its socket is collected here.
+        warnings.simplefilter("always", ResourceWarning)
+        stock = await _arriving_at_shutdown(stock_serve)
+        gc.collect()
+    assert stock, "no connection arrived during the shutdown"
+    assert all(issubclass(w.category, ResourceWarning) for w in leaked), leaked
+    assert _answered(stock) < len(stock), stock
+    got = await _arriving_at_shutdown(serve)
+    assert got, "no connection arrived during the shutdown"
+    assert _answered(got) == len(got), got
+    assert all(b"connection: close" in g.lower() for g in got if isinstance(g, bytes)), got
+
+
+async def test_hypercorn_listener_drains_its_accept_queue() -> None:
+    """A listener closed with connections in its accept queue: asyncio's server (hypercorn's)
+    resets them; the drop-in's listener serves each through hypercorn's callback."""
+    from aiograceful.hypercorn import _start_server
+
+    results = {}
+    for name, start in (("stock", asyncio.start_server), ("dropin", _start_server)):
+        served = 0
+
+        async def callback(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal served
+            served += 1
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+            writer.close()
+
+        server = await start(callback, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        socks = queued_connections(port, 4)  # the loop accepts none of them before close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+        got = await asyncio.gather(*(asyncio.to_thread(answer, s) for s in socks))
+        results[name] = (served, _answered(list(got)), got)
+    assert results["stock"][:2] == (0, 0), results
+    assert results["dropin"][:2] == (4, 4), results
