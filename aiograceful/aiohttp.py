@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -214,10 +216,26 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
 class GracefulWebServer(web_server.Server):
     """aiohttp's ``web.Server``, making :class:`GracefulRequestHandler` connections."""
 
+    _noticed = False
+    _late: list[GracefulRequestHandler] | None = None
+
     def __call__(self) -> GracefulRequestHandler:
         return GracefulRequestHandler(self, loop=self._loop, **self._kwargs)
 
+    def connection_made(
+        self, handler: web_protocol.RequestHandler, transport: asyncio.Transport
+    ) -> None:
+        super().connection_made(handler, transport)
+        if self._noticed and isinstance(handler, GracefulRequestHandler):
+            # Attached after the notice (a TLS handshake that ended during the
+            # shutdown, a connection taken from the queue): told at once.
+            if self._late is None:
+                self._late = []
+            self._late.append(handler)
+            handler.notice()
+
     def pre_shutdown(self) -> None:
+        self._noticed = True
         for conn in self._connections:
             if isinstance(conn, GracefulRequestHandler):
                 conn.notice()
@@ -227,6 +245,7 @@ class GracefulWebServer(web_server.Server):
     async def shutdown(self, timeout: float | None = None) -> None:
         handlers = [c for c in self._connections if isinstance(c, GracefulRequestHandler)]
         await super().shutdown(timeout)
+        handlers += [h for h in self._late or () if h not in handlers]
         # The closes have begun; let them finish (bounded) before the loop ends.
         bound = LINGER.timeout if timeout is None else min(timeout, LINGER.timeout)
         await asyncio.gather(*(h.wait_closed(bound) for h in handlers))
@@ -245,6 +264,7 @@ class GracefulAppRunner(web_runner.AppRunner):
         server = self.server
         if server is not None:
             loop = asyncio.get_running_loop()
+            adopting: list[asyncio.Future[None]] = []
             for site in self.sites:
                 # aiohttp's BaseSite keeps its listener there. uvloop's server
                 # derives from no asyncio class: recognised by what is used.
@@ -253,12 +273,19 @@ class GracefulAppRunner(web_runner.AppRunner):
                     getattr(listener, "close", None)
                 ):
                     continue
+                # A TLS site's queued connections are served over TLS.
+                ssl_context = getattr(site, "_ssl_context", None)
                 for sock in await close_and_drain(loop, cast(asyncio.Server, listener)):
-                    try:
-                        await loop.connect_accepted_socket(server, sock)
-                    except Exception:
-                        logger.exception("could not serve a connection taken from the queue")
-                        sock.close()
+                    adopting.append(asyncio.ensure_future(_adopt(loop, server, sock, ssl_context)))
+            if adopting:
+                # Together, so that one slow TLS handshake holds up no other;
+                # bounded by shutdown_timeout (the handshake's own timeout
+                # too). A handshake still going on after it is closed.
+                _done, pending = await asyncio.wait(adopting, timeout=self._shutdown_timeout)
+                for fut in pending:
+                    fut.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=1.0)
         await super().cleanup()
 
     async def _make_server(self) -> web_server.Server:
@@ -270,6 +297,23 @@ class GracefulAppRunner(web_runner.AppRunner):
             loop=server._loop,
             **server._kwargs,
         )
+
+
+async def _adopt(
+    loop: asyncio.AbstractEventLoop,
+    server: web_server.Server,
+    sock: socket.socket,
+    ssl_context: ssl.SSLContext | None,
+) -> None:
+    """Serve a connection taken from a site's accept queue (over TLS for a TLS site)."""
+    try:
+        await loop.connect_accepted_socket(server, sock, ssl=ssl_context)
+    except asyncio.CancelledError:
+        sock.close()
+        raise
+    except Exception:
+        logger.exception("could not serve a connection taken from the queue")
+        sock.close()
 
 
 @contextlib.contextmanager
