@@ -282,3 +282,29 @@ async def test_dropins_tls_aiohttp_app_runner_drains_the_accept_queue(
         answered[name] = [_status(g) for g in got]
     assert answered["stock"].count(200) < 4, answered
     assert answered["dropin"] == [200] * 4, answered
+
+
+async def test_dropins_tls_aiohttp_handshake_ending_after_the_notice_is_told(
+    tls_contexts: Contexts,
+) -> None:
+    """A TLS connection accepted before the cleanup whose handshake ends after it: stock
+    aiohttp answers it keep-alive and holds it open; the drop-in tells it at once (its
+    answer says Connection: close) and closes it."""
+    pytest.importorskip("aiohttp")
+    from aiohttp import web
+
+    from aiograceful.aiohttp import GracefulAppRunner
+
+    server_ctx, client = tls_contexts
+    got = {}
+    for name, runner_class in (("stock", web.AppRunner), ("dropin", GracefulAppRunner)):
+        async with _aiohttp(runner_class, server_ctx) as (runner, port):
+            sock = queued_connections(port, 1, timeout=2.0)[0]
+            await asyncio.sleep(0.1)  # accepted: the server waits for the ClientHello
+            await asyncio.wait_for(runner.cleanup(), 30)  # nothing attached: done at once
+            got[name] = await asyncio.to_thread(answer, sock, client)
+    assert got["stock"] == "TimeoutError", got  # answered, and the connection kept open
+    dropin = got["dropin"]
+    assert isinstance(dropin, bytes), got
+    assert dropin.startswith(b"HTTP/1.1 200"), got
+    assert b"connection: close" in dropin.lower(), got
