@@ -581,18 +581,25 @@ async def hypercorn_serving(
     serve: Callable[..., Awaitable[None]],
     *,
     tls: tuple[Path, Path] | None = None,
+    app: Any = None,
+    sndbuf: int | None = None,
     **options: Any,
 ) -> AsyncIterator[tuple[int, asyncio.Event]]:
     """Run ``serve(app, config)`` (hypercorn's or the drop-in's) on the test's loop.
 
     Yields the port (127.0.0.1, listening already) and the event that
     triggers the shutdown; on exit sets it and waits for ``serve`` (bounded).
-    ``tls``: (certificate, key) files. ``options`` go to hypercorn's Config.
+    ``tls``: (certificate, key) files; ``app``: the ASGI app (``_asgi_app``'s
+    by default); ``sndbuf``: SO_SNDBUF of the accepted connections (set on
+    the listener, which they inherit). ``options`` go to hypercorn's Config.
     """
-    from _asgi_app import app
     from hypercorn.config import Config
 
+    if app is None:
+        from _asgi_app import app
     listener = socket.socket()
+    if sndbuf is not None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     listener.bind((HOST, 0))
     listener.listen(128)  # connections queue from now on, before hypercorn runs
     port = listener.getsockname()[1]

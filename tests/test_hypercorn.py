@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import gc
 import socket
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -35,6 +37,15 @@ from _dropins import (
     server_process,
     wget_uploads,
 )
+from _util import (
+    SMALL_RCVBUF,
+    TCP_CLOSE,
+    TCP_ESTABLISHED,
+    set_linger_zero,
+    wait_for_tcp_state,
+)
+
+from aiograceful import CloseOutcome, CloseResult, LingerOptions
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -214,3 +225,111 @@ async def test_hypercorn_listener_drains_its_accept_queue() -> None:
         results[name] = (served, _answered(list(got)), got)
     assert results["stock"][:2] == (0, 0), results
     assert results["dropin"][:2] == (4, 4), results
+
+
+# -- send_timeout: a client that stops reading -------------------------------------------------
+
+#: The download: a little more than the buffers on the way hold (the
+#: server's kernel with SO_SNDBUF _SNDBUF, its transport's 64 KiB, the client's).
+_BODY = 896 << 10
+_SNDBUF = 256 << 10
+#: The client stops reading with at least this much of the download still to
+#: come: more than its receive buffer holds, so that some stays unacknowledged.
+_LEFT = 192 << 10
+_RATE = 256 << 10  # bytes/s the client reads at, until it stops
+_SEND_TIMEOUT = 1.0
+#: The client stops this long after the drop-in's close began (if _LEFT is not reached first).
+_READ_DURING_CLOSE = 1.5 * _SEND_TIMEOUT
+
+
+async def _download_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """GET: ``_BODY`` bytes, in 16 KiB sends (each waits for flow control)."""
+    if scope["type"] != "http":
+        return
+    headers = [(b"content-length", str(_BODY).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    chunk = b"x" * (16 << 10)
+    for _ in range(_BODY // len(chunk) - 1):
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": chunk})
+
+
+def _read_then_stop(
+    port: int, stopped: list[float], closes: list[tuple[float, Any]]
+) -> socket.socket:
+    """GET with Connection: close through a small receive buffer, read at ``_RATE`` until
+    ``_LEFT`` bytes are still to come, or ``_READ_DURING_CLOSE`` after the close began
+    (``closes``), then stop reading (the socket stays open: returned)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+    sock.settimeout(10)
+    sock.connect((HOST, port))
+    sock.sendall(b"GET /big HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    got = 0
+    for _ in range(10_000):  # bounded by the byte count too
+        if got >= _BODY - _LEFT:
+            break
+        if closes and time.monotonic() - closes[0][0] >= _READ_DURING_CLOSE:
+            break
+        chunk = sock.recv(8 << 10)
+        assert chunk, f"the download ended after {got} bytes"
+        got += len(chunk)
+        time.sleep(len(chunk) / _RATE)
+    stopped.append(time.monotonic())
+    return sock
+
+
+async def test_hypercorn_send_timeout_ends_a_close_the_client_stopped_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that reads slowly, then stops: stock hypercorn's close waits on it without a
+    bound; the drop-in's close lasts while bytes are acknowledged (longer than send_timeout),
+    then ends send_timeout after the client stopped (IDLE_TIMEOUT, bytes left unacked, RST)."""
+    from hypercorn.asyncio import serve as stock_serve
+
+    import aiograceful.hypercorn as graceful_hypercorn
+
+    monkeypatch.setattr(
+        graceful_hypercorn.GracefulTCPServer,
+        "linger",
+        LingerOptions(send_timeout=_SEND_TIMEOUT, timeout=5.0, idle_timeout=1.0),
+    )
+    closes: list[tuple[float, asyncio.Future[CloseResult]]] = []
+    real_close = graceful_hypercorn.graceful_close
+
+    def recording_close(writer: asyncio.StreamWriter, **kwargs: Any) -> Any:
+        assert kwargs["send_timeout"] == _SEND_TIMEOUT, kwargs
+        fut = asyncio.ensure_future(real_close(writer, **kwargs))
+        closes.append((time.monotonic(), fut))
+        return fut
+
+    monkeypatch.setattr(graceful_hypercorn, "graceful_close", recording_close)
+    options = {"app": _download_app, "sndbuf": _SNDBUF, "graceful_timeout": 1.0}
+
+    # Stock: once the client stops reading, nothing ends the close.
+    stopped: list[float] = []
+    async with hypercorn_serving(stock_serve, **options) as (port, _stop):
+        sock = await asyncio.to_thread(_read_then_stop, port, stopped, closes)
+        with sock:
+            state = await wait_for_tcp_state(sock, TCP_CLOSE, within=_SEND_TIMEOUT + 2.0)
+            assert state == TCP_ESTABLISHED, state  # no RST: the stock close still waits
+            set_linger_zero(sock)  # end it from our side
+    assert not closes  # (stock never called the drop-in's close)
+
+    # The drop-in.
+    stopped.clear()
+    async with hypercorn_serving(graceful_hypercorn.serve, **options) as (port, _stop):
+        sock = await asyncio.to_thread(_read_then_stop, port, stopped, closes)
+        with sock:
+            assert closes, "the close had not begun when the client stopped reading"
+            began, fut = closes[0]
+            # The close began while the client still read, more than send_timeout before
+            # it stopped: bytes were acknowledged all along, and it was not cut.
+            assert stopped[0] - began > _SEND_TIMEOUT, (began, stopped)
+            assert not fut.done(), fut
+            result = await asyncio.wait_for(fut, _SEND_TIMEOUT + 5.0)
+            state = await wait_for_tcp_state(sock, TCP_CLOSE, within=2.0)
+    assert result.outcome is CloseOutcome.IDLE_TIMEOUT, result
+    assert result.unacked is not None, result
+    assert result.unacked > 0, result
+    assert state == TCP_CLOSE, state  # the client got the RST
