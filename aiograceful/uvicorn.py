@@ -7,7 +7,10 @@ Use it as::
 
 or ``uvicorn.Config(app, http=aiograceful.uvicorn.H11Protocol)``, or
 :func:`run` (``uvicorn.run``'s arguments), which adds the drained accept queue
-and the grace/force order to uvicorn's shutdown.
+and the grace/force order to uvicorn's shutdown. The protocols alone (the
+plain CLI, ``uvicorn.Server``) cannot drain the queue: uvicorn's shutdown
+closes its listening sockets first, and the kernel resets the connections
+still queued there; a protocol class never sees the listener.
 
 What changes, against stock uvicorn (0.54, both parsers):
 
@@ -36,8 +39,11 @@ The knobs are class attributes (``linger``, ``idle_linger``, ``shutdown_quiet``)
 subclass to change them and pass the subclass's import string to ``--http``.
 
 WebSocket connections are handed to uvicorn's WebSocket protocol unchanged.
-On TLS, asyncio has no half-close: a client that half-closes a TLS connection
-is closed by asyncio itself, as in stock uvicorn.
+On TLS, asyncio has no half-close: the lingering close reads and discards
+until the client closes, then sends close_notify, so a client still
+uploading reads the early answer (stock uvicorn's close fails it on asyncio's
+loop); a client that half-closes a TLS connection is closed by asyncio
+itself, as in stock uvicorn.
 
 Tested with uvicorn 0.54 (the ``aiograceful[uvicorn]`` extra pins it); the
 subclasses use uvicorn's protocol attributes (``cycle``, ``conn``, ``flow``,
