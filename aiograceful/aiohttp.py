@@ -19,7 +19,9 @@ so a client that half-closes after its request loses the answer. Here:
   :data:`LINGER`), and the shutdown waits for those closes, bounded, before
   the loop ends.
 * The listeners' accept queues are drained, not reset: the connections queued
-  there when the shutdown begins are served (and told).
+  there when the shutdown begins are served (and told), over TLS for a TLS
+  site. A connection that attaches after the notice (a TLS handshake that
+  ended during the shutdown) is told at once.
 * ``shutdown_timeout`` keeps its meaning: how long requests in progress may
   take once the shutdown began.
 
@@ -306,11 +308,10 @@ async def _adopt(
     ssl_context: ssl.SSLContext | None,
 ) -> None:
     """Serve a connection taken from a site's accept queue (over TLS for a TLS site)."""
+    # A cancel (the handshake took too long) needs nothing here: the
+    # transport exists already and owns the socket; the loop closes it.
     try:
         await loop.connect_accepted_socket(server, sock, ssl=ssl_context)
-    except asyncio.CancelledError:
-        sock.close()
-        raise
     except Exception:
         logger.exception("could not serve a connection taken from the queue")
         sock.close()

@@ -274,11 +274,10 @@ class _DrainingServer:
             kwargs["ssl"] = self._ssl
             if self._handshake_timeout is not None:
                 kwargs["ssl_handshake_timeout"] = self._handshake_timeout
+        # A cancel (the handshake took too long) needs nothing here: the
+        # transport exists already and owns the socket; the loop closes it.
         try:
             await loop.connect_accepted_socket(factory, sock, **kwargs)
-        except asyncio.CancelledError:
-            sock.close()
-            raise
         except Exception:
             logger.exception("could not serve a connection taken from the accept queue")
             sock.close()
