@@ -227,6 +227,7 @@ class GracefulWebServer(web_server.Server):
     def connection_made(
         self, handler: web_protocol.RequestHandler, transport: asyncio.Transport
     ) -> None:
+        """aiohttp's registration of a connection; one made after the notice is told at once."""
         super().connection_made(handler, transport)
         if self._noticed and isinstance(handler, GracefulRequestHandler):
             # Attached after the notice (a TLS handshake that ended during the
