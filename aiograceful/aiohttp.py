@@ -19,7 +19,9 @@ so a client that half-closes after its request loses the answer. Here:
   :data:`LINGER`), and the shutdown waits for those closes, bounded, before
   the loop ends.
 * The listeners' accept queues are drained, not reset: the connections queued
-  there when the shutdown begins are served (and told).
+  there when the shutdown begins are served (and told), over TLS for a TLS
+  site. A connection that attaches after the notice (a TLS handshake that
+  ended during the shutdown) is told at once.
 * ``shutdown_timeout`` keeps its meaning: how long requests in progress may
   take once the shutdown began.
 
@@ -36,14 +38,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import ssl
 from collections.abc import Iterator
-from typing import Any, Final, cast
+from typing import Any, cast
 
 import aiohttp.web
 from aiohttp import web_protocol, web_runner, web_server
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
 from ._linger import Linger, LingerOptions, logger
 from ._listeners import close_and_drain
 from ._transport import ClosingView
@@ -57,15 +62,6 @@ __all__ = [
     "GracefulWebServer",
     "run_app",
 ]
-
-#: The lingering close of a connection that ends with a request in it.
-LINGER: Final = LingerOptions()
-#: The close of an idle keep-alive connection: a short wait for the client's
-#: FIN (a pooled client reads only when it next uses the connection), then a
-#: plain close, not a RST.
-IDLE_LINGER: Final = LingerOptions(timeout=5.0, idle_timeout=0.5, reset_on_failure=False)
-#: Seconds an idle keep-alive connection stays open after the shutdown notice.
-SHUTDOWN_QUIET: Final = 1.0
 
 
 class _End:
@@ -222,10 +218,27 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
 class GracefulWebServer(web_server.Server):
     """aiohttp's ``web.Server``, making :class:`GracefulRequestHandler` connections."""
 
+    _noticed = False
+    _late: list[GracefulRequestHandler] | None = None
+
     def __call__(self) -> GracefulRequestHandler:
         return GracefulRequestHandler(self, loop=self._loop, **self._kwargs)
 
+    def connection_made(
+        self, handler: web_protocol.RequestHandler, transport: asyncio.Transport
+    ) -> None:
+        """aiohttp's registration of a connection; one made after the notice is told at once."""
+        super().connection_made(handler, transport)
+        if self._noticed and isinstance(handler, GracefulRequestHandler):
+            # Attached after the notice (a TLS handshake that ended during the
+            # shutdown, a connection taken from the queue): told at once.
+            if self._late is None:
+                self._late = []
+            self._late.append(handler)
+            handler.notice()
+
     def pre_shutdown(self) -> None:
+        self._noticed = True
         for conn in self._connections:
             if isinstance(conn, GracefulRequestHandler):
                 conn.notice()
@@ -235,6 +248,7 @@ class GracefulWebServer(web_server.Server):
     async def shutdown(self, timeout: float | None = None) -> None:
         handlers = [c for c in self._connections if isinstance(c, GracefulRequestHandler)]
         await super().shutdown(timeout)
+        handlers += [h for h in self._late or () if h not in handlers]
         # The closes have begun; let them finish (bounded) before the loop ends.
         bound = LINGER.timeout if timeout is None else min(timeout, LINGER.timeout)
         await asyncio.gather(*(h.wait_closed(bound) for h in handlers))
@@ -253,6 +267,7 @@ class GracefulAppRunner(web_runner.AppRunner):
         server = self.server
         if server is not None:
             loop = asyncio.get_running_loop()
+            adopting: list[asyncio.Future[None]] = []
             for site in self.sites:
                 # aiohttp's BaseSite keeps its listener there. uvloop's server
                 # derives from no asyncio class: recognised by what is used.
@@ -261,12 +276,19 @@ class GracefulAppRunner(web_runner.AppRunner):
                     getattr(listener, "close", None)
                 ):
                     continue
+                # A TLS site's queued connections are served over TLS.
+                ssl_context = getattr(site, "_ssl_context", None)
                 for sock in await close_and_drain(loop, cast(asyncio.Server, listener)):
-                    try:
-                        await loop.connect_accepted_socket(server, sock)
-                    except Exception:
-                        logger.exception("could not serve a connection taken from the queue")
-                        sock.close()
+                    adopting.append(asyncio.ensure_future(_adopt(loop, server, sock, ssl_context)))
+            if adopting:
+                # Together, so that one slow TLS handshake holds up no other;
+                # bounded by shutdown_timeout (the handshake's own timeout
+                # too). A handshake still going on after it is closed.
+                _done, pending = await asyncio.wait(adopting, timeout=self._shutdown_timeout)
+                for fut in pending:
+                    fut.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=1.0)
         await super().cleanup()
 
     async def _make_server(self) -> web_server.Server:
@@ -278,6 +300,22 @@ class GracefulAppRunner(web_runner.AppRunner):
             loop=server._loop,
             **server._kwargs,
         )
+
+
+async def _adopt(
+    loop: asyncio.AbstractEventLoop,
+    server: web_server.Server,
+    sock: socket.socket,
+    ssl_context: ssl.SSLContext | None,
+) -> None:
+    """Serve a connection taken from a site's accept queue (over TLS for a TLS site)."""
+    # A cancel (the handshake took too long) needs nothing here: the
+    # transport exists already and owns the socket; the loop closes it.
+    try:
+        await loop.connect_accepted_socket(server, sock, ssl=ssl_context)
+    except Exception:
+        logger.exception("could not serve a connection taken from the queue")
+        sock.close()
 
 
 @contextlib.contextmanager

@@ -19,11 +19,19 @@ replaced by a subclass that changes only how connections end:
 * ``config.graceful_timeout`` stays the grace period: the lingering closes
   still open when it ends (hypercorn cancels the connections' tasks) are reset.
 
-hypercorn offers no hook for its connection class: ``serve`` sets
-``hypercorn.asyncio.run.TCPServer`` to the subclass while it runs (and puts
-hypercorn's back when the last ``serve`` returns). The listener is still
-closed by hypercorn, so the accept queue is not drained; HTTP/2 and
-WebSocket connections get the lingering close but not the header.
+* The accept queue is drained. hypercorn closes its listeners, which resets
+  the connections still in the kernel's accept queue (and, on asyncio's
+  loop, drops without a word one accepted in the same iteration). Here the
+  listener stops accepting without its kernel socket being closed, the queue
+  is accepted dry, and each connection is served as hypercorn serves the
+  others (told at once: the worker is terminating).
+
+hypercorn offers no hook for its connection class nor its listeners:
+``serve`` sets ``hypercorn.asyncio.run.TCPServer`` to the subclass, and the
+``asyncio`` that module sees to asyncio with a ``start_server`` whose
+servers drain at close, while it runs (and puts hypercorn's back when the
+last ``serve`` returns). HTTP/2 and WebSocket connections get the lingering
+close but not the header.
 Tested with hypercorn 0.18 (the ``aiograceful[hypercorn]`` extra pins it).
 """
 
@@ -31,6 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import types
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final, Literal
 
@@ -43,16 +53,13 @@ from hypercorn.events import Closed, Event, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.typing import Framework
 
+from ._dropin_options import LINGER, SHUTDOWN_QUIET
 from ._h11 import CloseAwareConnection
-from ._linger import LingerOptions
+from ._linger import LingerOptions, logger
+from ._listeners import close_and_drain
 from ._streams import abort, graceful_close
 
 __all__ = ["LINGER", "SHUTDOWN_QUIET", "GracefulTCPServer", "serve"]
-
-#: The lingering close of every connection.
-LINGER: Final = LingerOptions()
-#: Seconds an idle keep-alive connection stays open after the shutdown notice.
-SHUTDOWN_QUIET: Final = 1.0
 
 
 class _NoticeConnection(CloseAwareConnection):
@@ -66,7 +73,12 @@ class _NoticeConnection(CloseAwareConnection):
 
 
 class GracefulTCPServer(TCPServer):
-    """hypercorn's ``TCPServer`` (one connection), ending the connection gracefully."""
+    """hypercorn's ``TCPServer`` (one connection), ending the connection gracefully.
+
+    Class attributes: ``linger`` (the :class:`~aiograceful.LingerOptions` of
+    every close, :data:`LINGER`: hypercorn's close does not say whether the
+    connection was idle) and ``shutdown_quiet`` (:data:`SHUTDOWN_QUIET`).
+    """
 
     linger: LingerOptions = LINGER
     shutdown_quiet: float = SHUTDOWN_QUIET
@@ -179,15 +191,136 @@ def _consume(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+# A TLS client taken from the accept queue gets this long (or the handshake
+# timeout hypercorn passes, if shorter) to finish its handshake before the
+# shutdown goes on without it (its connection is then closed).
+_ADOPT_TIMEOUT: Final = 5.0
+# asyncio.start_server's default StreamReader limit (hypercorn passes none).
+_STREAM_LIMIT: Final = 2**16
+
+
+class _DrainingServer:
+    """What hypercorn's worker gets from ``asyncio.start_server``: the server, drained at close.
+
+    hypercorn closes each listener with ``server.close()`` then ``await
+    server.wait_closed()``, which resets the connections still in the kernel's
+    accept queue. Here ``close()`` stops accepting without closing the kernel
+    socket (:func:`~aiograceful._listeners.close_and_drain`), and the queued
+    connections are served as hypercorn serves the others (its own
+    connection callback, the same TLS context): they are accepted after the
+    worker began terminating, so each is told (``Connection: close``, the
+    quiet window). ``wait_closed()`` returns once they are being served, so
+    hypercorn's graceful wait covers them.
+    """
+
+    def __init__(
+        self,
+        server: asyncio.Server,
+        callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        ssl: Any,
+        ssl_handshake_timeout: float | None,
+    ) -> None:
+        self._server = server
+        self._callback = callback
+        self._ssl = ssl
+        self._handshake_timeout = ssl_handshake_timeout
+        self._draining: asyncio.Future[None] | None = None
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets (``asyncio.Server.sockets``)."""
+        return tuple(self._server.sockets)
+
+    def close(self) -> None:
+        """Stop accepting; the queued connections are taken and served (idempotent)."""
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+
+    async def wait_closed(self) -> None:
+        """Wait until the queue is drained and its connections are served, then for the server."""
+        self.close()
+        assert self._draining is not None
+        await asyncio.shield(self._draining)
+        await self._server.wait_closed()
+
+    def is_serving(self) -> bool:
+        """``asyncio.Server.is_serving()``."""
+        return self._server.is_serving()
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        queued = await close_and_drain(loop, self._server)
+        if not queued:
+            return
+        adopting = [asyncio.ensure_future(self._adopt(loop, sock)) for sock in queued]
+        bound = _ADOPT_TIMEOUT
+        if self._ssl is not None and self._handshake_timeout is not None:
+            bound = min(bound, self._handshake_timeout)
+        _done, pending = await asyncio.wait(adopting, timeout=bound)
+        for task in pending:
+            task.cancel()  # the handshake did not finish: the transport is closed
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+
+    async def _adopt(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        callback = self._callback
+
+        def factory() -> asyncio.StreamReaderProtocol:
+            reader = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
+            return asyncio.StreamReaderProtocol(reader, callback, loop=loop)
+
+        kwargs: dict[str, Any] = {}
+        if self._ssl is not None:
+            kwargs["ssl"] = self._ssl
+            if self._handshake_timeout is not None:
+                kwargs["ssl_handshake_timeout"] = self._handshake_timeout
+        # A cancel (the handshake took too long) needs nothing here: the
+        # transport exists already and owns the socket; the loop closes it.
+        try:
+            await loop.connect_accepted_socket(factory, sock, **kwargs)
+        except Exception:
+            logger.exception("could not serve a connection taken from the accept queue")
+            sock.close()
+
+
+async def _start_server(
+    client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    host: Any = None,
+    port: Any = None,
+    **kwargs: Any,
+) -> _DrainingServer:
+    """``asyncio.start_server`` as hypercorn's worker calls it, its server drained at close."""
+    server = await asyncio.start_server(client_connected_cb, host, port, **kwargs)
+    return _DrainingServer(
+        server, client_connected_cb, kwargs.get("ssl"), kwargs.get("ssl_handshake_timeout")
+    )
+
+
+class _AsyncioForHypercorn(types.ModuleType):
+    """``asyncio`` as ``hypercorn.asyncio.run`` sees it while :func:`serve` runs.
+
+    Everything is asyncio's, except ``start_server``, whose servers drain
+    their accept queue when hypercorn closes them.
+    """
+
+    start_server = staticmethod(_start_server)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+
+_ASYNCIO: Final = _AsyncioForHypercorn("asyncio")
 _installed = 0
 
 
 @contextlib.contextmanager
 def _installed_server() -> Iterator[None]:
-    """hypercorn's worker makes ``hypercorn.asyncio.run.TCPServer(...)`` per connection."""
+    """hypercorn's worker makes ``hypercorn.asyncio.run.TCPServer(...)`` per connection
+    and its listeners with ``asyncio.start_server`` (both looked up in that module)."""
     global _installed
     if _installed == 0:
         setattr(hypercorn_run, "TCPServer", GracefulTCPServer)  # noqa: B010
+        setattr(hypercorn_run, "asyncio", _ASYNCIO)  # noqa: B010
     _installed += 1
     try:
         yield
@@ -195,6 +328,7 @@ def _installed_server() -> Iterator[None]:
         _installed -= 1
         if _installed == 0:
             setattr(hypercorn_run, "TCPServer", TCPServer)  # noqa: B010
+            setattr(hypercorn_run, "asyncio", asyncio)  # noqa: B010
 
 
 async def serve(
@@ -204,6 +338,10 @@ async def serve(
     shutdown_trigger: Callable[..., Awaitable[None]] | None = None,
     mode: Literal["asgi", "wsgi"] | None = None,
 ) -> None:
-    """``hypercorn.asyncio.serve(app, config, ...)``, with connections that end gracefully."""
+    """``hypercorn.asyncio.serve(app, config, ...)``, with connections that end gracefully.
+
+    Its shutdown also drains the listeners' accept queues: the connections
+    queued when hypercorn closes its listeners are served (and told), not reset.
+    """
     with _installed_server():
         await hypercorn.asyncio.serve(app, config, shutdown_trigger=shutdown_trigger, mode=mode)

@@ -7,7 +7,10 @@ Use it as::
 
 or ``uvicorn.Config(app, http=aiograceful.uvicorn.H11Protocol)``, or
 :func:`run` (``uvicorn.run``'s arguments), which adds the drained accept queue
-and the grace/force order to uvicorn's shutdown.
+and the grace/force order to uvicorn's shutdown. The protocols alone (the
+plain CLI, ``uvicorn.Server``) cannot drain the queue: uvicorn's shutdown
+closes its listening sockets first, and the kernel resets the connections
+still queued there; a protocol class never sees the listener.
 
 What changes, against stock uvicorn (0.54, both parsers):
 
@@ -36,8 +39,11 @@ The knobs are class attributes (``linger``, ``idle_linger``, ``shutdown_quiet``)
 subclass to change them and pass the subclass's import string to ``--http``.
 
 WebSocket connections are handed to uvicorn's WebSocket protocol unchanged.
-On TLS, asyncio has no half-close: a client that half-closes a TLS connection
-is closed by asyncio itself, as in stock uvicorn.
+On TLS, asyncio has no half-close: the lingering close reads and discards
+until the client closes, then sends close_notify, so a client still
+uploading reads the early answer (stock uvicorn's close fails it on asyncio's
+loop); a client that half-closes a TLS connection is closed by asyncio
+itself, as in stock uvicorn.
 
 Tested with uvicorn 0.54 (the ``aiograceful[uvicorn]`` extra pins it); the
 subclasses use uvicorn's protocol attributes (``cycle``, ``conn``, ``flow``,
@@ -63,6 +69,7 @@ import uvicorn
 from uvicorn.config import Config
 from uvicorn.protocols.http import h11_impl
 
+from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
 from ._h11 import CloseAwareConnection as _Connection
 from ._linger import Linger, LingerOptions, check_seconds
 from ._listeners import close_and_drain
@@ -72,27 +79,19 @@ from ._transport import ClosingView as _Transport
 if TYPE_CHECKING:
     from uvicorn.protocols.http import httptools_impl
 
+# HttpToolsProtocol exists only where httptools is installed (uvicorn's own
+# extra): listed then, and appended below, so that ``__all__`` names only
+# what ``from aiograceful.uvicorn import *`` can import.
 __all__ = [
     "IDLE_LINGER",
     "LINGER",
     "SHUTDOWN_QUIET",
     "H11Protocol",
-    "HttpToolsProtocol",
     "Server",
     "run",
 ]
 
 logger: Final = logging.getLogger("uvicorn.error")
-
-#: The lingering close of a connection that ends with a request in it.
-LINGER: Final = LingerOptions()
-#: The close of an idle keep-alive connection (keep-alive timeout, end of the
-#: quiet window, a half-closed idle client). Nothing of ours is unread there,
-#: and a pooled client reads (and so sends its FIN) only when it next uses the
-#: connection: a short wait, then a plain close, not a RST.
-IDLE_LINGER: Final = LingerOptions(timeout=5.0, idle_timeout=0.5, reset_on_failure=False)
-#: Seconds an idle keep-alive connection stays open after the shutdown notice.
-SHUTDOWN_QUIET: Final = 1.0
 
 # How many times the quiet window is renewed for a request half-received when it ends.
 _QUIET_RENEWALS: Final = 3
@@ -345,6 +344,8 @@ class H11Protocol(_Ending, h11_impl.H11Protocol):  # type: ignore[misc]  # eof_r
 if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
     from uvicorn.protocols.http import httptools_impl
 
+    __all__ += ["HttpToolsProtocol"]
+
     class HttpToolsProtocol(_Ending, httptools_impl.HttpToolsProtocol):  # type: ignore[misc]
         """uvicorn's httptools protocol, ending its connections gracefully.
 
@@ -420,6 +421,7 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
 else:
 
     def __getattr__(name: str) -> Any:
+        """``HttpToolsProtocol`` without httptools: an ImportError saying what to install."""
         if name == "HttpToolsProtocol":
             raise ImportError(
                 "aiograceful.uvicorn.HttpToolsProtocol needs httptools: pip install httptools"

@@ -11,12 +11,19 @@
 * :func:`shutdown_race`: keep-alive clients sending requests back to back
   while the server gets SIGTERM; counts the requests sent on an open
   connection that got no answer.
+* TLS and in-process servers: :func:`https_uploads` (http.client over TLS),
+  :func:`queued_connections` / :func:`answer` (connections the server's
+  loop has not accepted yet, then a GET on each, over TLS or not),
+  :func:`connect_each_iteration` (connections arriving while a shutdown
+  begins), :func:`hypercorn_serving` (hypercorn's ``serve`` or the drop-in's,
+  in the test's loop).
 
 Every loop is bounded in count and time; every server listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import os
@@ -24,13 +31,16 @@ import re
 import select
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -427,3 +437,183 @@ def assert_dropin_loses_nothing_in_race(
         assert counts.answered > 0, counts
         assert counts.lost == 0, counts
         assert counts.closes_announced >= 1, counts
+
+
+# -- TLS and in-process servers ------------------------------------------------------------------
+
+
+def https_uploads(
+    port: int, rounds: int, context: ssl.SSLContext, size: int, *, close: bool = True
+) -> list[int | str]:
+    """http.client POSTs of ``size`` bytes over TLS, ``rounds`` times: each status, or the error.
+
+    With ``close``, each request says ``Connection: close`` (the server
+    closes after its early answer while the body is still arriving).
+    """
+    body = b"x" * size
+    headers = {"Content-Type": "application/octet-stream"}
+    if close:
+        headers["Connection"] = "close"
+    got: list[int | str] = []
+    for _ in range(rounds):
+        conn = http.client.HTTPSConnection(HOST, port, timeout=10, context=context)
+        try:
+            conn.request("POST", "/upload", body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            got.append(response.status)
+        except (OSError, http.client.HTTPException) as exc:
+            got.append(type(exc).__name__)  # the answer was lost
+        finally:
+            conn.close()
+    return got
+
+
+def queued_connections(port: int, n: int, timeout: float = 3.0) -> list[socket.socket]:
+    """``n`` TCP connections to ``port``, made with blocking connects.
+
+    Made from the server's own loop thread, they finish the handshake in the
+    kernel and wait in the accept queue: the loop accepts none of them
+    before it runs again.
+    """
+    return [socket.create_connection((HOST, port), timeout=timeout) for _ in range(n)]
+
+
+def answer(
+    sock: socket.socket,
+    context: ssl.SSLContext | None = None,
+    request: bytes = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n",
+) -> bytes | str:
+    """On a connected ``sock`` (TLS if ``context``): send ``request`` (a keep-alive GET /), read
+    to the end; the bytes or the error's name.
+
+    Closes ``sock``. Over TLS the handshake happens here, once the server has
+    accepted the connection; it runs over memory BIOs on the plain socket
+    (``wrap_socket`` of a socket reset before its handshake leaks the
+    SSLSocket on 3.11, which warnings-as-errors would fail the test for).
+    """
+    try:
+        with sock:
+            if context is None:
+                sock.sendall(request)
+                return _read_to_end(sock.recv)
+            return _tls_exchange(sock, context, request)
+    except OSError as exc:  # ssl.SSLError is an OSError
+        return type(exc).__name__
+
+
+def _read_to_end(recv: Callable[[int], bytes]) -> bytes:
+    data = b""
+    for _ in range(1000):  # bounded; each read is bounded by the socket's timeout
+        chunk = recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _tls_exchange(sock: socket.socket, context: ssl.SSLContext, request: bytes) -> bytes:
+    """A TLS client over ``sock``: handshake, send ``request``, read until close_notify or EOF."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=HOST)
+
+    def run(op: Callable[[], Any]) -> Any:
+        for _ in range(10_000):  # bounded; each recv is bounded by the socket's timeout
+            try:
+                result = op()
+            except ssl.SSLWantReadError:
+                if pending := outgoing.read():
+                    sock.sendall(pending)
+                data = sock.recv(65536)
+                if data:
+                    incoming.write(data)
+                else:
+                    incoming.write_eof()
+                continue
+            if pending := outgoing.read():
+                sock.sendall(pending)
+            return result
+        raise TimeoutError("TLS exchange did not finish")
+
+    run(tls.do_handshake)
+    run(lambda: tls.write(request))
+    data = b""
+    for _ in range(1000):
+        try:
+            chunk = run(lambda: tls.read(65536))
+        except ssl.SSLZeroReturnError:  # the server's close_notify
+            break
+        except ssl.SSLEOFError:
+            if data:
+                break  # a FIN without close_notify, after the answer
+            raise
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def connect_each_iteration(
+    loop: asyncio.AbstractEventLoop, port: int, socks: list[socket.socket], limit: int = 50
+) -> None:
+    """From now on, one blocking connect to ``port`` per loop iteration, into ``socks``.
+
+    A loop busy as under load: connections keep arriving while a shutdown
+    runs, each made in a callback, so that some arrive in the very iteration
+    in which the server closes its listener. Stops at the first refused
+    connect (the listener is gone) or after ``limit`` connections.
+    """
+
+    def step() -> None:
+        if len(socks) >= limit:
+            return
+        try:
+            socks.append(socket.create_connection((HOST, port), timeout=3))
+        except OSError:
+            return  # refused: the listener is closed
+        loop.call_soon(step)
+
+    loop.call_soon(step)
+
+
+@contextlib.asynccontextmanager
+async def hypercorn_serving(
+    serve: Callable[..., Awaitable[None]],
+    *,
+    tls: tuple[Path, Path] | None = None,
+    app: Any = None,
+    sndbuf: int | None = None,
+    **options: Any,
+) -> AsyncIterator[tuple[int, asyncio.Event]]:
+    """Run ``serve(app, config)`` (hypercorn's or the drop-in's) on the test's loop.
+
+    Yields the port (127.0.0.1, listening already) and the event that
+    triggers the shutdown; on exit sets it and waits for ``serve`` (bounded).
+    ``tls``: (certificate, key) files; ``app``: the ASGI app (``_asgi_app``'s
+    by default); ``sndbuf``: SO_SNDBUF of the accepted connections (set on
+    the listener, which they inherit). ``options`` go to hypercorn's Config.
+    """
+    from hypercorn.config import Config
+
+    if app is None:
+        from _asgi_app import app
+    listener = socket.socket()
+    if sndbuf is not None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    listener.bind((HOST, 0))
+    listener.listen(128)  # connections queue from now on, before hypercorn runs
+    port = listener.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{listener.detach()}"]
+    config.graceful_timeout = 5.0
+    if tls is not None:
+        config.certfile, config.keyfile = str(tls[0]), str(tls[1])
+    for name, value in options.items():
+        setattr(config, name, value)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(app, config, shutdown_trigger=stop.wait))
+    try:
+        yield port, stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)

@@ -8,9 +8,14 @@ drop-in delivering every time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import socket
-from collections.abc import Callable, Iterator
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -19,15 +24,28 @@ pytest.importorskip("hypercorn")
 from _dropins import (
     HOST,
     ab_uploads,
+    answer,
     assert_dropin_loses_nothing_in_race,
     assert_stock_loses_in_race,
+    connect_each_iteration,
     curl_uploads,
     httpclient_uploads,
+    hypercorn_serving,
     node_uploads,
     python,
+    queued_connections,
     server_process,
     wget_uploads,
 )
+from _util import (
+    SMALL_RCVBUF,
+    TCP_CLOSE,
+    TCP_ESTABLISHED,
+    set_linger_zero,
+    wait_for_tcp_state,
+)
+
+from aiograceful import CloseOutcome, CloseResult, LingerOptions
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -117,3 +135,201 @@ def test_hypercorn_dropin_answers_a_half_closed_client(
             data += chunk
     assert data.startswith(b"HTTP/1.1 200"), data
     assert data.endswith(b"ok\n"), data
+
+
+# -- the accept queue at shutdown ------------------------------------------------------------
+
+
+_GET_CLOSE = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+
+
+async def _arriving_at_shutdown(serve: Callable[..., Awaitable[None]]) -> list[bytes | str]:
+    """Connections arriving, one per loop iteration, as hypercorn's shutdown begins; a GET
+    on each; what each got (the answer, or the error)."""
+    socks: list[socket.socket] = []
+    async with hypercorn_serving(serve) as (port, stop):
+        # One served request first: hypercorn is up and accepting.
+        warm = await asyncio.to_thread(
+            answer, socket.create_connection((HOST, port), 5), None, _GET_CLOSE
+        )
+        assert isinstance(warm, bytes), warm
+        assert warm.startswith(b"HTTP/1.1 200"), warm
+        stop.set()
+        connect_each_iteration(asyncio.get_running_loop(), port, socks)
+        for _ in range(200):  # until a connect is refused (the listener is gone)
+            await asyncio.sleep(0.005)
+            if len(socks) >= 50 or not _accepting(port):
+                break
+        got = await asyncio.gather(*(asyncio.to_thread(answer, s) for s in socks))
+    return list(got)
+
+
+def _accepting(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _answered(got: list[bytes | str]) -> int:
+    return sum(isinstance(g, bytes) and g.startswith(b"HTTP/1.1 200") for g in got)
+
+
+async def test_hypercorn_connections_arriving_at_shutdown_are_answered() -> None:
+    """Connections that arrive as the shutdown begins: stock hypercorn answers none of them
+    (closed at once, reset from the accept queue, or accepted and dropped as the listener
+    closes); the drop-in accepts them all, draining the queue, and answers each."""
+    from hypercorn.asyncio import serve as stock_serve
+
+    from aiograceful.hypercorn import serve
+
+    with warnings.catch_warnings(record=True) as leaked:
+        # On asyncio's loop, a connection accepted in the iteration in which
+        # the listener closes gets a transport the server refuses to attach:
+        # nothing serves it, nothing closes it; its socket is collected here.
+        warnings.simplefilter("always", ResourceWarning)
+        stock = await _arriving_at_shutdown(stock_serve)
+        gc.collect()
+    assert stock, "no connection arrived during the shutdown"
+    assert all(issubclass(w.category, ResourceWarning) for w in leaked), leaked
+    assert _answered(stock) < len(stock), stock
+    got = await _arriving_at_shutdown(serve)
+    assert got, "no connection arrived during the shutdown"
+    assert _answered(got) == len(got), got
+    assert all(b"connection: close" in g.lower() for g in got if isinstance(g, bytes)), got
+
+
+async def test_hypercorn_listener_drains_its_accept_queue() -> None:
+    """A listener closed with connections in its accept queue: asyncio's server (hypercorn's)
+    resets them; the drop-in's listener serves each through hypercorn's callback."""
+    from aiograceful.hypercorn import _start_server
+
+    results = {}
+    for name, start in (("stock", asyncio.start_server), ("dropin", _start_server)):
+        served = 0
+
+        async def callback(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal served
+            served += 1
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+            writer.close()
+
+        server = await start(callback, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        socks = queued_connections(port, 4)  # the loop accepts none of them before close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+        got = await asyncio.gather(*(asyncio.to_thread(answer, s) for s in socks))
+        results[name] = (served, _answered(list(got)), got)
+    assert results["stock"][:2] == (0, 0), results
+    assert results["dropin"][:2] == (4, 4), results
+
+
+# -- send_timeout: a client that stops reading -------------------------------------------------
+
+#: The download: a little more than the buffers on the way hold (the
+#: server's kernel with SO_SNDBUF _SNDBUF, its transport's 64 KiB, the client's).
+_BODY = 896 << 10
+_SNDBUF = 256 << 10
+#: The client stops reading with at least this much of the download still to
+#: come: more than its receive buffer holds, so that some stays unacknowledged.
+_LEFT = 192 << 10
+_RATE = 256 << 10  # bytes/s the client reads at, until it stops
+_SEND_TIMEOUT = 1.0
+#: The client stops this long after the drop-in's close began (if _LEFT is not reached first).
+_READ_DURING_CLOSE = 1.5 * _SEND_TIMEOUT
+
+
+async def _download_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """GET: ``_BODY`` bytes, in 16 KiB sends (each waits for flow control)."""
+    if scope["type"] != "http":
+        return
+    headers = [(b"content-length", str(_BODY).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    chunk = b"x" * (16 << 10)
+    for _ in range(_BODY // len(chunk) - 1):
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": chunk})
+
+
+def _read_then_stop(
+    port: int, stopped: list[float], closes: list[tuple[float, Any]]
+) -> socket.socket:
+    """GET with Connection: close through a small receive buffer, read at ``_RATE`` until
+    ``_LEFT`` bytes are still to come, or ``_READ_DURING_CLOSE`` after the close began
+    (``closes``), then stop reading (the socket stays open: returned)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+    sock.settimeout(10)
+    sock.connect((HOST, port))
+    sock.sendall(b"GET /big HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    got = 0
+    for _ in range(10_000):  # bounded by the byte count too
+        if got >= _BODY - _LEFT:
+            break
+        if closes and time.monotonic() - closes[0][0] >= _READ_DURING_CLOSE:
+            break
+        chunk = sock.recv(8 << 10)
+        assert chunk, f"the download ended after {got} bytes"
+        got += len(chunk)
+        time.sleep(len(chunk) / _RATE)
+    stopped.append(time.monotonic())
+    return sock
+
+
+async def test_hypercorn_send_timeout_ends_a_close_the_client_stopped_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that reads slowly, then stops: stock hypercorn's close waits on it without a
+    bound; the drop-in's close lasts while bytes are acknowledged (longer than send_timeout),
+    then ends send_timeout after the client stopped (IDLE_TIMEOUT, bytes left unacked, RST)."""
+    from hypercorn.asyncio import serve as stock_serve
+
+    import aiograceful.hypercorn as graceful_hypercorn
+
+    monkeypatch.setattr(
+        graceful_hypercorn.GracefulTCPServer,
+        "linger",
+        LingerOptions(send_timeout=_SEND_TIMEOUT, timeout=5.0, idle_timeout=1.0),
+    )
+    closes: list[tuple[float, asyncio.Future[CloseResult]]] = []
+    real_close = graceful_hypercorn.graceful_close
+
+    def recording_close(writer: asyncio.StreamWriter, **kwargs: Any) -> Any:
+        assert kwargs["send_timeout"] == _SEND_TIMEOUT, kwargs
+        fut = asyncio.ensure_future(real_close(writer, **kwargs))
+        closes.append((time.monotonic(), fut))
+        return fut
+
+    monkeypatch.setattr(graceful_hypercorn, "graceful_close", recording_close)
+    options = {"app": _download_app, "sndbuf": _SNDBUF, "graceful_timeout": 1.0}
+
+    # Stock: once the client stops reading, nothing ends the close.
+    stopped: list[float] = []
+    async with hypercorn_serving(stock_serve, **options) as (port, _stop):
+        sock = await asyncio.to_thread(_read_then_stop, port, stopped, closes)
+        with sock:
+            state = await wait_for_tcp_state(sock, TCP_CLOSE, within=_SEND_TIMEOUT + 2.0)
+            assert state == TCP_ESTABLISHED, state  # no RST: the stock close still waits
+            set_linger_zero(sock)  # end it from our side
+    assert not closes  # (stock never called the drop-in's close)
+
+    # The drop-in.
+    stopped.clear()
+    async with hypercorn_serving(graceful_hypercorn.serve, **options) as (port, _stop):
+        sock = await asyncio.to_thread(_read_then_stop, port, stopped, closes)
+        with sock:
+            assert closes, "the close had not begun when the client stopped reading"
+            began, fut = closes[0]
+            # The close began while the client still read, more than send_timeout before
+            # it stopped: bytes were acknowledged all along, and it was not cut.
+            assert stopped[0] - began > _SEND_TIMEOUT, (began, stopped)
+            assert not fut.done(), fut
+            result = await asyncio.wait_for(fut, _SEND_TIMEOUT + 5.0)
+            state = await wait_for_tcp_state(sock, TCP_CLOSE, within=2.0)
+    assert result.outcome is CloseOutcome.IDLE_TIMEOUT, result
+    assert result.unacked is not None, result
+    assert result.unacked > 0, result
+    assert state == TCP_CLOSE, state  # the client got the RST

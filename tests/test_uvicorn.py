@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import importlib.util
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from _util import UPLOAD_HEAD
+from _util import TCP_CLOSE, TCP_CLOSE_WAIT, UPLOAD_HEAD, wait_for_tcp_state
 
 pytest.importorskip("uvicorn")
 
@@ -39,6 +42,7 @@ from _dropins import (
     wget_uploads,
 )
 
+from aiograceful import CloseOutcome
 from aiograceful import uvicorn as graceful_uvicorn
 from aiograceful._probe import run_probe
 
@@ -368,3 +372,105 @@ def test_import_aiograceful_does_not_import_uvicorn() -> None:
         "sys.exit(1 if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=env(), timeout=30)
+
+
+def test_uvicorn_all_is_importable_without_httptools() -> None:
+    """Without httptools, ``__all__`` leaves ``HttpToolsProtocol`` out, so ``import *`` works;
+    the name itself raises ImportError saying what to install."""
+    code = (
+        "import sys; sys.modules['httptools'] = None\n"  # as if it were not installed
+        "import aiograceful.uvicorn as u\n"
+        "assert 'HttpToolsProtocol' not in u.__all__, u.__all__\n"
+        "from aiograceful.uvicorn import *\n"
+        "try:\n"
+        "    u.HttpToolsProtocol\n"
+        "except ImportError as exc:\n"
+        "    assert 'pip install httptools' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('HttpToolsProtocol without httptools')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=env(), timeout=30)
+    if importlib.util.find_spec("httptools") is not None:
+        assert "HttpToolsProtocol" in graceful_uvicorn.__all__
+    for name in graceful_uvicorn.__all__:
+        assert getattr(graceful_uvicorn, name) is not None, name
+
+
+def test_dropins_share_one_set_of_close_options() -> None:
+    """LINGER, IDLE_LINGER and SHUTDOWN_QUIET are defined once and re-exported by each drop-in."""
+    from aiograceful import _dropin_options
+
+    modules = [graceful_uvicorn]
+    for name in ("aiograceful.hypercorn", "aiograceful.aiohttp"):
+        with contextlib.suppress(ImportError):  # that server is not installed
+            modules.append(importlib.import_module(name))
+    for module in modules:
+        for name in ("LINGER", "IDLE_LINGER", "SHUTDOWN_QUIET"):
+            if name in module.__all__:
+                assert getattr(module, name) is getattr(_dropin_options, name), (module, name)
+    assert graceful_uvicorn.H11Protocol.linger is _dropin_options.LINGER
+
+
+def _trickle(sock: socket.socket, stop: threading.Event) -> str:
+    """Keep sending 1 KiB every 50 ms (never a FIN) until stopped or the server ends it."""
+    chunk = b"x" * 1024
+    try:
+        for _ in range(400):  # 20 s at most
+            if stop.wait(0.05):
+                return "stopped"
+            sock.sendall(chunk)
+    except OSError as exc:
+        return type(exc).__name__
+    return "ran out"
+
+
+@pytest.mark.parametrize("dropin", [False, True], ids=["stock", "dropin"])
+async def test_uvicorn_server_force_shortens_a_lingering_close(dropin: bool) -> None:
+    """A lingering close whose client never sends its FIN and keeps sending (so no idle
+    bound fires): uvicorn.Server's shutdown returns with it still open (the drop-in's
+    protocol in both); aiograceful's Server's force phase ends it (TIMEOUT, a RST) within
+    grace + force_timeout, before its shutdown returns."""
+    config = _config(timeout_graceful_shutdown=1)
+    if dropin:
+        server: uvicorn.Server = graceful_uvicorn.Server(config, force_timeout=0.5)
+    else:
+        server = uvicorn.Server(config)
+    config.load()
+    server.lifespan = config.lifespan_class(config)
+    await server.startup()
+    port = server.servers[0].sockets[0].getsockname()[1]
+    stop = threading.Event()
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        # An upload answered early (413, Connection: close): its close lingers,
+        # discarding what the client still sends (LINGER: 30 s total, 5 s idle).
+        sock.sendall(UPLOAD_HEAD % (64 << 20))
+        sock.sendall(b"x" * 65536)
+        head = await asyncio.to_thread(sock.recv, 65536)
+        assert head.startswith(b"HTTP/1.1 413"), head
+        connection = next(iter(server.server_state.connections))
+        linger = connection._end.linger
+        trickle = asyncio.ensure_future(asyncio.to_thread(_trickle, sock, stop))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if linger.lingering:
+                break
+        assert linger.lingering, linger
+        await asyncio.wait_for(server.shutdown(), 10)
+        still_open = bool(server.server_state.connections)
+        outcome = linger.outcome
+        # The client's side: the RST (TCP_CLOSE), or still established.
+        state = await wait_for_tcp_state(sock, TCP_CLOSE, within=1.0)
+        stop.set()
+        ended = await asyncio.wait_for(trickle, 10)
+        if still_open:
+            linger.abort()  # the stock server left it: end it here
+            await asyncio.wait_for(linger.future(), 5)
+    if dropin:
+        assert not still_open, linger
+        assert outcome is CloseOutcome.TIMEOUT, linger
+        assert state == TCP_CLOSE, (state, ended)
+    else:
+        assert still_open, linger  # uvicorn's shutdown returned; the linger goes on
+        # The linger's FIN came (it half-closed at once), no RST: it still discards.
+        assert state == TCP_CLOSE_WAIT, (state, ended)
+        assert ended == "stopped", ended
