@@ -295,7 +295,7 @@ async def test_hypercorn_send_timeout_ends_a_close_the_client_stopped_reading(
         LingerOptions(send_timeout=_SEND_TIMEOUT, timeout=5.0, idle_timeout=1.0),
     )
     closes: list[tuple[float, asyncio.Future[CloseResult]]] = []
-    real_close = graceful_hypercorn.graceful_close
+    real_close = graceful_hypercorn.graceful_close  # type: ignore[attr-defined]  # its import
 
     def recording_close(writer: asyncio.StreamWriter, **kwargs: Any) -> Any:
         assert kwargs["send_timeout"] == _SEND_TIMEOUT, kwargs
@@ -304,7 +304,7 @@ async def test_hypercorn_send_timeout_ends_a_close_the_client_stopped_reading(
         return fut
 
     monkeypatch.setattr(graceful_hypercorn, "graceful_close", recording_close)
-    options = {"app": _download_app, "sndbuf": _SNDBUF, "graceful_timeout": 1.0}
+    options: dict[str, Any] = {"app": _download_app, "sndbuf": _SNDBUF, "graceful_timeout": 1.0}
 
     # Stock: once the client stops reading, nothing ends the close.
     stopped: list[float] = []

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from _util import TCP_CLOSE, TCP_CLOSE_WAIT, UPLOAD_HEAD, wait_for_tcp_state
@@ -447,7 +448,7 @@ async def test_uvicorn_server_force_shortens_a_lingering_close(dropin: bool) -> 
         sock.sendall(b"x" * 65536)
         head = await asyncio.to_thread(sock.recv, 65536)
         assert head.startswith(b"HTTP/1.1 413"), head
-        connection = next(iter(server.server_state.connections))
+        connection: Any = next(iter(server.server_state.connections))  # aiograceful's protocol
         linger = connection._end.linger
         trickle = asyncio.ensure_future(asyncio.to_thread(_trickle, sock, stop))
         for _ in range(200):
