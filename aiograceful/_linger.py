@@ -54,21 +54,28 @@ import dataclasses
 import enum
 import logging
 import math
+import struct
+import sys
 from collections.abc import Callable
 from typing import Any, Final
 
 from . import _deadlines
 from ._socket import (
+    _INT_ZERO,
+    _SIOCINQ,
+    _SIOCOUTQ,
+    _TCP_FAMILIES,
     TCP_CLOSE,
     TCP_FIN_UNACKED,
     bytes_acked,
-    receive_queue,
     reset,
-    send_queue,
     shutdown_error,
     tcp_state,
 )
 from ._state import Event, HalfCloseMachine, HalfCloseState
+
+if sys.platform != "win32":
+    import fcntl
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -103,6 +110,10 @@ _POLL_MAX: Final = 1.0
 # this long (or idle_timeout, if shorter). A peer still uploading is not
 # silent, and keeps being read; one that is silent is waiting for us.
 _TLS_QUIET: Final = 0.2
+
+# Linger._sock before the transport's socket has been looked up.
+_NOT_YET: Final = object()
+_UNPACK_INT: Final = struct.Struct("i").unpack
 
 # The states in which a close is under way (its timer may end it).
 _CLOSE_STATES: Final = frozenset(
@@ -347,6 +358,7 @@ class Linger:
         "_outstanding",
         "_poll",
         "_progress_at",
+        "_sock",
         "_started",
         "_timer",
         "_trailing",
@@ -396,7 +408,12 @@ class Linger:
         #: Called (synchronously) at the end of :meth:`lost`, once the result is made.
         self.on_lost: Callable[[Linger], None] | None = None
         self._future: asyncio.Future[CloseResult] | None = None
-        self._waiters: list[CloseWaiter] | None = None
+        # One caller's waiter (the common case: no list), or a list of them.
+        self._waiters: CloseWaiter | list[CloseWaiter] | None = None
+        # The transport's socket for the kernel's queue counts, looked up on
+        # first use (uvloop makes its socket object then: a getsockname());
+        # None where they do not apply (not TCP, not Linux).
+        self._sock: Any = _NOT_YET
         self._trailing: bytearray | None = None
         self.discarded = 0
         self.last_read = 0.0
@@ -448,9 +465,11 @@ class Linger:
         waiter._linger = self
         waiters = self._waiters
         if waiters is None:
-            self._waiters = [waiter]
-        else:
+            self._waiters = waiter
+        elif isinstance(waiters, list):
             waiters.append(waiter)
+        else:
+            self._waiters = [waiters, waiter]
         return waiter
 
     def outstanding(self) -> tuple[int, bool]:
@@ -462,7 +481,7 @@ class Linger:
         """
         transport = self.transport
         buffered = transport.get_write_buffer_size()
-        queued = send_queue(transport)
+        queued = self._ioctl(_SIOCOUTQ)
         if queued is None:
             return buffered, False
         # Once shutdown(SHUT_WR) has run the kernel counts our FIN as one byte.
@@ -479,8 +498,38 @@ class Linger:
 
     def quiet(self) -> bool:
         """True when nothing is buffered either way: our bytes all acknowledged, none unread."""
+        if self.transport.get_write_buffer_size():
+            return False  # no need to ask the kernel
         total, _exact = self.outstanding()
-        return total == 0 and not receive_queue(self.transport)
+        return total == 0 and not self.unread()
+
+    def unread(self) -> int | None:
+        """Bytes in the kernel's receive queue, not yet read (``SIOCINQ``); None if unknown."""
+        return self._ioctl(_SIOCINQ)
+
+    def _ioctl(self, request: int | None) -> int | None:
+        """One of the kernel's queue counts (``_socket.send_queue``/``receive_queue``)."""
+        sock = self._sock
+        if sock is _NOT_YET:
+            sock = self.transport.get_extra_info("socket")
+            # TCP only: on a Unix socket SIOCOUTQ counts the memory of the
+            # buffers the peer has not read (not bytes, and not acknowledgements).
+            if (
+                _SIOCOUTQ is None
+                or sock is None
+                or getattr(sock, "family", None) not in _TCP_FAMILIES
+            ):
+                sock = None
+            self._sock = sock
+        if sock is None or request is None:
+            return None
+        try:
+            raw = fcntl.ioctl(sock.fileno(), request, _INT_ZERO)
+        except (OSError, ValueError):
+            # ValueError: asyncio's TransportSocket on a socket closed under it.
+            return None
+        value: int = _UNPACK_INT(raw)[0]
+        return value
 
     # -- events from the owner -------------------------------------------
 
@@ -573,6 +622,11 @@ class Linger:
         # the upload it is still sending, as an error, and reset it.
         if state is HalfCloseState.FLUSHING and was is not HalfCloseState.FLUSHING:
             self._flush()
+        elif self._acked_at is None and machine.state is HalfCloseState.LINGERING:
+            # _arm() for the common case, inlined: the first sample of the send side.
+            poll = self._poll
+            self._poll = min(poll * 2, options.poll_cap)
+            self._clock().at(min(self._hard_deadline, now + poll))
         else:
             self._arm()
 
@@ -600,13 +654,14 @@ class Linger:
         machine = self.machine
         if not machine.live:
             return  # closing already, or gone
-        if receive_queue(self.transport) != 0:
+        if self.unread() != 0:
             self.abort()  # bytes unread (or the platform cannot tell): a RST either way
             return
         if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
             self.outcome = CloseOutcome.ABORTED
         machine.feed(Event.CLOSE)
         self._acked_at = None
+        self._outstanding = -1  # the next sample starts the count afresh
         self._poll = _POLL_FIRST
         self.transport.close()
         self._arm()
@@ -647,32 +702,32 @@ class Linger:
             # transport itself. Clean only if nothing of ours was left
             # unacknowledged and nothing unread (which makes close() a RST).
             unacked = self.unacked
-            if (unacked is not None and unacked > 0) or receive_queue(self.transport):
+            if (unacked is not None and unacked > 0) or self.unread():
                 outcome = CloseOutcome.ABORTED
             else:
                 outcome = CloseOutcome.CLEAN
         started = self._started
         trailing = self._trailing
-        self.result = CloseResult(
-            outcome=outcome,
-            discarded=self.discarded,
-            duration=0.0 if started is None else max(0.0, self.loop.time() - started),
-            trailing=b"" if trailing is None else bytes(trailing),
-            unacked=self.unacked,
+        result = self.result = CloseResult(
+            outcome,
+            self.discarded,
+            0.0 if started is None else max(0.0, self.loop.time() - started),
+            b"" if trailing is None else bytes(trailing),
+            self.unacked,
         )
         self.outcome = outcome
         self._trailing = None
         machine.feed(Event.LOST)
         fut = self._future
         if fut is not None and not fut.done():
-            fut.set_result(self.result)
+            fut.set_result(result)
         waiters = self._waiters
         if waiters is not None:
             self._waiters = None
-            for waiter in waiters:
+            for waiter in waiters if isinstance(waiters, list) else (waiters,):
                 waiter._linger = None
                 if not waiter.done():
-                    waiter.set_result(self.result)
+                    waiter.set_result(result)
         # The watches' callbacks hold their owner (a server connection, and
         # through it the stream's writer, a key of _streams._LINGERS): drop them.
         self._on_idle = None
@@ -771,10 +826,22 @@ class Linger:
 
     def _flush(self) -> None:
         """Both directions are done: close now if the peer has all our bytes, else wait for it."""
-        total, exact = self.outstanding()
-        if total == 0:
-            self._flushed(exact)
+        if self.transport.get_write_buffer_size():
+            # Bytes of ours are still in the transport: no need to ask the
+            # kernel now; the first sample starts the count (as after begin()).
+            total = -1
+        elif self._acked_at is not None and self._outstanding == 0 and self.machine.eof_written:
+            # A sample found everything acknowledged (the kernel said so:
+            # exact), and nothing can have been written since our FIN (both
+            # loops refuse write() after write_eof()): the peer has it all.
+            # Our FIN itself is never counted (see outstanding()).
+            self._flushed(True)
             return
+        else:
+            total, exact = self.outstanding()
+            if total == 0:
+                self._flushed(exact)
+                return
         now = self.loop.time()
         self._acked_at = None
         if self._started is None:
@@ -852,6 +919,8 @@ class Linger:
             total, exact = self.outstanding()
             if total == 0:
                 self._acked_at = now
+                # 0: the kernel said nothing is outstanding; -1: it could not tell.
+                self._outstanding = 0 if exact else -1
                 if state is HalfCloseState.FLUSHING:
                     self._flushed(exact)
                     return
@@ -921,7 +990,7 @@ class Linger:
         if acked != self._acked_mark:
             self._acked_mark = acked
             self._progress_at = now
-        elif self.transport.get_write_buffer_size() or send_queue(self.transport):
+        elif self.transport.get_write_buffer_size() or self._ioctl(_SIOCOUTQ):
             if now - self._progress_at >= self._opts().send_timeout:
                 self._fail(CloseOutcome.IDLE_TIMEOUT)
                 return True
