@@ -25,7 +25,7 @@ import inspect
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol
 
-from ._linger import UNSET, Linger, LingerOptions, logger
+from ._linger import _ENDED, UNSET, Linger, LingerOptions, logger
 from ._protocol import GracefulProtocol, merge_options
 from ._socket import TCPI_LAST_DATA_RECV, TCPI_LAST_DATA_SENT, tcp_info_u32
 from ._streams import take_from
@@ -133,7 +133,8 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         graceful = self._graceful
-        if graceful is not None:
+        if graceful is not None and graceful.result is None:
+            # (After a linger, the discarder has made the result already.)
             graceful.lost(exc)
         super().connection_lost(exc)
         # As StreamReaderProtocol drops its _stream_writer: the writer points back here.
@@ -194,7 +195,7 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
 
     def _close_now(self, options: LingerOptions) -> None:
         graceful = self._graceful
-        if graceful is None or graceful.lingering or not graceful.machine.live:
+        if graceful is None or graceful.lingering or graceful.machine.state in _ENDED:
             return  # begin() would do nothing: leave the reader's bytes alone
         unread, peer_eof = take_from(self._conn_reader)
         graceful.begin(options, unread=unread, peer_eof=peer_eof)

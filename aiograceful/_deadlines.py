@@ -209,7 +209,11 @@ class DeadlineTimer:
     __slots__ = ("_callback", "_deadlines", "_entry", "when")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        self._deadlines = deadlines_of(loop)
+        # deadlines_of(), its common case inlined: one made per lingering connection.
+        try:
+            self._deadlines: _Deadlines = getattr(loop, _ATTR)
+        except AttributeError:
+            self._deadlines = deadlines_of(loop)
         self._callback = callback
         self._entry: list[Any] | None = None
         self.when = math.inf
@@ -228,7 +232,12 @@ class DeadlineTimer:
             self._deadlines.drop(entry)
         self.when = when
         entry = self._entry = [when, self]
-        self._deadlines.push(entry)
+        # _Deadlines.push(), inlined: this runs on every close.
+        deadlines = self._deadlines
+        heapq.heappush(deadlines._heap, entry)
+        deadlines._live += 1
+        if when < deadlines._handle_when:
+            deadlines._arm(when)
 
     def cancel(self) -> None:
         """Forget the deadline, if any."""

@@ -115,6 +115,9 @@ _TLS_QUIET: Final = 0.2
 _NOT_YET: Final = object()
 _UNPACK_INT: Final = struct.Struct("i").unpack
 
+# The states in which the transport has been told to close (not machine.live).
+_ENDED: Final = frozenset({HalfCloseState.CLOSING, HalfCloseState.CLOSED})
+
 # The states in which a close is under way (its timer may end it).
 _CLOSE_STATES: Final = frozenset(
     {HalfCloseState.LINGERING, HalfCloseState.FLUSHING, HalfCloseState.CLOSING}
@@ -123,6 +126,10 @@ _CLOSE_STATES: Final = frozenset(
 
 class CloseOutcome(enum.Enum):
     """How a graceful close ended."""
+
+    # Members are singletons compared by identity: hash them so too (Enum's
+    # own __hash__ is a Python call, paid where outcomes are counted).
+    __hash__ = object.__hash__
 
     #: The peer's FIN was seen after ours and (where the platform tells) the
     #: peer acknowledged every byte we wrote.
@@ -511,13 +518,19 @@ class Linger:
         """One of the kernel's queue counts (``_socket.send_queue``/``receive_queue``)."""
         sock = self._sock
         if sock is _NOT_YET:
-            sock = self.transport.get_extra_info("socket")
+            transport = self.transport
+            sock = transport.get_extra_info("socket")
             # TCP only: on a Unix socket SIOCOUTQ counts the memory of the
             # buffers the peer has not read (not bytes, and not acknowledgements).
+            # An AF_INET/AF_INET6 address is a tuple (a Unix one is a str or
+            # bytes): that test spares uvloop's socket.family its AddressFamily().
             if (
                 _SIOCOUTQ is None
                 or sock is None
-                or getattr(sock, "family", None) not in _TCP_FAMILIES
+                or (
+                    transport.get_extra_info("sockname").__class__ is not tuple
+                    and getattr(sock, "family", None) not in _TCP_FAMILIES
+                )
             ):
                 sock = None
             self._sock = sock
@@ -548,7 +561,7 @@ class Linger:
         Returns False if the peer had reset the connection (it is then closing).
         """
         machine = self.machine
-        if machine.eof_written or not machine.live:
+        if machine.eof_written or machine.state in _ENDED:
             return True
         exc = shutdown_error(self.transport)
         if exc is not None:
@@ -577,7 +590,7 @@ class Linger:
         holds: its unread bytes, and whether it has seen the peer's FIN.
         """
         machine = self.machine
-        if self._started is not None or not machine.live:
+        if self._started is not None or machine.state in _ENDED:
             return
         if final and machine.eof_written:
             # Both loops refuse write() after write_eof(); refuse before touching anything.
@@ -626,7 +639,10 @@ class Linger:
             # _arm() for the common case, inlined: the first sample of the send side.
             poll = self._poll
             self._poll = min(poll * 2, options.poll_cap)
-            self._clock().at(min(self._hard_deadline, now + poll))
+            timer = self._timer
+            if timer is None:
+                timer = self._timer = _deadlines.DeadlineTimer(self.loop, self._on_timer)
+            timer.at(min(self._hard_deadline, now + poll))
         else:
             self._arm()
 

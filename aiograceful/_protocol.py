@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from typing import Any, ClassVar, Final, cast
+from typing import Any, ClassVar, Final
 
 from ._linger import (
     UNSET,
@@ -123,9 +123,14 @@ class GracefulProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Record the transport and start tracking the connection. Call ``super()``."""
-        self.transport = cast(asyncio.Transport, transport)
+        # A stream transport (what create_server gives a Protocol); no
+        # typing.cast() here: it is a Python call on every connection.
+        self.transport = transport  # type: ignore[assignment]
         self._graceful = Linger(
-            asyncio.get_running_loop(), self.transport, self, self._linger_options or self.linger
+            asyncio.get_running_loop(),
+            transport,  # type: ignore[arg-type]
+            self,
+            self._linger_options or self.linger,
         )
         attach = self._graceful_attach
         if attach is not None:
@@ -152,7 +157,8 @@ class GracefulProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection is gone: complete the close result. Call ``super()``."""
         graceful = self._graceful
-        if graceful is not None:
+        if graceful is not None and graceful.result is None:
+            # (After a linger, the discarder has made the result already.)
             graceful.lost(exc)
 
     # -- hooks ---------------------------------------------------------------
