@@ -3,8 +3,8 @@
 One :class:`Linger` record goes with each connection (created by
 ``GracefulProtocol.connection_made``, or by ``graceful_close`` for a stream).
 It owns the connection's :class:`~aiograceful._state.HalfCloseMachine`, its one
-timer handle, the byte counts and the outcome, and it turns
-``connection_lost`` into a :class:`CloseResult`.
+deadline (the record is its own entry on the loop's deadline heap), the byte
+counts and the outcome, and it turns ``connection_lost`` into a :class:`CloseResult`.
 
 While lingering, the transport's protocol is swapped (``transport.set_protocol``)
 for a :class:`_Discarder`, a plain ``Protocol`` that counts what the peer
@@ -349,8 +349,12 @@ class CloseWaiter(asyncio.Future[CloseResult]):
         return cancelled
 
 
-class Linger:
-    """The close of one connection: state, deadlines, counts, outcome, result."""
+class Linger(_deadlines.Timed):
+    """The close of one connection: state, deadlines, counts, outcome, result.
+
+    It is its own timer (:class:`~aiograceful._deadlines.Timed`): one
+    deadline on the loop's shared structure, :meth:`_on_deadline` when due.
+    """
 
     __slots__ = (
         "_acked_at",
@@ -367,7 +371,6 @@ class Linger:
         "_progress_at",
         "_sock",
         "_started",
-        "_timer",
         "_trailing",
         "_waiters",
         "discarded",
@@ -392,9 +395,10 @@ class Linger:
         self.transport = transport
         self.machine = HalfCloseMachine()
         self._forward = forward
-        # Made on first use: a connection that never lingers (nor watches
-        # for idleness) never pays for it.
-        self._timer: _deadlines.DeadlineTimer | None = None
+        # The connection's one deadline (Timed): unarmed until a close or a watch.
+        self._deadlines = _deadlines.structure_of(loop)
+        self._entry = None
+        self.when = math.inf
         #: The bounds of a close that starts without begin() (both FINs
         #: exchanged through write_eof()); begin() replaces them.
         self._options: LingerOptions | None = options
@@ -443,9 +447,8 @@ class Linger:
 
     @property
     def timer_armed(self) -> bool:
-        """True while this connection's timer handle is scheduled."""
-        timer = self._timer
-        return timer is not None and timer.armed
+        """True while this connection's deadline is set."""
+        return self._entry is not None
 
     @property
     def idle_timeout(self) -> float | None:
@@ -639,10 +642,7 @@ class Linger:
             # _arm() for the common case, inlined: the first sample of the send side.
             poll = self._poll
             self._poll = min(poll * 2, options.poll_cap)
-            timer = self._timer
-            if timer is None:
-                timer = self._timer = _deadlines.DeadlineTimer(self.loop, self._on_timer)
-            timer.at(min(self._hard_deadline, now + poll))
+            self.at(min(self._hard_deadline, now + poll))
         else:
             self._arm()
 
@@ -699,11 +699,8 @@ class Linger:
         machine = self.machine
         if machine.state is HalfCloseState.CLOSED:
             return
-        timer = self._timer
-        if timer is not None:
-            timer.cancel()
-            # The timer's callback is our bound method: drop the cycle.
-            self._timer = None
+        if self._entry is not None:
+            self.disarm()
         if self.unacked == -1:
             # Not measured when the close ended (the loop closed the transport
             # itself): both loops still hold the socket during connection_lost.
@@ -780,7 +777,7 @@ class Linger:
         self._idle_timeout = idle_timeout
         self._on_idle = on_idle
         self.last_read = self.loop.time()
-        self._clock().at(self.last_read + idle_timeout)
+        self.at(self.last_read + idle_timeout)
 
     def when_quiet(self, action: Callable[[], None]) -> None:
         """Call ``action()`` once the connection is :meth:`quiet` (now, if it is).
@@ -800,7 +797,7 @@ class Linger:
         self._poll = _POLL_FIRST
         now = self.loop.time()
         self._progress_at = now
-        self._clock().at(now + self._poll)
+        self.at(now + self._poll)
 
     def shorten(self, seconds: float) -> None:
         """Bound everything left of the close (or of a quiet wait) to ``seconds`` from now.
@@ -811,7 +808,7 @@ class Linger:
         if self.machine.state is HalfCloseState.CLOSED:
             return
         self._hard_deadline = min(self._hard_deadline, self.loop.time() + seconds)
-        self._clock().at(self._hard_deadline)
+        self.at(self._hard_deadline)
 
     # -- internals ---------------------------------------------------------
 
@@ -875,12 +872,6 @@ class Linger:
         # sends nothing but our FIN if it was not queued yet.
         self.transport.close()
 
-    def _clock(self) -> _deadlines.DeadlineTimer:
-        timer = self._timer
-        if timer is None:
-            timer = self._timer = _deadlines.DeadlineTimer(self.loop, self._on_timer)
-        return timer
-
     def _next_poll(self, now: float, cap: float) -> float:
         poll = self._poll
         self._poll = min(poll * 2, cap)
@@ -902,7 +893,7 @@ class Linger:
                 if self._on_quiet is not None:
                     when = min(when, self._next_poll(now, 0.25))
             if when < math.inf:
-                self._clock().at(when)
+                self.at(when)
             return
         options = self._opts()
         acked_at = self._acked_at
@@ -916,9 +907,9 @@ class Linger:
                     when = min(when, silent + options.idle_timeout)
                 if not self.machine.eof_written:
                     when = min(when, silent + _TLS_QUIET)
-        self._clock().at(when)
+        self.at(when)
 
-    def _on_timer(self) -> None:
+    def _on_deadline(self) -> None:
         state = self.machine.state
         if state is HalfCloseState.CLOSED:
             return
@@ -1044,9 +1035,8 @@ class Linger:
             parts.append(f"discarded={self.discarded}")
             if self._acked_at is None and self.machine.live:
                 parts.append(f"outstanding={self._outstanding}")
-        timer = self._timer
-        if timer is not None and timer.armed:
-            parts.append(f"deadline={timer.when:.3f}")
+        if self._entry is not None:
+            parts.append(f"deadline={self.when:.3f}")
         if self.outcome is not None:
             parts.append(f"outcome={self.outcome.name}")
         return f"<Linger {' '.join(parts)}>"
