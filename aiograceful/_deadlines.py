@@ -1,5 +1,9 @@
 """One deadline structure per event loop, behind a per-connection timer object.
 
+The timer is a :class:`Timed`: a :class:`DeadlineTimer` (with a callback), or a
+connection's close record itself (``_linger.Linger``), so that a lingering
+connection carries no timer object of its own.
+
 A loop timer handle per connection was the first design. On uvloop each
 ``loop.call_at`` is a libuv timer handle (a ``TimerHandle`` and a ``UVTimer``
 around a ``uv_timer_t``: about 550 bytes), started on creation and
