@@ -21,15 +21,14 @@ The server sees each through :class:`_Connection`: its ``Linger`` record,
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol
 
-from ._linger import Linger, LingerOptions, logger
-from ._protocol import GracefulProtocol
-from ._socket import TCPI_LAST_DATA_RECV, TCPI_LAST_DATA_SENT, receive_queue, tcp_info_u32
-from ._streams import _take_unread
+from ._linger import _ENDED, UNSET, Linger, LingerOptions, logger
+from ._protocol import GracefulProtocol, merge_options
+from ._socket import TCPI_LAST_DATA_RECV, TCPI_LAST_DATA_SENT, tcp_info_u32
+from ._streams import take_from
 
 if TYPE_CHECKING:
     from ._server import GracefulServer
@@ -134,7 +133,8 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         graceful = self._graceful
-        if graceful is not None:
+        if graceful is not None and graceful.result is None:
+            # (After a linger, the discarder has made the result already.)
             graceful.lost(exc)
         super().connection_lost(exc)
         # As StreamReaderProtocol drops its _stream_writer: the writer points back here.
@@ -195,9 +195,9 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
 
     def _close_now(self, options: LingerOptions) -> None:
         graceful = self._graceful
-        if graceful is None or graceful.lingering:
-            return
-        unread, peer_eof = _take_unread(self)
+        if graceful is None or graceful.lingering or graceful.machine.state in _ENDED:
+            return  # begin() would do nothing: leave the reader's bytes alone
+        unread, peer_eof = take_from(self._conn_reader)
         graceful.begin(options, unread=unread, peer_eof=peer_eof)
 
     def _force(self, timeout: float) -> None:
@@ -206,7 +206,9 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
             return
         closing = graceful.lingering
         if not closing:
-            self._close_now(dataclasses.replace(self._server._linger_options, timeout=timeout))
+            self._close_now(
+                merge_options(self._server._linger_options, timeout, UNSET, UNSET, UNSET)
+            )
         # The force bounds everything, a download in progress included.
         graceful.shorten(timeout)
         task = self._handler_task
@@ -241,9 +243,8 @@ def _no_traffic(graceful: Linger, *, watched: bool) -> bool | None:
     (Unix sockets, other systems), a watched stream counts its own reads and
     writes; for an unwatched protocol the answer is None: cannot tell.
     """
-    total, _exact = graceful.outstanding()
     transport = graceful.transport
-    if total or receive_queue(transport):
+    if transport.get_write_buffer_size() or graceful.outstanding()[0] or graceful.unread():
         graceful.last_read = graceful.loop.time()
         return False
     info = tcp_info_u32(

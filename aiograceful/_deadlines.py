@@ -1,5 +1,9 @@
 """One deadline structure per event loop, behind a per-connection timer object.
 
+The timer is a :class:`Timed`: a :class:`DeadlineTimer` (with a callback), or a
+connection's close record itself (``_linger.Linger``), so that a lingering
+connection carries no timer object of its own.
+
 A loop timer handle per connection was the first design. On uvloop each
 ``loop.call_at`` is a libuv timer handle (a ``TimerHandle`` and a ``UVTimer``
 around a ``uv_timer_t``: about 550 bytes), started on creation and
@@ -41,7 +45,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["DeadlineTimer", "deadlines_of"]
+__all__ = ["DeadlineTimer", "Timed", "deadlines_of"]
 
 logger: Final = logging.getLogger("aiograceful")
 
@@ -130,7 +134,7 @@ class _Deadlines:
         self._handle_when = math.inf
         heap = self._heap
         end = self._loop.time() + _SLACK
-        due: list[DeadlineTimer] = []
+        due: list[Timed] = []
         while heap:
             entry = heap[0]
             timer = entry[1]
@@ -153,9 +157,9 @@ class _Deadlines:
         try:
             for index, timer in enumerate(due):
                 try:
-                    timer._callback()
+                    timer._on_deadline()
                 except Exception:
-                    logger.exception("deadline callback %r raised", timer._callback)
+                    logger.exception("deadline callback of %r raised", timer)
                 except BaseException:
                     # KeyboardInterrupt, SystemExit: re-arm the ones not run, then let it go.
                     for rest in due[index + 1 :]:
@@ -195,24 +199,40 @@ def deadlines_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
     return made
 
 
-class DeadlineTimer:
-    """A deadline on its loop's shared structure, re-armed lazily.
+def structure_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    """:func:`deadlines_of`, its common case (made already) first."""
+    try:
+        found: _Deadlines = getattr(loop, _ATTR)
+    except AttributeError:
+        return deadlines_of(loop)
+    return found
 
-    ``at(when)`` makes sure the callback runs no later than ``when`` (loop
-    time): it only reschedules when ``when`` is *earlier* than the armed
-    deadline. A later deadline (an idle timer pushed back by a read) is left
-    to the callback, which finds the real deadline still ahead and calls
+
+class Timed:
+    """A base class: one deadline on the loop's shared structure, re-armed lazily.
+
+    ``at(when)`` makes sure :meth:`_on_deadline` runs no later than ``when``
+    (loop time): it only reschedules when ``when`` is *earlier* than the
+    armed deadline. A later deadline (an idle timer pushed back by a read) is
+    left to the callback, which finds the real deadline still ahead and calls
     :meth:`at` again. So a busy connection costs a float store per read.
     Arming costs a two-item list on the loop's heap, not a loop handle.
+
+    A subclass sets ``_deadlines`` (:func:`structure_of`), ``_entry = None``
+    and ``when = math.inf`` in its ``__init__``, and implements
+    :meth:`_on_deadline`. A connection's close record is one itself, so a
+    lingering connection needs no timer object (nor a bound method) of its own.
     """
 
-    __slots__ = ("_callback", "_deadlines", "_entry", "when")
+    __slots__ = ("_deadlines", "_entry", "when")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        self._deadlines = deadlines_of(loop)
-        self._callback = callback
-        self._entry: list[Any] | None = None
-        self.when = math.inf
+    _deadlines: _Deadlines
+    _entry: list[Any] | None
+    when: float
+
+    def _on_deadline(self) -> None:
+        """The deadline is due (called by the loop's structure)."""
+        raise NotImplementedError
 
     @property
     def armed(self) -> bool:
@@ -220,7 +240,7 @@ class DeadlineTimer:
         return self._entry is not None
 
     def at(self, when: float) -> None:
-        """Make sure the callback runs no later than ``when`` (loop time)."""
+        """Make sure :meth:`_on_deadline` runs no later than ``when`` (loop time)."""
         entry = self._entry
         if entry is not None:
             if when >= self.when:
@@ -228,9 +248,14 @@ class DeadlineTimer:
             self._deadlines.drop(entry)
         self.when = when
         entry = self._entry = [when, self]
-        self._deadlines.push(entry)
+        # _Deadlines.push(), inlined: this runs on every close.
+        deadlines = self._deadlines
+        heapq.heappush(deadlines._heap, entry)
+        deadlines._live += 1
+        if when < deadlines._handle_when:
+            deadlines._arm(when)
 
-    def cancel(self) -> None:
+    def disarm(self) -> None:
         """Forget the deadline, if any."""
         entry = self._entry
         if entry is not None:
@@ -241,6 +266,25 @@ class DeadlineTimer:
     def __lt__(self, other: object) -> bool:
         # Compared only when two entries have the same deadline: any order will do.
         return False
+
+
+class DeadlineTimer(Timed):
+    """A deadline on its loop's shared structure that calls ``callback`` (see :class:`Timed`)."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._deadlines = structure_of(loop)
+        self._callback = callback
+        self._entry = None
+        self.when = math.inf
+
+    def _on_deadline(self) -> None:
+        self._callback()
+
+    def cancel(self) -> None:
+        """Forget the deadline, if any."""
+        self.disarm()
 
     def __repr__(self) -> str:
         if self._entry is None:

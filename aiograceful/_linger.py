@@ -3,8 +3,8 @@
 One :class:`Linger` record goes with each connection (created by
 ``GracefulProtocol.connection_made``, or by ``graceful_close`` for a stream).
 It owns the connection's :class:`~aiograceful._state.HalfCloseMachine`, its one
-timer handle, the byte counts and the outcome, and it turns
-``connection_lost`` into a :class:`CloseResult`.
+deadline (the record is its own entry on the loop's deadline heap), the byte
+counts and the outcome, and it turns ``connection_lost`` into a :class:`CloseResult`.
 
 While lingering, the transport's protocol is swapped (``transport.set_protocol``)
 for a :class:`_Discarder`, a plain ``Protocol`` that counts what the peer
@@ -54,21 +54,29 @@ import dataclasses
 import enum
 import logging
 import math
+import socket
+import struct
+import sys
 from collections.abc import Callable
 from typing import Any, Final
 
 from . import _deadlines
 from ._socket import (
+    _INT_ZERO,
+    _SIOCINQ,
+    _SIOCOUTQ,
+    _TCP_FAMILIES,
     TCP_CLOSE,
     TCP_FIN_UNACKED,
     bytes_acked,
-    receive_queue,
     reset,
-    send_queue,
     shutdown_error,
     tcp_state,
 )
 from ._state import Event, HalfCloseMachine, HalfCloseState
+
+if sys.platform != "win32":
+    import fcntl
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -104,6 +112,13 @@ _POLL_MAX: Final = 1.0
 # silent, and keeps being read; one that is silent is waiting for us.
 _TLS_QUIET: Final = 0.2
 
+# Linger._sock before the transport's socket has been looked up.
+_NOT_YET: Final = object()
+_UNPACK_INT: Final = struct.Struct("i").unpack
+
+# The states in which the transport has been told to close (not machine.live).
+_ENDED: Final = frozenset({HalfCloseState.CLOSING, HalfCloseState.CLOSED})
+
 # The states in which a close is under way (its timer may end it).
 _CLOSE_STATES: Final = frozenset(
     {HalfCloseState.LINGERING, HalfCloseState.FLUSHING, HalfCloseState.CLOSING}
@@ -112,6 +127,10 @@ _CLOSE_STATES: Final = frozenset(
 
 class CloseOutcome(enum.Enum):
     """How a graceful close ended."""
+
+    # Members are singletons compared by identity: hash them so too (Enum's
+    # own __hash__ is a Python call, paid where outcomes are counted).
+    __hash__ = object.__hash__
 
     #: The peer's FIN was seen after ours and (where the platform tells) the
     #: peer acknowledged every byte we wrote.
@@ -331,8 +350,12 @@ class CloseWaiter(asyncio.Future[CloseResult]):
         return cancelled
 
 
-class Linger:
-    """The close of one connection: state, deadlines, counts, outcome, result."""
+class Linger(_deadlines.Timed):
+    """The close of one connection: state, deadlines, counts, outcome, result.
+
+    It is its own timer (:class:`~aiograceful._deadlines.Timed`): one
+    deadline on the loop's shared structure, :meth:`_on_deadline` when due.
+    """
 
     __slots__ = (
         "_acked_at",
@@ -347,8 +370,9 @@ class Linger:
         "_outstanding",
         "_poll",
         "_progress_at",
+        "_sock",
+        "_sock_unix",
         "_started",
-        "_timer",
         "_trailing",
         "_waiters",
         "discarded",
@@ -373,9 +397,10 @@ class Linger:
         self.transport = transport
         self.machine = HalfCloseMachine()
         self._forward = forward
-        # Made on first use: a connection that never lingers (nor watches
-        # for idleness) never pays for it.
-        self._timer: _deadlines.DeadlineTimer | None = None
+        # The connection's one deadline (Timed): unarmed until a close or a watch.
+        self._deadlines = _deadlines.structure_of(loop)
+        self._entry = None
+        self.when = math.inf
         #: The bounds of a close that starts without begin() (both FINs
         #: exchanged through write_eof()); begin() replaces them.
         self._options: LingerOptions | None = options
@@ -397,7 +422,13 @@ class Linger:
         #: Called (synchronously) at the end of :meth:`lost`, once the result is made.
         self.on_lost: Callable[[Linger], None] | None = None
         self._future: asyncio.Future[CloseResult] | None = None
-        self._waiters: list[CloseWaiter] | None = None
+        # One caller's waiter (the common case: no list), or a list of them.
+        self._waiters: CloseWaiter | list[CloseWaiter] | None = None
+        # The transport's socket for the kernel's queue counts, looked up on
+        # first use (uvloop makes its socket object then: a getsockname());
+        # None where they do not apply (not TCP, not Linux).
+        self._sock: Any = _NOT_YET
+        self._sock_unix = False
         self._trailing: bytearray | None = None
         self.discarded = 0
         self.last_read = 0.0
@@ -420,9 +451,8 @@ class Linger:
 
     @property
     def timer_armed(self) -> bool:
-        """True while this connection's timer handle is scheduled."""
-        timer = self._timer
-        return timer is not None and timer.armed
+        """True while this connection's deadline is set."""
+        return self._entry is not None
 
     @property
     def idle_timeout(self) -> float | None:
@@ -449,9 +479,11 @@ class Linger:
         waiter._linger = self
         waiters = self._waiters
         if waiters is None:
-            self._waiters = [waiter]
-        else:
+            self._waiters = waiter
+        elif isinstance(waiters, list):
             waiters.append(waiter)
+        else:
+            self._waiters = [waiters, waiter]
         return waiter
 
     def outstanding(self) -> tuple[int, bool]:
@@ -463,7 +495,7 @@ class Linger:
         """
         transport = self.transport
         buffered = transport.get_write_buffer_size()
-        queued = send_queue(transport)
+        queued = self._ioctl(_SIOCOUTQ)
         if queued is None:
             return buffered, False
         # Once shutdown(SHUT_WR) has run the kernel counts our FIN as one byte.
@@ -481,8 +513,44 @@ class Linger:
 
     def quiet(self) -> bool:
         """True when nothing is buffered either way: our bytes all acknowledged, none unread."""
+        if self.transport.get_write_buffer_size():
+            return False  # no need to ask the kernel
         total, _exact = self.outstanding()
-        return total == 0 and not receive_queue(self.transport)
+        return total == 0 and not self.unread()
+
+    def unread(self) -> int | None:
+        """Bytes in the kernel's receive queue, not yet read (``SIOCINQ``); None if unknown."""
+        return self._ioctl(_SIOCINQ)
+
+    def _ioctl(self, request: int | None) -> int | None:
+        """One of the kernel's queue counts (``_socket.send_queue``/``receive_queue``)."""
+        sock = self._sock
+        if sock is _NOT_YET:
+            transport = self.transport
+            sock = transport.get_extra_info("socket")
+            # TCP, and Unix stream sockets for SIOCINQ only: on a Unix socket
+            # SIOCOUTQ counts the memory of the buffers the peer has not read
+            # (not bytes, and not acknowledgements). An AF_INET/AF_INET6
+            # address is a tuple (a Unix one is a str or bytes): that test
+            # spares uvloop's socket.family its AddressFamily().
+            if _SIOCOUTQ is None or sock is None:
+                sock = None
+            elif transport.get_extra_info("sockname").__class__ is not tuple:
+                family = getattr(sock, "family", None)
+                if family == socket.AF_UNIX:
+                    self._sock_unix = True
+                elif family not in _TCP_FAMILIES:
+                    sock = None
+            self._sock = sock
+        if sock is None or request is None or (self._sock_unix and request != _SIOCINQ):
+            return None
+        try:
+            raw = fcntl.ioctl(sock.fileno(), request, _INT_ZERO)
+        except (OSError, ValueError):
+            # ValueError: asyncio's TransportSocket on a socket closed under it.
+            return None
+        value: int = _UNPACK_INT(raw)[0]
+        return value
 
     # -- events from the owner -------------------------------------------
 
@@ -501,7 +569,7 @@ class Linger:
         Returns False if the peer had reset the connection (it is then closing).
         """
         machine = self.machine
-        if machine.eof_written or not machine.live:
+        if machine.eof_written or machine.state in _ENDED:
             return True
         exc = shutdown_error(self.transport)
         if exc is not None:
@@ -530,7 +598,7 @@ class Linger:
         holds: its unread bytes, and whether it has seen the peer's FIN.
         """
         machine = self.machine
-        if self._started is not None or not machine.live:
+        if self._started is not None or machine.state in _ENDED:
             return
         if final and machine.eof_written:
             # Both loops refuse write() after write_eof(); refuse before touching anything.
@@ -575,6 +643,11 @@ class Linger:
         # the upload it is still sending, as an error, and reset it.
         if state is HalfCloseState.FLUSHING and was is not HalfCloseState.FLUSHING:
             self._flush()
+        elif self._acked_at is None and machine.state is HalfCloseState.LINGERING:
+            # _arm() for the common case, inlined: the first sample of the send side.
+            poll = self._poll
+            self._poll = min(poll * 2, options.poll_cap)
+            self.at(min(self._hard_deadline, now + poll))
         else:
             self._arm()
 
@@ -602,13 +675,14 @@ class Linger:
         machine = self.machine
         if not machine.live:
             return  # closing already, or gone
-        if receive_queue(self.transport):
+        if self.unread():
             self.abort()  # bytes unread: close() would reset it all the same
             return
         if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
             self.outcome = CloseOutcome.ABORTED
         machine.feed(Event.CLOSE)
         self._acked_at = None
+        self._outstanding = -1  # the next sample starts the count afresh
         self._poll = _POLL_FIRST
         self.transport.close()
         self._arm()
@@ -631,11 +705,8 @@ class Linger:
         machine = self.machine
         if machine.state is HalfCloseState.CLOSED:
             return
-        timer = self._timer
-        if timer is not None:
-            timer.cancel()
-            # The timer's callback is our bound method: drop the cycle.
-            self._timer = None
+        if self._entry is not None:
+            self.disarm()
         if self.unacked == -1:
             # Not measured when the close ended (the loop closed the transport
             # itself): both loops still hold the socket during connection_lost.
@@ -650,32 +721,32 @@ class Linger:
             # transport itself. Clean only if nothing of ours was left
             # unacknowledged and nothing unread (which makes close() a RST).
             unacked = self.unacked
-            if (unacked is not None and unacked > 0) or receive_queue(self.transport):
+            if (unacked is not None and unacked > 0) or self.unread():
                 outcome = CloseOutcome.ABORTED
             else:
                 outcome = CloseOutcome.CLEAN
         started = self._started
         trailing = self._trailing
-        self.result = CloseResult(
-            outcome=outcome,
-            discarded=self.discarded,
-            duration=0.0 if started is None else max(0.0, self.loop.time() - started),
-            trailing=b"" if trailing is None else bytes(trailing),
-            unacked=self.unacked,
+        result = self.result = CloseResult(
+            outcome,
+            self.discarded,
+            0.0 if started is None else max(0.0, self.loop.time() - started),
+            b"" if trailing is None else bytes(trailing),
+            self.unacked,
         )
         self.outcome = outcome
         self._trailing = None
         machine.feed(Event.LOST)
         fut = self._future
         if fut is not None and not fut.done():
-            fut.set_result(self.result)
+            fut.set_result(result)
         waiters = self._waiters
         if waiters is not None:
             self._waiters = None
-            for waiter in waiters:
+            for waiter in waiters if isinstance(waiters, list) else (waiters,):
                 waiter._linger = None
                 if not waiter.done():
-                    waiter.set_result(self.result)
+                    waiter.set_result(result)
         # The watches' callbacks hold their owner (a server connection, and
         # through it the stream's writer, a key of _streams._LINGERS): drop them.
         self._on_idle = None
@@ -712,7 +783,7 @@ class Linger:
         self._idle_timeout = idle_timeout
         self._on_idle = on_idle
         self.last_read = self.loop.time()
-        self._clock().at(self.last_read + idle_timeout)
+        self.at(self.last_read + idle_timeout)
 
     def when_quiet(self, action: Callable[[], None]) -> None:
         """Call ``action()`` once the connection is :meth:`quiet` (now, if it is).
@@ -732,7 +803,7 @@ class Linger:
         self._poll = _POLL_FIRST
         now = self.loop.time()
         self._progress_at = now
-        self._clock().at(now + self._poll)
+        self.at(now + self._poll)
 
     def shorten(self, seconds: float) -> None:
         """Bound everything left of the close (or of a quiet wait) to ``seconds`` from now.
@@ -743,7 +814,7 @@ class Linger:
         if self.machine.state is HalfCloseState.CLOSED:
             return
         self._hard_deadline = min(self._hard_deadline, self.loop.time() + seconds)
-        self._clock().at(self._hard_deadline)
+        self.at(self._hard_deadline)
 
     # -- internals ---------------------------------------------------------
 
@@ -793,10 +864,22 @@ class Linger:
 
     def _flush(self) -> None:
         """Both directions are done: close now if the peer has all our bytes, else wait for it."""
-        total, exact = self.outstanding()
-        if total == 0:
-            self._flushed(exact)
+        if self.transport.get_write_buffer_size():
+            # Bytes of ours are still in the transport: no need to ask the
+            # kernel now; the first sample starts the count (as after begin()).
+            total = -1
+        elif self._acked_at is not None and self._outstanding == 0 and self.machine.eof_written:
+            # A sample found everything acknowledged (the kernel said so:
+            # exact), and nothing can have been written since our FIN (both
+            # loops refuse write() after write_eof()): the peer has it all.
+            # Our FIN itself is never counted (see outstanding()).
+            self._flushed(True)
             return
+        else:
+            total, exact = self.outstanding()
+            if total == 0:
+                self._flushed(exact)
+                return
         now = self.loop.time()
         self._acked_at = None
         if self._started is None:
@@ -813,12 +896,6 @@ class Linger:
         # Nothing is unread (the peer is done) and nothing is unsent: close()
         # sends nothing but our FIN if it was not queued yet.
         self.transport.close()
-
-    def _clock(self) -> _deadlines.DeadlineTimer:
-        timer = self._timer
-        if timer is None:
-            timer = self._timer = _deadlines.DeadlineTimer(self.loop, self._on_timer)
-        return timer
 
     def _next_poll(self, now: float, cap: float) -> float:
         poll = self._poll
@@ -841,7 +918,7 @@ class Linger:
                 if self._on_quiet is not None:
                     when = min(when, self._next_poll(now, 0.25))
             if when < math.inf:
-                self._clock().at(when)
+                self.at(when)
             return
         options = self._opts()
         acked_at = self._acked_at
@@ -858,9 +935,9 @@ class Linger:
             if not self.machine.eof_written:
                 # TLS: keep sampling the send side (see _tls_progress).
                 when = min(when, self._next_poll(now, options.poll_cap))
-        self._clock().at(when)
+        self.at(when)
 
-    def _on_timer(self) -> None:
+    def _on_deadline(self) -> None:
         state = self.machine.state
         if state is HalfCloseState.CLOSED:
             return
@@ -877,6 +954,8 @@ class Linger:
             total, exact = self.outstanding()
             if total == 0:
                 self._acked_at = now
+                # 0: the kernel said nothing is outstanding; -1: it could not tell.
+                self._outstanding = 0 if exact else -1
                 if not self.machine.eof_written:
                     self._tls_progress()  # the mark the next samples compare with
                 if state is HalfCloseState.FLUSHING:
@@ -973,7 +1052,7 @@ class Linger:
         if acked != self._acked_mark:
             self._acked_mark = acked
             self._progress_at = now
-        elif self.transport.get_write_buffer_size() or send_queue(self.transport):
+        elif self.transport.get_write_buffer_size() or self._ioctl(_SIOCOUTQ):
             if now - self._progress_at >= self._opts().send_timeout:
                 self._fail(CloseOutcome.IDLE_TIMEOUT)
                 return True
@@ -1011,9 +1090,8 @@ class Linger:
             parts.append(f"discarded={self.discarded}")
             if self._acked_at is None and self.machine.live:
                 parts.append(f"outstanding={self._outstanding}")
-        timer = self._timer
-        if timer is not None and timer.armed:
-            parts.append(f"deadline={timer.when:.3f}")
+        if self._entry is not None:
+            parts.append(f"deadline={self.when:.3f}")
         if self.outcome is not None:
             parts.append(f"outcome={self.outcome.name}")
         return f"<Linger {' '.join(parts)}>"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Final
 
 from ._linger import (
     UNSET,
@@ -29,9 +30,31 @@ def merge_options(
     reset_on_failure: bool | _Unset,
     send_timeout: float | _Unset = UNSET,
 ) -> LingerOptions:
-    """``base`` with the arguments that were given replacing its fields (validated)."""
+    """``base`` with the arguments that were given replacing its fields (validated).
+
+    Built once per distinct ``base`` and arguments (a server's force passes
+    the same ones to every connection; validating costs more than the rest
+    of a close's bookkeeping). Invalid arguments raise, and an exception is
+    never cached; unhashable ones go straight to the check.
+    """
     if timeout is idle_timeout is max_discard is reset_on_failure is send_timeout is UNSET:
         return base
+    args = (base, timeout, idle_timeout, max_discard, reset_on_failure, send_timeout)
+    try:
+        hash(args)
+    except TypeError:
+        return _merge(*args)
+    return _merge_cached(*args)
+
+
+def _merge(
+    base: LingerOptions,
+    timeout: float | _Unset,
+    idle_timeout: float | _Unset | None,
+    max_discard: int | _Unset | None,
+    reset_on_failure: bool | _Unset,
+    send_timeout: float | _Unset,
+) -> LingerOptions:
     changes: dict[str, Any] = {}
     if timeout is not UNSET:
         changes["timeout"] = timeout
@@ -54,6 +77,10 @@ def merge_options(
         **changes,
     }
     return LingerOptions(**fields)
+
+
+# typed: 1, 1.0 and True hash alike, and only some of them are valid.
+_merge_cached: Final = functools.lru_cache(maxsize=64, typed=True)(_merge)
 
 
 class GracefulProtocol(asyncio.Protocol):
@@ -96,9 +123,14 @@ class GracefulProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Record the transport and start tracking the connection. Call ``super()``."""
-        self.transport = cast(asyncio.Transport, transport)
+        # A stream transport (what create_server gives a Protocol); no
+        # typing.cast() here: it is a Python call on every connection.
+        self.transport = transport  # type: ignore[assignment]
         self._graceful = Linger(
-            asyncio.get_running_loop(), self.transport, self, self._linger_options or self.linger
+            asyncio.get_running_loop(),
+            transport,  # type: ignore[arg-type]
+            self,
+            self._linger_options or self.linger,
         )
         attach = self._graceful_attach
         if attach is not None:
@@ -125,7 +157,8 @@ class GracefulProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection is gone: complete the close result. Call ``super()``."""
         graceful = self._graceful
-        if graceful is not None:
+        if graceful is not None and graceful.result is None:
+            # (After a linger, the discarder has made the result already.)
             graceful.lost(exc)
 
     # -- hooks ---------------------------------------------------------------
@@ -240,17 +273,19 @@ class GracefulProtocol(asyncio.Protocol):
         the returned future gives up on grace (outcome ABORTED): the transport
         is closed the plain way when nothing is unread, and reset otherwise.
         """
-        options = merge_options(
-            self._linger_options or self.linger,
-            timeout,
-            idle_timeout,
-            max_discard,
-            reset_on_failure,
-            send_timeout,
-        )
-        data = check_final(final)
-        keep = check_flag("keep_trailing", keep_trailing)
-        graceful = self._require()
+        base = self._linger_options or self.linger
+        # The common call, close_gracefully() alone, checks nothing it need not.
+        if timeout is idle_timeout is max_discard is reset_on_failure is send_timeout is UNSET:
+            options = base
+        else:
+            options = merge_options(
+                base, timeout, idle_timeout, max_discard, reset_on_failure, send_timeout
+            )
+        data = final if final.__class__ is bytes else check_final(final)
+        keep = False if keep_trailing is False else check_flag("keep_trailing", keep_trailing)
+        graceful = self._graceful
+        if graceful is None:
+            graceful = self._require()  # raises
         graceful.begin(options, final=data, keep_trailing=keep)
         return graceful.waiter()
 

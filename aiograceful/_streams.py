@@ -36,14 +36,15 @@ def _recorded(writer: asyncio.StreamWriter) -> Linger | None:
 
     A :class:`GracefulServer` handler's writer carries its own (``linger``),
     so that the server's close needs no entry here and a later
-    ``graceful_close(writer)`` still finds the result.
+    ``graceful_close(writer)`` still finds the result. (Such a writer never
+    gets an entry: ``_start`` and ``abort`` add one only for a writer
+    without a record of its own; so it is looked at first, which spares
+    the weak dictionary's lookup.)
     """
-    linger = _LINGERS.get(writer)
-    if linger is None:
-        own = getattr(writer, "linger", None)
-        if isinstance(own, Linger):
-            return own
-    return linger
+    own = getattr(writer, "linger", None)
+    if isinstance(own, Linger):
+        return own
+    return _LINGERS.get(writer)
 
 
 def linger_of(transport: asyncio.BaseTransport) -> Linger | None:
@@ -68,6 +69,11 @@ def _take_unread(protocol: asyncio.BaseProtocol | None) -> tuple[bytes, bool]:
     reader = getattr(protocol, "_stream_reader", None)
     if not isinstance(reader, asyncio.StreamReader):
         return b"", False
+    return take_from(reader)
+
+
+def take_from(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """:func:`_take_unread` for a reader already at hand (the stream server's own)."""
     buffer = getattr(reader, "_buffer", None)
     data = b""
     if isinstance(buffer, bytearray) and buffer:
@@ -133,8 +139,8 @@ async def graceful_close(
     """
     stream = _check_writer(writer)
     options = _options(timeout, idle_timeout, max_discard, reset_on_failure, send_timeout)
-    data = check_final(final)
-    keep = check_flag("keep_trailing", keep_trailing)
+    data = final if final.__class__ is bytes else check_final(final)
+    keep = False if keep_trailing is False else check_flag("keep_trailing", keep_trailing)
     linger = _recorded(stream)
     if linger is None or not linger.lingering:
         linger = _start(stream, linger, options, data, keep)
