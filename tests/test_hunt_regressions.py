@@ -571,7 +571,7 @@ LATE_ANSWER = b"y" * 81
 
 
 def closing_peer(port: int) -> bytes:
-    """Send a request, read the whole answer, close (our FIN) with TCP_LINGER2 = -1.
+    """Send a request, read the whole answer, close (its FIN) with TCP_LINGER2 = -1.
 
     With linger2 negative the kernel drops the orphaned socket when its FIN
     is acknowledged, and answers that segment with a RST. The server's FIN
@@ -649,12 +649,13 @@ async def test_hunt_rst_in_reply_to_our_late_fin_is_clean() -> None:
 
     Its kernel answers our FIN with a RST; every byte of ours was
     acknowledged (the peer read the answer), so the close is CLEAN with
-    unacked 0, not PEER_RESET (as before the fix). Under load the Linux
-    kernel does this to a third of such closes; TCP_LINGER2 = -1 on the peer
-    makes it do so whenever our FIN goes out before our delayed ACK (checked
-    first on raw sockets). A round in which the RST came first (our FIN later
-    than the delayed ACK: a busy machine) is another case and is counted, not
-    judged; at least one round must be the late-FIN case.
+    unacked 0, not PEER_RESET (as before the fix). Under load, with default
+    settings, the hunt saw a Linux peer do this in about a third of such
+    closes; TCP_LINGER2 = -1 on the peer makes it do so whenever our FIN goes
+    out before our delayed ACK (checked first on raw sockets). A round in
+    which the RST came first (our FIN later than the delayed ACK: a busy
+    machine) is another case and is counted, not judged; at least one round
+    must be the late-FIN case.
 
     It fails without the fix on asyncio (PEER_RESET, unacked 1: our FIN).
     On uvloop the close ends before the FIN leaves (libuv shuts the socket
