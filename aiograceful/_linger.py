@@ -512,11 +512,23 @@ class Linger(_deadlines.Timed):
         return buffered + queued, True
 
     def quiet(self) -> bool:
-        """True when nothing is buffered either way: our bytes all acknowledged, none unread."""
-        if self.transport.get_write_buffer_size():
+        """True when nothing is buffered either way: our bytes all acknowledged, none unread.
+
+        On TLS, bytes queued in the TCP transport under the SSL transport are
+        invisible: there, quiet also needs ``tcpi_bytes_acked`` unchanged
+        since the quiet wait's last sample (which keeps the mark).
+        """
+        transport = self.transport
+        if transport.get_write_buffer_size():
             return False  # no need to ask the kernel
         total, _exact = self.outstanding()
-        return total == 0 and not self.unread()
+        if total or self.unread():
+            return False
+        if not transport.can_write_eof():
+            progress = bytes_acked(transport)
+            if progress is not None and progress[1] != self._acked_mark:
+                return False  # still being acknowledged, or not sampled yet
+        return True
 
     def unread(self) -> int | None:
         """Bytes in the kernel's receive queue, not yet read (``SIOCINQ``); None if unknown."""
@@ -843,6 +855,10 @@ class Linger(_deadlines.Timed):
 
     def _overflow(self) -> bool:
         """Past the cap: fail with OVERFLOW once our bytes are all in; True if it did."""
+        if not self.machine.eof_written:
+            # TLS: our bytes may sit unseen under the SSL transport; the timer
+            # decides, once tcpi_bytes_acked stops moving (_on_deadline).
+            return False
         if self._acked_at is None:
             if self.outstanding()[0]:
                 return False  # our answer is still going out: keep discarding
@@ -961,12 +977,20 @@ class Linger(_deadlines.Timed):
                 if state is HalfCloseState.FLUSHING:
                     self._flushed(exact)
                     return
-                if state is HalfCloseState.LINGERING and self._over_cap():
+                if (
+                    state is HalfCloseState.LINGERING
+                    and self.machine.eof_written
+                    and self._over_cap()
+                ):
                     # Read past the cap while our answer went out: now it is in.
                     self._fail(CloseOutcome.OVERFLOW)
                     return
             else:
-                if total < self._outstanding or self._outstanding < 0:
+                if (
+                    total < self._outstanding
+                    or self._outstanding < 0
+                    or (not self.machine.eof_written and self._tls_progress())
+                ):
                     self._progress_at = now  # the peer acknowledged something
                 elif tcp_state(self.transport) == TCP_CLOSE:
                     # Reset while nothing of the loop's watched the socket
@@ -984,6 +1008,9 @@ class Linger(_deadlines.Timed):
                 # TLS: the peer is still acknowledging bytes of ours that sat
                 # where we cannot see them: not all in yet, so the clock restarts.
                 self._acked_at = now
+            elif state is HalfCloseState.LINGERING and self._over_cap():
+                self._fail(CloseOutcome.OVERFLOW)
+                return
             acked_at = self._acked_at
             if now >= acked_at + options.timeout:
                 self._fail(CloseOutcome.TIMEOUT)

@@ -689,3 +689,188 @@ async def test_hunt_rst_in_reply_to_our_late_fin_is_clean() -> None:
     ]
     assert late, states
     assert late == [(CloseOutcome.CLEAN, 0)] * len(late), (results, states)
+
+
+# -- TLS: the send side seen through tcpi_bytes_acked ---------------------------
+
+SLOW_TLS_SIZE = 6 * MIB
+SLOW_TLS_RATE = 2 * MIB  # ~3 s: three times send_timeout
+
+
+def paced_tls_read(port: int, context: ssl.SSLContext, rate: float) -> tuple[int, str]:
+    """Send a line over TLS with a 64 KiB receive buffer; read at ``rate`` until the end."""
+    got = 0
+    raw = socket.create_connection((HOST, port), timeout=10)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+    try:
+        with context.wrap_socket(raw, server_hostname=HOST) as sock:
+            sock.sendall(b"GET\n")
+            start = time.monotonic()
+            for _ in range(100_000):
+                chunk = sock.recv(16 * 1024)
+                if not chunk:
+                    return got, "FIN"
+                got += len(chunk)
+                lag = got / rate - (time.monotonic() - start)
+                if lag > 0:
+                    time.sleep(lag)
+            return got, "stopped"
+    except OSError as exc:
+        return got, type(exc).__name__
+    finally:
+        raw.close()
+
+
+async def test_hunt_tls_steady_reader_is_not_cut_by_send_timeout(tls_contexts: Contexts) -> None:
+    """TLS, 6 MiB to a reader at 2 MiB/s, send_timeout=1: all of it, CLEAN.
+
+    Over TLS the megabytes wait in the TCP transport under the SSL transport,
+    and they keep the kernel's send queue at one level: the count the close
+    can see never goes down, though the peer acknowledges 2 MiB/s. Progress
+    is then tcpi_bytes_acked growing. Before the fix: IDLE_TIMEOUT after
+    about 1 s, 2.4 MB delivered, on both loops.
+    """
+    server_ctx, client_ctx = tls_contexts
+    results: list[CloseResult] = []
+
+    def handler(close: str) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            await reader.readline()
+            writer.write(b"x" * SLOW_TLS_SIZE)
+            if close == "naive":
+                writer.close()
+            else:
+                results.append(await graceful_close(writer, send_timeout=1.0))
+
+        return serve
+
+    for close in ("naive", "graceful"):
+        server = await asyncio.start_server(handler(close), HOST, 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        got = await asyncio.to_thread(paced_tls_read, port, client_ctx, SLOW_TLS_RATE)
+        if close == "graceful":
+            await wait_until(lambda: len(results) == 1, 5)
+        server.close()
+        await server.wait_closed()
+        assert got == (SLOW_TLS_SIZE, "FIN"), (close, got, results)
+    assert results[0].outcome is CloseOutcome.CLEAN, results
+
+
+TLS_CAP = 64 * 1024
+
+
+def uploading_tls_read(port: int, context: ssl.SSLContext) -> tuple[int, str, int]:
+    """Over TLS: read, and send 16 KiB after each read (512 KiB in all); (got, end, sent)."""
+    got = sent = 0
+    raw = socket.create_connection((HOST, port), timeout=10)
+    try:
+        with context.wrap_socket(raw, server_hostname=HOST) as sock:
+            sock.sendall(b"GET\n")
+            for _ in range(100_000):
+                chunk = sock.recv(64 * 1024)
+                if not chunk:
+                    return got, "FIN", sent
+                got += len(chunk)
+                if sent < 512 * 1024:
+                    sock.sendall(b"u" * 16384)
+                    sent += 16384
+            return got, "stopped", sent
+    except OSError as exc:
+        return got, type(exc).__name__, sent
+    finally:
+        raw.close()
+
+
+async def test_hunt_tls_max_discard_waits_for_the_answer(tls_contexts: Contexts) -> None:
+    """TLS, a 6 MiB answer, max_discard=64 KiB, the peer uploads 512 KiB as it reads: all 6 MiB.
+
+    The loop is hogged (as in F3), so the kernel's queue runs dry now and
+    then while megabytes wait in the TCP transport under the SSL transport.
+    The cap is enforced once our bytes are in; over TLS "in" cannot be read
+    from the buffers, so the close waits for tcpi_bytes_acked to stop
+    moving. Before the fix: OVERFLOW with unacked=0 while 0.15-0.4 MB of
+    8 MiB had arrived (measured with an 8 MiB answer).
+    """
+    server_ctx, client_ctx = tls_contexts
+    results: list[CloseResult] = []
+
+    def handler(close: str) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            await reader.readline()
+            writer.write(b"x" * SLOW_TLS_SIZE)
+            if close == "naive":
+                writer.close()
+            else:
+                results.append(await graceful_close(writer, max_discard=TLS_CAP))
+
+        return serve
+
+    async def download(close: str) -> tuple[int, str, int]:
+        server = await asyncio.start_server(handler(close), HOST, 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        stop = asyncio.Event()
+        hogging = asyncio.ensure_future(hog(stop))
+        try:
+            return await asyncio.to_thread(uploading_tls_read, port, client_ctx)
+        finally:
+            stop.set()
+            await hogging
+            if close != "naive":
+                await wait_until(lambda: len(results) == 1, 5)
+            server.close()
+            await server.wait_closed()
+
+    naive = await download("naive")
+    if not isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop):
+        # uvloop's naive close lets the upload finish and delivers it all
+        # (asyncio's resets the uploading client: H1).
+        assert naive[0] == SLOW_TLS_SIZE, naive
+    got, end, sent = await download("graceful")
+    assert sent > TLS_CAP
+    assert got == SLOW_TLS_SIZE, (got, end, results)
+    # The peer went on uploading past the cap: OVERFLOW once the answer was in.
+    assert results[0].outcome in (CloseOutcome.OVERFLOW, CloseOutcome.CLEAN), results
+
+
+class TLSDownload(GracefulProtocol):
+    """Answers a line with SLOW_TLS_SIZE bytes; the default notice closes it once quiet."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        self.asked = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self.asked and b"\n" in data:
+            self.asked = True
+            self.transport.write(b"x" * SLOW_TLS_SIZE)
+
+
+async def test_hunt_tls_shutdown_notice_waits_for_a_download(tls_contexts: Contexts) -> None:
+    """TLS: shutdown() during a 6 MiB download; the default notice closes once quiet: all of it.
+
+    "Quiet" (nothing buffered or unacknowledged either way) cannot be read
+    from the SSL transport's buffer alone; over TLS it also needs
+    tcpi_bytes_acked to have stopped moving. The shutdown still ends by
+    itself, CLEAN, once the reader has everything. This test passes without
+    that check too (a close begun too early is itself a graceful close, which
+    watches tcpi_bytes_acked); it guards that the check lets the quiet come.
+    """
+    server_ctx, client_ctx = tls_contexts
+    server = await aiograceful.create_server(TLSDownload, HOST, 0, ssl=server_ctx, grace=10.0)
+    port = server.sockets[0].getsockname()[1]
+    client = asyncio.ensure_future(
+        asyncio.to_thread(paced_tls_read, port, client_ctx, SLOW_TLS_RATE)
+    )
+    await wait_until(lambda: server.stats.active >= 1, 5)
+    await asyncio.sleep(0.5)  # the download is under way
+    report = await asyncio.wait_for(server.shutdown(), 20)
+    got = await asyncio.wait_for(client, 20)
+    assert got == (SLOW_TLS_SIZE, "FIN"), (got, report)
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
+    assert report.forced == 0
