@@ -341,7 +341,9 @@ def flooding_read(port: int, rate: float, timeout: float = 5.0) -> tuple[int, st
     """Send a line, then flood (a thread) while reading the answer at ``rate`` bytes/s.
 
     Returns the bytes read, how the stream ended, and the bytes flooded.
-    The flood stops when the reading does, at an error, or at FLOOD_LIMIT.
+    The flood goes on after the reading ends, until an error (the server's
+    RST), for at most 2 s more, or until FLOOD_LIMIT: so a close that
+    enforces the cap once the answer is in always sees flood after that.
     """
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
@@ -373,6 +375,7 @@ def flooding_read(port: int, rate: float, timeout: float = 5.0) -> tuple[int, st
     except OSError as exc:
         end = type(exc).__name__
     finally:
+        flooder.join(2.0)
         stop.set()
         flooder.join(timeout + 1)
         sock.close()
