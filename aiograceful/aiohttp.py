@@ -96,11 +96,13 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
     _quiet_handle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """aiohttp's, over a view of the transport whose close is a graceful close."""
         raw: asyncio.Transport = transport  # type: ignore[assignment]
         end = self._end = _End(self, Linger(self._loop, raw, self))
         super().connection_made(ClosingView(raw, end))
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        """Record the close's result, end any quiet window, then aiohttp's own."""
         end = self._end
         if end is not None:
             end.closing = True
@@ -168,6 +170,7 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
             quiet.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        """aiohttp's; a request arriving in the quiet window keeps it open until answered."""
         super().data_received(data)
         handle = self._quiet_handle
         if handle is not None and self._messages:
@@ -182,6 +185,7 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
     async def finish_response(
         self, request: BaseRequest, resp: StreamResponse, start_time: float | None
     ) -> tuple[StreamResponse, bool]:
+        """aiohttp's, with ``Connection: close`` once notified or once the client half-closed."""
         end = self._end
         peer_eof = end is not None and end.linger.machine.peer_eof
         if (self._notified or peer_eof) and not resp.prepared:
@@ -238,6 +242,7 @@ class GracefulWebServer(web_server.Server):
             handler.notice()
 
     def pre_shutdown(self) -> None:
+        """The notice: every connection is told (and each one that attaches later)."""
         self._noticed = True
         for conn in self._connections:
             if isinstance(conn, GracefulRequestHandler):
@@ -246,6 +251,7 @@ class GracefulWebServer(web_server.Server):
                 conn.close()
 
     async def shutdown(self, timeout: float | None = None) -> None:
+        """aiohttp's shutdown, then a bounded wait for the connections' graceful closes."""
         handlers = [c for c in self._connections if isinstance(c, GracefulRequestHandler)]
         await super().shutdown(timeout)
         handlers += [h for h in self._late or () if h not in handlers]
@@ -264,6 +270,7 @@ class GracefulAppRunner(web_runner.AppRunner):
     """
 
     async def cleanup(self) -> None:
+        """Stop the listeners without resetting their queues, serve those, then aiohttp's."""
         server = self.server
         if server is not None:
             loop = asyncio.get_running_loop()

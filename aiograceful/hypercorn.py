@@ -99,6 +99,7 @@ class GracefulTCPServer(TCPServer):
         await super()._read_data()
 
     async def protocol_send(self, event: Event) -> None:
+        """hypercorn's event sink, with every connection end made a graceful close."""
         if isinstance(event, Closed) and self._answered_before_notice():
             # hypercorn ends a reusable connection once the worker terminates,
             # even after an answer that started before the notice and so did

@@ -308,6 +308,7 @@ class H11Protocol(_Ending, h11_impl.H11Protocol):  # type: ignore[misc]  # eof_r
         self.conn = _Connection(h11.SERVER) if size is None else _Connection(h11.SERVER, size)
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        """uvicorn's upgrade; the WebSocket protocol then owns the connection and its end."""
         # The WebSocket protocol takes the real transport and ends it its own way.
         end = self._end
         end.detached = True
@@ -474,6 +475,7 @@ class Server(uvicorn.Server):
         return DEFAULT_GRACE if timeout is None else float(timeout)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop accepting and serve the accept queue, tell every connection, grace, then force."""
         logger.info("Shutting down")
         loop = asyncio.get_running_loop()
         started = loop.time()
