@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
@@ -184,13 +185,29 @@ async def test_hypercorn_connections_arriving_at_shutdown_are_answered() -> None
 
     from aiograceful.hypercorn import serve
 
+    previous_hook = sys.unraisablehook
+    stock_leaks: list[str] = []
+
+    def leak_hook(unraisable: Any) -> None:
+        # CPython 3.13.0: such a transport's __del__ detaches it from a
+        # server whose waiters are gone (TypeError). Stock's leak, not ours.
+        where = getattr(unraisable.object, "__qualname__", "")
+        if where == "_SelectorTransport.__del__" and unraisable.exc_type is TypeError:
+            stock_leaks.append(where)
+        else:
+            previous_hook(unraisable)
+
     with warnings.catch_warnings(record=True) as leaked:
         # On asyncio's loop, a connection accepted in the iteration in which
         # the listener closes gets a transport the server refuses to attach:
         # nothing serves it, nothing closes it; its socket is collected here.
         warnings.simplefilter("always", ResourceWarning)
-        stock = await _arriving_at_shutdown(stock_serve)
-        gc.collect()
+        sys.unraisablehook = leak_hook
+        try:
+            stock = await _arriving_at_shutdown(stock_serve)
+            gc.collect()
+        finally:
+            sys.unraisablehook = previous_hook
     assert stock, "no connection arrived during the shutdown"
     assert all(issubclass(w.category, ResourceWarning) for w in leaked), leaked
     assert _answered(stock) < len(stock), stock
