@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from _util import (
@@ -724,6 +724,21 @@ def paced_tls_read(port: int, context: ssl.SSLContext, rate: float) -> tuple[int
         raw.close()
 
 
+def big_answer(close: str, results: list[CloseResult], **options: Any) -> Handler:
+    """SO_SNDBUF 64 KiB, read the line, write SLOW_TLS_SIZE bytes, close naively or gracefully."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        await reader.readline()
+        writer.write(b"x" * SLOW_TLS_SIZE)
+        if close == "naive":
+            writer.close()
+        else:
+            results.append(await graceful_close(writer, **options))
+
+    return serve
+
+
 async def test_hunt_tls_steady_reader_is_not_cut_by_send_timeout(tls_contexts: Contexts) -> None:
     """TLS, 6 MiB to a reader at 2 MiB/s, send_timeout=1: all of it, CLEAN.
 
@@ -737,17 +752,7 @@ async def test_hunt_tls_steady_reader_is_not_cut_by_send_timeout(tls_contexts: C
     results: list[CloseResult] = []
 
     def handler(close: str) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-            await reader.readline()
-            writer.write(b"x" * SLOW_TLS_SIZE)
-            if close == "naive":
-                writer.close()
-            else:
-                results.append(await graceful_close(writer, send_timeout=1.0))
-
-        return serve
+        return big_answer(close, results, send_timeout=1.0)
 
     for close in ("naive", "graceful"):
         server = await asyncio.start_server(handler(close), HOST, 0, ssl=server_ctx)
@@ -800,17 +805,7 @@ async def test_hunt_tls_max_discard_waits_for_the_answer(tls_contexts: Contexts)
     results: list[CloseResult] = []
 
     def handler(close: str) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-            await reader.readline()
-            writer.write(b"x" * SLOW_TLS_SIZE)
-            if close == "naive":
-                writer.close()
-            else:
-                results.append(await graceful_close(writer, max_discard=TLS_CAP))
-
-        return serve
+        return big_answer(close, results, max_discard=TLS_CAP)
 
     async def download(close: str) -> tuple[int, str, int]:
         server = await asyncio.start_server(handler(close), HOST, 0, ssl=server_ctx)
