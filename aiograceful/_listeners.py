@@ -27,12 +27,20 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from ._linger import logger
-from ._socket import TCPI_SACKED, TCPI_UNACKED, listen_overflows, peer_uid, tcp_info_u32
+from ._socket import (
+    TCPI_SACKED,
+    TCPI_UNACKED,
+    listen_overflows,
+    peer_uid,
+    refuse_new_handshakes,
+    tcp_info_u32,
+)
 
 __all__ = [
     "DEFAULT_BACKLOG",
     "HANDOFF_ACK_TIMEOUT",
     "HANDOFF_TIMEOUT",
+    "HANDSHAKE_SETTLE",
     "AcceptQueueStats",
     "HandoffOffer",
     "Taken",
@@ -53,6 +61,11 @@ DEFAULT_BACKLOG: Final = 2048
 _SOMAXCONN_PATH: Final = "/proc/sys/net/core/somaxconn"
 # How many queued connections one drain pass takes at most (per listener).
 _DRAIN_LIMIT: Final = 65536
+#: Seconds :func:`close_and_drain` waits, once new handshakes are refused,
+#: for those already under way (their last ACK is one round trip away) before
+#: it drains the queue a last time. A handshake slower than that (a path with
+#: a longer round trip) is reset by the close.
+HANDSHAKE_SETTLE: Final = 0.01
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,6 +122,16 @@ async def close_and_drain(
 
     The returned sockets are connected, for ``loop.connect_accepted_socket``
     (which makes them non-blocking).
+
+    A connection that completes its handshake between the drain's last
+    ``accept()`` and the close would be reset after its client sent a
+    request. So, once the queue is drained, new connection requests are
+    refused (a SYN-dropping filter, Linux:
+    :func:`~aiograceful._socket.refuse_new_handshakes`), the queue is drained
+    again, and once more ``HANDSHAKE_SETTLE`` later, for the handshakes that
+    were under way; then the socket closes. A client whose SYN was dropped
+    retries about a second later: on a successor or a ``SO_REUSEPORT``
+    sibling, or refused.
     """
     # asyncio accepts in a reader callback on the listening socket and
     # makes each transport one task step later (_accept_connection2),
@@ -131,19 +154,33 @@ async def close_and_drain(
             logger.warning("could not duplicate listening socket %r", sock)
     server.close()
     accepted: list[socket.socket] = []
-    for dup in dups:
-        with dup:
+    try:
+        for dup in dups:
             dup.setblocking(False)
-            for _ in range(_DRAIN_LIMIT):
-                try:
-                    conn_sock, _addr = dup.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    logger.exception("accept() failed while draining the queue")
-                    break
-                accepted.append(conn_sock)
+        _accept_all(dups, accepted)
+        refused = [dup for dup in dups if refuse_new_handshakes(dup)]
+        if refused:
+            _accept_all(refused, accepted)
+            await asyncio.sleep(HANDSHAKE_SETTLE)
+            _accept_all(refused, accepted)
+    finally:
+        for dup in dups:
+            dup.close()
     return accepted
+
+
+def _accept_all(listeners: Sequence[socket.socket], accepted: list[socket.socket]) -> None:
+    """Accept what each of ``listeners`` has queued (``_DRAIN_LIMIT`` at most) into ``accepted``."""
+    for listener in listeners:
+        for _ in range(_DRAIN_LIMIT):
+            try:
+                conn_sock, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                logger.exception("accept() failed while draining the queue")
+                break
+            accepted.append(conn_sock)
 
 
 async def close_listeners(loop: asyncio.AbstractEventLoop, server: asyncio.Server) -> None:

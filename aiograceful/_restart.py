@@ -208,6 +208,10 @@ class ServerProcess:
 # -- the load ------------------------------------------------------------------------------
 
 
+_BAD_SAMPLES: Final = 3
+_BAD_BYTES: Final = 120
+
+
 @dataclasses.dataclass
 class LoadResult:
     """What the client threads saw."""
@@ -218,6 +222,9 @@ class LoadResult:
     failed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     #: Distinct server pids that answered.
     pids: set[int] = dataclasses.field(default_factory=set)
+    #: The first few replies that were not ``200 <pid>`` (their first bytes), to tell
+    #: an empty reply (the connection closed unanswered) from a cut one.
+    bad_replies: list[bytes] = dataclasses.field(default_factory=list)
 
     @property
     def failures(self) -> int:
@@ -272,8 +279,9 @@ class Load:
                 return
             failure: str | None = None
             pid = None
+            bad = b""
             try:
-                pid = self._request()
+                pid, bad = self._request()
             except OSError as exc:
                 failure = type(exc).__name__
                 if type(exc) is OSError:  # no subclass says what it was: the errno does
@@ -287,10 +295,13 @@ class Load:
                     self.result.pids.add(pid)
                 else:
                     self.result.failed[failure] += 1
+                    if failure == "bad reply" and len(self.result.bad_replies) < _BAD_SAMPLES:
+                        self.result.bad_replies.append(bad)
             if failure == "ConnectionRefusedError":
                 time.sleep(0.001)  # as a client's retry would: no busy loop
 
-    def _request(self) -> int | None:
+    def _request(self) -> tuple[int | None, bytes]:
+        """One request on a new connection: the pid that answered (None: a bad reply), the reply."""
         with socket.create_connection((_HOST, self.port), timeout=self._timeout) as sock:
             sock.sendall(REQUEST)
             chunks = []
@@ -301,12 +312,12 @@ class Load:
                 chunks.append(chunk)
         reply = b"".join(chunks)
         if not reply.startswith(_OK):
-            return None
+            return None, reply[:_BAD_BYTES]
         _head, _, body = reply.partition(b"\r\n\r\n")
         try:
-            return int(body)
+            return int(body), b""
         except ValueError:
-            return None
+            return None, reply[:_BAD_BYTES]
 
 
 # -- a restart under load -----------------------------------------------------------------

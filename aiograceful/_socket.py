@@ -29,6 +29,7 @@ __all__ = [
     "listen_overflows",
     "peer_uid",
     "receive_queue",
+    "refuse_new_handshakes",
     "reset",
     "send_queue",
     "set_linger_zero",
@@ -261,3 +262,54 @@ def peer_uid(sock: Any) -> int | None:
         return None
     _pid, uid, _gid = struct.unpack("3i", raw)
     return int(uid)
+
+
+# Linux SO_ATTACH_FILTER (asm-generic/socket.h); Python has no name for it.
+_SO_ATTACH_FILTER: Final = 26
+# A classic BPF program over a TCP segment (offset 0 is the TCP header when
+# the filter of a listening socket runs): drop a segment whose flags carry
+# SYN without ACK, keep everything else. Each instruction is struct
+# sock_filter {u16 code; u8 jt; u8 jf; u32 k}.
+_REFUSE_SYN_PROGRAM: Final = (
+    (0x30, 0, 0, 13),  # ldb [13]         the flags byte
+    (0x54, 0, 0, 0x12),  # and #SYN|ACK
+    (0x15, 0, 1, 0x02),  # jeq #SYN, drop, keep
+    (0x06, 0, 0, 0),  # drop: ret #0
+    (0x06, 0, 0, 0xFFFFFFFF),  # keep: ret #-1 (the whole segment)
+)
+
+
+def refuse_new_handshakes(sock: socket.socket) -> bool:
+    """Drop the connection requests (SYNs) a listening TCP socket receives from now on.
+
+    The accept queue, and handshakes already under way, are untouched: the
+    handshake's last ACK still reaches the listener and its connection is
+    queued. A dropped SYN is retransmitted by the client about a second
+    later, when the listener is gone (refused: nothing was sent, nothing
+    lost) or a successor or a ``SO_REUSEPORT`` sibling listens (it is
+    answered there). Without this, a connection that completes its handshake
+    between the drain's last ``accept()`` and the close is reset after its
+    client sent a request on it.
+
+    Linux only (a classic BPF socket filter); False where it cannot be
+    attached (another platform, not a TCP socket, the call refused). It
+    applies to the kernel socket, so every descriptor of it: never call it
+    on a listener a successor shares.
+    """
+    if (
+        sys.platform != "linux"
+        or sock.family not in _TCP_FAMILIES
+        or sock.type != socket.SOCK_STREAM
+    ):
+        return False
+    import ctypes
+
+    program = b"".join(struct.pack("HBBI", *ins) for ins in _REFUSE_SYN_PROGRAM)
+    buffer = ctypes.create_string_buffer(program, len(program))
+    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}
+    fprog = struct.pack("@HP", len(_REFUSE_SYN_PROGRAM), ctypes.addressof(buffer))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError:
+        return False
+    return True

@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
@@ -553,6 +553,10 @@ def _tls_exchange(sock: socket.socket, context: ssl.SSLContext, request: bytes) 
     return data
 
 
+#: Seconds a loopback connect waits for the handshake in connect_each_iteration.
+_SYN_WAIT: Final = 0.2
+
+
 def connect_each_iteration(
     loop: asyncio.AbstractEventLoop, port: int, socks: list[socket.socket], limit: int = 50
 ) -> None:
@@ -560,17 +564,23 @@ def connect_each_iteration(
 
     A loop busy as under load: connections keep arriving while a shutdown
     runs, each made in a callback, so that some arrive in the very iteration
-    in which the server closes its listener. Stops at the first refused
-    connect (the listener is gone) or after ``limit`` connections.
+    in which the server closes its listener. Stops at the first connect
+    refused (the listener is gone) or left unanswered (a draining listener
+    drops new SYNs), or after ``limit`` connections. On loopback a listener
+    that takes connections completes one at once; a dropped SYN would be
+    retried a second later, so the connect gives up after ``_SYN_WAIT``
+    (it blocks the loop while it waits).
     """
 
     def step() -> None:
         if len(socks) >= limit:
             return
         try:
-            socks.append(socket.create_connection((HOST, port), timeout=3))
+            sock = socket.create_connection((HOST, port), timeout=_SYN_WAIT)
         except OSError:
-            return  # refused: the listener is closed
+            return  # refused, or no handshake: the listener is closing
+        sock.settimeout(3)
+        socks.append(sock)
         loop.call_soon(step)
 
     loop.call_soon(step)

@@ -197,6 +197,7 @@ def _replies(clients: list[socket.socket], expect: int, within: float = 2.0) -> 
 async def _load(migrate: int, rounds: int) -> dict[str, Any]:
     _set_migrate(migrate)
     failed: dict[str, int] = {}
+    bad_replies: list[str] = []
     ok = 0
     for _ in range(rounds):
         a = await start_server(_answer, HOST, 0, reuse_port=True, grace=2.0)
@@ -211,7 +212,14 @@ async def _load(migrate: int, rounds: int) -> dict[str, Any]:
         ok += result.ok
         for name, count in result.failed.items():
             failed[name] = failed.get(name, 0) + count
-    return {"migrate": migrate, "rounds": rounds, "ok": ok, "failed": failed}
+        bad_replies += [repr(reply) for reply in result.bad_replies]
+    return {
+        "migrate": migrate,
+        "rounds": rounds,
+        "ok": ok,
+        "failed": failed,
+        "bad_replies": bad_replies,
+    }
 
 
 def main() -> None:

@@ -366,6 +366,38 @@ async def test_shutdown_drains_the_accept_queue(loop_turn_first: bool) -> None:
     assert report.outcomes == {CloseOutcome.CLEAN: 20}
 
 
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="a Linux socket filter")
+async def test_shutdown_refuses_handshakes_while_it_drains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client connecting while the queue is drained gets no handshake: nothing sent or reset.
+
+    The window between the drain's last accept() and the close is widened
+    (``HANDSHAKE_SETTLE``) so that a client lands in it; the stock case (a
+    connection made there is reset after its request) is
+    test_socket_refuse_new_handshakes_closes_the_window_after_a_drain.
+    """
+    monkeypatch.setattr(aiograceful._listeners, "HANDSHAKE_SETTLE", 1.0)
+    server = await create_server(ByeProtocol, LOCALHOST, 0, backlog=64, grace=3)
+    port = port_of(server)
+    results: list[object] = []
+    threads = await fill_accept_queue(port, 5, results)
+    shutdown = asyncio.ensure_future(server.shutdown())
+    await asyncio.sleep(0.2)  # the filter is on, the settle not over
+
+    def late_client() -> str:
+        try:
+            socket.create_connection((LOCALHOST, port), timeout=0.3).close()
+        except OSError as exc:
+            return type(exc).__name__
+        return "connected"
+
+    assert await asyncio.to_thread(late_client) == "TimeoutError"
+    report = await shutdown
+    await join(threads)
+    assert results == [b"BYE\n"] * 5
+    assert report.outcomes == {CloseOutcome.CLEAN: 5}
+    assert await asyncio.to_thread(late_client) == "ConnectionRefusedError"
+
+
 # -- rejection at a connection limit (seed 001) -------------------------------------------
 
 REJECTION = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"

@@ -11,6 +11,7 @@ import struct
 import sys
 import termios
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from _util import recv_until_eof, set_linger_zero, stream_server, tcp_state
@@ -247,3 +248,99 @@ async def test_socket_send_queue_is_not_read_on_unix_sockets() -> None:
         transport.abort()
         peer.close()
         await asyncio.sleep(0.01)
+
+
+# -- refuse_new_handshakes ------------------------------------------------------------------
+
+
+def _connect_outcome(family: socket.AddressFamily, address: tuple[str, int]) -> str:
+    """Connect with a short timeout: ``"connected"``, or the error's name."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.3)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            return type(exc).__name__
+        return "connected"
+
+
+def _drained_then_connected(family: socket.AddressFamily, refuse: bool) -> str:
+    """A listener drained dry, a client connecting and sending, the listener closed.
+
+    What the client's next read sees: the window of a drain before a close,
+    made wide. ``refuse`` attaches the SYN filter before the client comes.
+    """
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.bind((host, 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # drained: nothing queued
+        if refuse:
+            assert _socket.refuse_new_handshakes(listener) is True
+        address = listener.getsockname()[:2]
+        client = socket.socket(family, socket.SOCK_STREAM)
+        with client:
+            client.settimeout(0.3)
+            try:
+                client.connect(address)
+            except OSError as exc:
+                listener.close()
+                return f"connect: {type(exc).__name__}"
+            client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            listener.close()
+            try:
+                return f"read: {client.recv(100)!r}"
+            except OSError as exc:
+                return f"read: {type(exc).__name__}"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a Linux socket filter")
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_socket_refuse_new_handshakes_closes_the_window_after_a_drain(
+    family: socket.AddressFamily,
+) -> None:
+    """Stock: a connection made after the drain is reset once its request is sent. Filtered:
+    its handshake never completes, so nothing is sent (the client is refused on its retry)."""
+    assert _drained_then_connected(family, refuse=False) == "read: ConnectionResetError"
+    assert _drained_then_connected(family, refuse=True) == "connect: TimeoutError"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a Linux socket filter")
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_socket_refuse_new_handshakes_drops_syns_and_keeps_the_queue(
+    family: socket.AddressFamily,
+) -> None:
+    """After the filter a new connect() gets no answer; a queued connection and its bytes stay."""
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.bind((host, 0))
+        listener.listen(8)
+        address = listener.getsockname()[:2]
+        queued = socket.create_connection(address, timeout=5)
+        with queued:
+            queued.sendall(b"request")
+            assert _socket.refuse_new_handshakes(listener) is True
+            assert _connect_outcome(family, address) == "TimeoutError"
+            listener.settimeout(5)
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.recv(100) == b"request"  # data to a queued connection passes
+                conn.sendall(b"answer")
+                assert queued.recv(100) == b"answer"
+        listener.close()
+        # With the listener gone, the client's next SYN is refused.
+        assert _connect_outcome(family, address) == "ConnectionRefusedError"
+
+
+def test_socket_refuse_new_handshakes_is_false_where_it_does_not_apply(tmp_path: Path) -> None:
+    """Not a TCP listener (a Unix socket, UDP): False, and the socket is untouched."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+        unix.bind(str(tmp_path / "s"))
+        unix.listen(1)
+        assert _socket.refuse_new_handshakes(unix) is False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(tmp_path / "s"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        assert _socket.refuse_new_handshakes(udp) is False
