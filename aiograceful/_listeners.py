@@ -30,6 +30,7 @@ from ._linger import logger
 from ._socket import (
     TCPI_SACKED,
     TCPI_UNACKED,
+    detach_filter,
     listen_overflows,
     peer_uid,
     refuse_new_handshakes,
@@ -116,7 +117,7 @@ def accept_queue_stats(sockets: Iterable[socket.socket]) -> AcceptQueueStats | N
 
 
 async def close_and_drain(
-    loop: asyncio.AbstractEventLoop, server: asyncio.Server
+    loop: asyncio.AbstractEventLoop, server: asyncio.Server, *, refuse_handshakes: bool = False
 ) -> list[socket.socket]:
     """Close ``server`` without resetting its accept queue; return the queued connections.
 
@@ -125,13 +126,21 @@ async def close_and_drain(
 
     A connection that completes its handshake between the drain's last
     ``accept()`` and the close would be reset after its client sent a
-    request. So, once the queue is drained, new connection requests are
-    refused (a SYN-dropping filter, Linux:
+    request. With ``refuse_handshakes``, once the queue is drained, new
+    connection requests are refused (a SYN-dropping filter, Linux:
     :func:`~aiograceful._socket.refuse_new_handshakes`), the queue is drained
     again, and once more ``HANDSHAKE_SETTLE`` later, for the handshakes that
     were under way; then the socket closes. A client whose SYN was dropped
     retries about a second later: on a successor or a ``SO_REUSEPORT``
     sibling, or refused.
+
+    ``refuse_handshakes`` only for listening sockets this process made and
+    shares with nobody: the filter is on the kernel socket, and would turn
+    away every connection for another holder of it (workers forked or
+    spawned with it, systemd's socket, a successor's handoff) for good. A
+    process that forks after it bound its listener shares it too: give such
+    a server the socket with ``sock=``. The filter replaces any socket filter
+    of the listener's own.
     """
     # asyncio accepts in a reader callback on the listening socket and
     # makes each transport one task step later (_accept_connection2),
@@ -158,19 +167,30 @@ async def close_and_drain(
         for dup in dups:
             dup.setblocking(False)
         _accept_all(dups, accepted)
-        refused = [dup for dup in dups if refuse_new_handshakes(dup)]
+        refused = [dup for dup in dups if refuse_handshakes and refuse_new_handshakes(dup)]
         if refused:
-            _accept_all(refused, accepted)
+            # Connections made from now on inherit the filter: taken off each.
+            _accept_all(refused, accepted, unfilter=True)
             await asyncio.sleep(HANDSHAKE_SETTLE)
-            _accept_all(refused, accepted)
+            _accept_all(refused, accepted, unfilter=True)
+    except BaseException:
+        # Cancelled while it settled: nobody will serve what was taken.
+        for conn_sock in accepted:
+            conn_sock.close()
+        raise
     finally:
         for dup in dups:
             dup.close()
     return accepted
 
 
-def _accept_all(listeners: Sequence[socket.socket], accepted: list[socket.socket]) -> None:
-    """Accept what each of ``listeners`` has queued (``_DRAIN_LIMIT`` at most) into ``accepted``."""
+def _accept_all(
+    listeners: Sequence[socket.socket], accepted: list[socket.socket], *, unfilter: bool = False
+) -> None:
+    """Accept what each of ``listeners`` has queued (``_DRAIN_LIMIT`` at most) into ``accepted``.
+
+    ``unfilter``: detach the socket filter each accepted socket inherited.
+    """
     for listener in listeners:
         for _ in range(_DRAIN_LIMIT):
             try:
@@ -180,6 +200,8 @@ def _accept_all(listeners: Sequence[socket.socket], accepted: list[socket.socket
             except OSError:
                 logger.exception("accept() failed while draining the queue")
                 break
+            if unfilter:
+                detach_filter(conn_sock)
             accepted.append(conn_sock)
 
 

@@ -223,6 +223,7 @@ class GracefulServer:
         self._servers: list[asyncio.Server] = []
         self._offer: HandoffOffer | None = None
         self._taken: Taken | None = None
+        self._owns_listeners = False
         self._handed_off = asyncio.Event()
         # Lifetime counters (stats): plain ints, nothing kept per connection.
         self._outcome_counts: dict[CloseOutcome, int] = dict.fromkeys(CloseOutcome, 0)
@@ -286,6 +287,11 @@ class GracefulServer:
                 kwargs.setdefault("cleanup_socket", False)
             self._taken = await asyncio.to_thread(take_listeners, self._handoff, HANDOFF_TIMEOUT)
         taken = self._taken
+        # Only a listener bound here, by this server, is known to be shared
+        # with nobody (close_and_drain's refuse_handshakes): not one passed
+        # in (sock=: a supervisor's, a pre-fork parent's), taken from a
+        # predecessor, or offered to a successor.
+        self._owns_listeners = taken is None and "sock" not in kwargs and self._handoff is None
         try:
             if taken is not None:
                 _check_taken(taken, host, port, self._unix)
@@ -525,13 +531,12 @@ class GracefulServer:
         self._notice._set()
         await self._drain_delay_phase(report_conns)
         grace_started = loop.time()
+        # 2. The notice, once per connection: the open ones now (the drain
+        # below takes a few milliseconds), those the drain takes from the
+        # queue as they attach.
+        self._notify_all(report_conns)
         await self._stop_accepting()
-        # 2. The notice, once per connection (drained ones are notified as
-        # they attach).
-        for graceful in list(report_conns):
-            conn = self._conns.get(graceful)
-            if conn is not None:
-                conn._notify()
+        self._notify_all(report_conns)  # any that attached meanwhile
         # 3. Grace (it starts after drain_delay). Connections drained from
         # the queue attach a little later.
         grace_end = grace_started + grace
@@ -582,6 +587,12 @@ class GracefulServer:
             rejected=self._rejected_total,
         )
 
+    def _notify_all(self, report_conns: set[Linger]) -> None:
+        for graceful in list(report_conns):
+            conn = self._conns.get(graceful)
+            if conn is not None:
+                conn._notify()
+
     async def _drain_delay_phase(self, report_conns: set[Linger]) -> None:
         """``drain_delay``: the notice is out, and the server keeps accepting for a while.
 
@@ -615,7 +626,10 @@ class GracefulServer:
             if self._handed_off.is_set():
                 await close_listeners(self._loop, server)
                 continue
-            for sock in await close_and_drain(self._loop, server):
+            queued = await close_and_drain(
+                self._loop, server, refuse_handshakes=self._owns_listeners
+            )
+            for sock in queued:
                 self._drained += 1
                 self._track(asyncio.ensure_future(self._adopt(sock)))
 

@@ -26,6 +26,7 @@ __all__ = [
     "TCP_CLOSE",
     "TCP_FIN_UNACKED",
     "bytes_acked",
+    "detach_filter",
     "listen_overflows",
     "peer_uid",
     "receive_queue",
@@ -264,8 +265,10 @@ def peer_uid(sock: Any) -> int | None:
     return int(uid)
 
 
-# Linux SO_ATTACH_FILTER (asm-generic/socket.h); Python has no name for it.
+# Linux SO_ATTACH_FILTER and SO_DETACH_FILTER (asm-generic/socket.h); Python
+# has no names for them.
 _SO_ATTACH_FILTER: Final = 26
+_SO_DETACH_FILTER: Final = 27
 # A classic BPF program over a TCP segment (offset 0 is the TCP header when
 # the filter of a listening socket runs): drop a segment whose flags carry
 # SYN without ACK, keep everything else. Each instruction is struct
@@ -294,7 +297,8 @@ def refuse_new_handshakes(sock: socket.socket) -> bool:
     Linux only (a classic BPF socket filter); False where it cannot be
     attached (another platform, not a TCP socket, the call refused). It
     applies to the kernel socket, so every descriptor of it: never call it
-    on a listener a successor shares.
+    on a listener a successor shares. Connections made from the listener
+    afterwards inherit it (:func:`detach_filter` takes it off).
     """
     if (
         sys.platform != "linux"
@@ -313,3 +317,18 @@ def refuse_new_handshakes(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+def detach_filter(sock: socket.socket) -> None:
+    """Take the socket filter off ``sock`` (Linux ``SO_DETACH_FILTER``); nothing if it has none.
+
+    A connection accepted from a listener that refuses new handshakes
+    inherits its filter, which would drop a SYN on it (and with it the
+    challenge ACK of RFC 5961 that tells a restarted peer to reset).
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+    except OSError:
+        pass  # ENOENT: it had none

@@ -285,7 +285,14 @@ class GracefulAppRunner(web_runner.AppRunner):
                     continue
                 # A TLS site's queued connections are served over TLS.
                 ssl_context = getattr(site, "_ssl_context", None)
-                for sock in await close_and_drain(loop, cast(asyncio.Server, listener)):
+                # A TCPSite bound its listener here; a SockSite's socket is
+                # someone else's too (gunicorn's worker, a supervisor).
+                queued = await close_and_drain(
+                    loop,
+                    cast(asyncio.Server, listener),
+                    refuse_handshakes=isinstance(site, web_runner.TCPSite),
+                )
+                for sock in queued:
                     adopting.append(asyncio.ensure_future(_adopt(loop, server, sock, ssl_context)))
             if adopting:
                 # Together, so that one slow TLS handshake holds up no other;

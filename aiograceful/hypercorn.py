@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import socket
 import types
 from collections.abc import Awaitable, Callable, Iterator
@@ -220,8 +221,10 @@ class _DrainingServer:
         callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
         ssl: Any,
         ssl_handshake_timeout: float | None,
+        refuse_handshakes: bool = False,
     ) -> None:
         self._server = server
+        self._refuse_handshakes = refuse_handshakes
         self._callback = callback
         self._ssl = ssl
         self._handshake_timeout = ssl_handshake_timeout
@@ -250,7 +253,9 @@ class _DrainingServer:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        queued = await close_and_drain(loop, self._server)
+        queued = await close_and_drain(
+            loop, self._server, refuse_handshakes=self._refuse_handshakes
+        )
         if not queued:
             return
         adopting = [asyncio.ensure_future(self._adopt(loop, sock)) for sock in queued]
@@ -293,7 +298,11 @@ async def _start_server(
     """``asyncio.start_server`` as hypercorn's worker calls it, its server drained at close."""
     server = await asyncio.start_server(client_connected_cb, host, port, **kwargs)
     return _DrainingServer(
-        server, client_connected_cb, kwargs.get("ssl"), kwargs.get("ssl_handshake_timeout")
+        server,
+        client_connected_cb,
+        kwargs.get("ssl"),
+        kwargs.get("ssl_handshake_timeout"),
+        _OWNS_LISTENERS.get(),
     )
 
 
@@ -311,6 +320,11 @@ class _AsyncioForHypercorn(types.ModuleType):
 
 
 _ASYNCIO: Final = _AsyncioForHypercorn("asyncio")
+# Whether the worker that serve() runs binds its listeners itself (no
+# ``fd://`` bind): only those may refuse new handshakes as they drain.
+_OWNS_LISTENERS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "aiograceful_hypercorn_owns_listeners", default=False
+)
 _installed = 0
 
 
@@ -343,6 +357,14 @@ async def serve(
 
     Its shutdown also drains the listeners' accept queues: the connections
     queued when hypercorn closes its listeners are served (and told), not reset.
+    Listeners it binds itself refuse new handshakes for the drain's last
+    moments (:func:`~aiograceful._listeners.close_and_drain`); an ``fd://``
+    bind's socket is another process's too, and is left as it is.
     """
-    with _installed_server():
-        await hypercorn.asyncio.serve(app, config, shutdown_trigger=shutdown_trigger, mode=mode)
+    binds = [*config.bind, *config.insecure_bind, *config.quic_bind]
+    token = _OWNS_LISTENERS.set(not any(bind.startswith("fd://") for bind in binds))
+    try:
+        with _installed_server():
+            await hypercorn.asyncio.serve(app, config, shutdown_trigger=shutdown_trigger, mode=mode)
+    finally:
+        _OWNS_LISTENERS.reset(token)

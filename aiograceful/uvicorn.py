@@ -480,13 +480,18 @@ class Server(uvicorn.Server):
         loop = asyncio.get_running_loop()
         started = loop.time()
         state = self.server_state
-        # 1. Stop accepting; take the queue.
+        # 1. Tell the open connections (the drain below takes a few
+        # milliseconds); stop accepting; take the queue.
+        self._notify()
         queued: list[socket.socket] = []
+        # uvicorn bound its listeners itself unless it was given them: sockets
+        # (its workers, reload, gunicorn's worker) or an inherited --fd.
+        owned = not sockets and self.config.fd is None
         for server in self.servers:
-            queued += await close_and_drain(loop, server)
+            queued += await close_and_drain(loop, server, refuse_handshakes=owned)
         for sock in sockets or []:
             sock.close()
-        # 2. The notice.
+        # 2. The notice, to those that attached meanwhile.
         self._notify()
         for sock in queued:
             await self._adopt(loop, sock)

@@ -240,3 +240,29 @@ def small_rcvbuf_listener() -> socket.socket:
     listener.bind((HOST, 0))
     listener.listen()
     return listener
+
+
+def connect_outcome(host: str, port: int, timeout: float = 0.5) -> str:
+    """A blocking connect: ``"connected"`` (then closed), or the error's name.
+
+    ``"TimeoutError"`` on loopback means the SYN went unanswered (a listener
+    refusing new handshakes drops it).
+    """
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return type(exc).__name__
+    return "connected"
+
+
+async def assert_still_accepts(keeper: socket.socket, host: str, port: int) -> None:
+    """The kernel socket ``keeper`` also holds takes a new connection after a shutdown.
+
+    A server that drained a listener it shares must not leave the SYN filter
+    on it (close_and_drain's ``refuse_handshakes``): the connect would then
+    go unanswered, for every holder, for good.
+    """
+    assert await asyncio.to_thread(connect_outcome, host, port) == "connected"
+    keeper.settimeout(5)
+    conn, _ = keeper.accept()
+    conn.close()

@@ -30,6 +30,7 @@ from _dropins import (
     server_process,
     wget_uploads,
 )
+from _util import assert_still_accepts
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -202,6 +203,24 @@ async def test_aiohttp_app_runner_drains_the_accept_queue() -> None:
         answered[name] = sum(a.startswith(b"HTTP/1.1 200") for a in answers)
     assert answered["stock"] < 4, answered
     assert answered["dropin"] == 4, answered
+
+
+async def test_aiohttp_sock_site_is_left_unfiltered() -> None:
+    """A ``SockSite``'s socket is someone else's too (gunicorn's worker, a supervisor): the
+    drop-in drains it without the SYN filter, so it still takes connections after cleanup."""
+    from aiohttp import web
+
+    from aiograceful.aiohttp import GracefulAppRunner
+
+    listener = socket.create_server((HOST, 0), backlog=16)
+    keeper = listener.dup()
+    with keeper:
+        runner = GracefulAppRunner(web.Application(), shutdown_timeout=2.0)
+        await runner.setup()
+        await web.SockSite(runner, listener).start()
+        port = listener.getsockname()[1]
+        await asyncio.wait_for(runner.cleanup(), 20)
+        await assert_still_accepts(keeper, HOST, port)
 
 
 def _read_all(sock: socket.socket) -> bytes:

@@ -42,6 +42,7 @@ from _util import (
     SMALL_RCVBUF,
     TCP_CLOSE,
     TCP_ESTABLISHED,
+    assert_still_accepts,
     set_linger_zero,
     wait_for_tcp_state,
 )
@@ -219,6 +220,32 @@ async def test_hypercorn_connections_arriving_at_shutdown_are_answered() -> None
     assert got, "no connection arrived during the shutdown"
     assert _answered(got) == len(got), got
     assert all(b"connection: close" in g.lower() for g in got if isinstance(g, bytes)), got
+
+
+async def test_hypercorn_fd_bind_is_left_unfiltered() -> None:
+    """An ``fd://`` bind's socket may be another process's too (systemd's): the drop-in drains
+    it without the SYN filter, so it still takes connections after hypercorn stops."""
+    from _asgi_app import app
+    from hypercorn.config import Config
+
+    from aiograceful.hypercorn import serve as dropin_serve
+
+    serve: Callable[..., Awaitable[None]] = dropin_serve  # the app is typed loosely
+    listener = socket.create_server((HOST, 0), backlog=16)
+    keeper = listener.dup()  # the supervisor's copy
+    port = listener.getsockname()[1]
+    with keeper:
+        config = Config()
+        config.bind = [f"fd://{listener.detach()}"]
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(serve(app, config, shutdown_trigger=stop.wait))
+        for _ in range(200):  # until hypercorn serves (bounded: 2 s)
+            await asyncio.sleep(0.01)
+            if await asyncio.to_thread(_accepting, port):
+                break
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await assert_still_accepts(keeper, HOST, port)
 
 
 async def test_hypercorn_listener_drains_its_accept_queue() -> None:

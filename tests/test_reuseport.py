@@ -97,15 +97,20 @@ def test_reuseport_graceful_shutdown_drains_its_own_queue(
 
 @pytest.mark.parametrize("migrate", [0, 1])
 def test_reuseport_worker_leaving_under_load(measured: dict[str, Any], migrate: int) -> None:
-    """One of two workers shuts down under load: nothing refused, nothing lost, either way.
+    """One of two workers shuts down under load: nothing refused; with migration, nothing lost.
 
     Its drain refuses new handshakes before the last accept() and the close
     (close_and_drain), so no connection is made on its socket in between (it
     was reset there); a client whose SYN was dropped retries and lands on the
-    other worker.
+    other worker. Without migration one case remains: a handshake under way
+    whose last ACK the kernel handles later than HANDSHAKE_SETTLE (on a
+    loaded machine, its softirq work postponed) is reset by the close.
     """
     runs = [f for f in measured["load"] if f["migrate"] == migrate]
     assert runs
     for figures in runs:
         assert figures["ok"] > 0
-        assert figures["failed"] == {}, figures
+        if migrate:
+            assert figures["failed"] == {}, figures
+        else:
+            assert set(figures["failed"]) <= {"ConnectionResetError"}, figures

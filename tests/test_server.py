@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
-from _util import http_post
+from _util import assert_still_accepts, connect_outcome, http_post
 
 import aiograceful
 from aiograceful import (
@@ -375,27 +375,38 @@ async def test_shutdown_refuses_handshakes_while_it_drains(monkeypatch: pytest.M
     connection made there is reset after its request) is
     test_socket_refuse_new_handshakes_closes_the_window_after_a_drain.
     """
-    monkeypatch.setattr(aiograceful._listeners, "HANDSHAKE_SETTLE", 1.0)
-    server = await create_server(ByeProtocol, LOCALHOST, 0, backlog=64, grace=3)
+    monkeypatch.setattr(aiograceful._listeners, "HANDSHAKE_SETTLE", 2.0)
+    # (The queue is served once the settle is over: grace outlasts it.)
+    server = await create_server(ByeProtocol, LOCALHOST, 0, backlog=64, grace=10)
     port = port_of(server)
     results: list[object] = []
     threads = await fill_accept_queue(port, 5, results)
     shutdown = asyncio.ensure_future(server.shutdown())
     await asyncio.sleep(0.2)  # the filter is on, the settle not over
-
-    def late_client() -> str:
-        try:
-            socket.create_connection((LOCALHOST, port), timeout=0.3).close()
-        except OSError as exc:
-            return type(exc).__name__
-        return "connected"
-
-    assert await asyncio.to_thread(late_client) == "TimeoutError"
+    late = await asyncio.to_thread(connect_outcome, LOCALHOST, port, 0.3)
+    assert late == "TimeoutError"
     report = await shutdown
     await join(threads)
     assert results == [b"BYE\n"] * 5
     assert report.outcomes == {CloseOutcome.CLEAN: 5}
-    assert await asyncio.to_thread(late_client) == "ConnectionRefusedError"
+    after = await asyncio.to_thread(connect_outcome, LOCALHOST, port, 0.3)
+    assert after == "ConnectionRefusedError"
+
+
+async def test_shutdown_leaves_a_passed_in_listener_unfiltered() -> None:
+    """``sock=``: the kernel socket may have other holders (a supervisor, pre-fork workers).
+
+    The shutdown drains it without the SYN filter, so another holder still
+    takes connections afterwards; with the filter, this connect would go
+    unanswered for good.
+    """
+    listener = socket.create_server((LOCALHOST, 0), backlog=16)
+    keeper = listener.dup()  # the other holder
+    with keeper:
+        server = await create_server(ByeProtocol, sock=listener, grace=1)
+        port = port_of(server)
+        await server.shutdown()
+        await assert_still_accepts(keeper, LOCALHOST, port)
 
 
 # -- rejection at a connection limit (seed 001) -------------------------------------------

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _util import recv_until_eof, set_linger_zero, stream_server, tcp_state
+from _util import connect_outcome, recv_until_eof, set_linger_zero, stream_server, tcp_state
 
 from aiograceful import GracefulProtocol, _socket
 
@@ -253,17 +253,6 @@ async def test_socket_send_queue_is_not_read_on_unix_sockets() -> None:
 # -- refuse_new_handshakes ------------------------------------------------------------------
 
 
-def _connect_outcome(family: socket.AddressFamily, address: tuple[str, int]) -> str:
-    """Connect with a short timeout: ``"connected"``, or the error's name."""
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.3)
-        try:
-            sock.connect(address)
-        except OSError as exc:
-            return type(exc).__name__
-        return "connected"
-
-
 def _drained_then_connected(family: socket.AddressFamily, refuse: bool) -> str:
     """A listener drained dry, a client connecting and sending, the listener closed.
 
@@ -322,7 +311,7 @@ def test_socket_refuse_new_handshakes_drops_syns_and_keeps_the_queue(
         with queued:
             queued.sendall(b"request")
             assert _socket.refuse_new_handshakes(listener) is True
-            assert _connect_outcome(family, address) == "TimeoutError"
+            assert connect_outcome(address[0], address[1], 0.3) == "TimeoutError"
             listener.settimeout(5)
             conn, _ = listener.accept()
             with conn:
@@ -331,7 +320,7 @@ def test_socket_refuse_new_handshakes_drops_syns_and_keeps_the_queue(
                 assert queued.recv(100) == b"answer"
         listener.close()
         # With the listener gone, the client's next SYN is refused.
-        assert _connect_outcome(family, address) == "ConnectionRefusedError"
+        assert connect_outcome(address[0], address[1], 0.3) == "ConnectionRefusedError"
 
 
 def test_socket_refuse_new_handshakes_is_false_where_it_does_not_apply(tmp_path: Path) -> None:
@@ -344,3 +333,26 @@ def test_socket_refuse_new_handshakes_is_false_where_it_does_not_apply(tmp_path:
             client.connect(str(tmp_path / "s"))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         assert _socket.refuse_new_handshakes(udp) is False
+
+
+def _filter_length(sock: socket.socket) -> int:
+    """The socket filter's length in instructions (SO_GET_FILTER); 0 without one."""
+    return len(sock.getsockopt(socket.SOL_SOCKET, 26, 1024))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a Linux socket filter")
+def test_socket_detach_filter_takes_the_filter_off() -> None:
+    """The filter a connection inherits from a refusing listener comes off; twice is harmless."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname()[:2], timeout=5)
+        conn, _ = listener.accept()
+        with client, conn:
+            # (A connection made after the listener's filter inherits it; on
+            # loopback none is made then, so the filter is put on directly.)
+            assert _socket.refuse_new_handshakes(conn) is True
+            assert _filter_length(conn) == len(_socket._REFUSE_SYN_PROGRAM)
+            _socket.detach_filter(conn)
+            assert _filter_length(conn) == 0
+            _socket.detach_filter(conn)
+            conn.sendall(b"still a connection")
+            assert client.recv(100) == b"still a connection"

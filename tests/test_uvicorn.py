@@ -23,7 +23,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from _util import TCP_CLOSE, TCP_CLOSE_WAIT, UPLOAD_HEAD, wait_for_tcp_state
+from _util import (
+    TCP_CLOSE,
+    TCP_CLOSE_WAIT,
+    UPLOAD_HEAD,
+    assert_still_accepts,
+    wait_for_tcp_state,
+)
 
 pytest.importorskip("uvicorn")
 
@@ -303,6 +309,22 @@ async def test_uvicorn_server_drains_the_accept_queue(dropin: bool) -> None:
         assert answered == 4, answers
     else:
         assert answered < 4, answers
+
+
+async def test_uvicorn_server_leaves_given_sockets_unfiltered() -> None:
+    """Given its sockets (its workers, reload, gunicorn), the drop-in drains without the SYN
+    filter: they are another process's too, and still take connections after it."""
+    listener = socket.create_server((HOST, 0), backlog=16)
+    keeper = listener.dup()  # the supervisor's copy
+    with keeper, listener:
+        config = _config()
+        server = graceful_uvicorn.Server(config)
+        config.load()
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[listener])
+        port = listener.getsockname()[1]
+        await asyncio.wait_for(server.shutdown(sockets=[listener]), 30)
+        await assert_still_accepts(keeper, HOST, port)
 
 
 async def test_uvicorn_server_forces_after_grace() -> None:
