@@ -4,7 +4,9 @@ Closing a listening socket resets every connection that finished its
 handshake but was never ``accept()``-ed (hazard H4). :func:`close_and_drain`
 closes an ``asyncio.Server`` without losing them: each listening socket is
 duplicated first, the server closes its own descriptor (the kernel socket
-lives on in the dup), and the queue is accepted dry through the dup.
+lives on in the dup), and the queue is accepted dry through the dup. A
+listener nobody else holds then drops new SYNs before its last ``accept()``,
+so that no connection is made on it between that and the close.
 
 Restarts (hazard H7): :class:`HandoffOffer` and :func:`take_listeners` pass
 a server's listening sockets to its successor over a Unix socket, so the
