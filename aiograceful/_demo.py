@@ -793,8 +793,19 @@ async def _h7(close: Close, rounds: int) -> Tally:
 
     loop = "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
     kind = "plain" if close == NAIVE else "handoff"
+    # The new process takes a second to listen, as a real service's start
+    # does, and longer than a client's first SYN retransmission: the old
+    # process's shutdown drops the SYNs of its last 10 ms (close_and_drain),
+    # and a successor up before the retransmission would answer those
+    # clients, hiding the refusals a plain restart causes.
     result = await asyncio.to_thread(
-        restart_under_load, kind, loop=loop, before=0.25, after=0.25, quiet=True
+        restart_under_load,
+        kind,
+        loop=loop,
+        before=0.25,
+        after=0.25,
+        startup_delay=1.0,
+        quiet=True,
     )
     if result.old_exit != 0 or result.new_exit != 0:
         raise RuntimeError(f"server exit codes {result.old_exit}, {result.new_exit}")
