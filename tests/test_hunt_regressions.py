@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 from _util import (
@@ -425,6 +425,7 @@ async def test_hunt_flood_overflows_only_once_the_answer_is_acknowledged() -> No
 F3_SIZE = 8 * MIB
 HOG = 0.02  # s of other work per loop iteration
 HOG_LIMIT = 1500  # iterations: at most ~30 s of hogging
+R = TypeVar("R")
 
 
 async def hog(stop: asyncio.Event) -> None:
@@ -469,18 +470,24 @@ def f3_handler(close: str, results: list[CloseResult]) -> Handler:
     return handler
 
 
+async def while_hogged(
+    read: Callable[[int, ssl.SSLContext], R], port: int, client: ssl.SSLContext
+) -> R:
+    """``read(port, client)`` in a thread while the loop is hogged; what it returned."""
+    stop = asyncio.Event()
+    hogging = asyncio.ensure_future(hog(stop))
+    try:
+        return await asyncio.to_thread(read, port, client)
+    finally:
+        stop.set()
+        await hogging
+
+
 async def busy_tls_download(
     server: asyncio.Server | aiograceful.GracefulServer, client: ssl.SSLContext
 ) -> tuple[int, str]:
     """One TLS client's reading from ``server`` while the loop is hogged."""
-    port = server.sockets[0].getsockname()[1]
-    stop = asyncio.Event()
-    hogging = asyncio.ensure_future(hog(stop))
-    try:
-        return await asyncio.to_thread(tls_read, port, client)
-    finally:
-        stop.set()
-        await hogging
+    return await while_hogged(tls_read, server.sockets[0].getsockname()[1], client)
 
 
 async def test_hunt_tls_busy_loop_close_is_not_cut_by_timeout(tls_contexts: Contexts) -> None:
@@ -810,13 +817,9 @@ async def test_hunt_tls_max_discard_waits_for_the_answer(tls_contexts: Contexts)
     async def download(close: str) -> tuple[int, str, int]:
         server = await asyncio.start_server(handler(close), HOST, 0, ssl=server_ctx)
         port = server.sockets[0].getsockname()[1]
-        stop = asyncio.Event()
-        hogging = asyncio.ensure_future(hog(stop))
         try:
-            return await asyncio.to_thread(uploading_tls_read, port, client_ctx)
+            return await while_hogged(uploading_tls_read, port, client_ctx)
         finally:
-            stop.set()
-            await hogging
             if close != "naive":
                 await wait_until(lambda: len(results) == 1, 5)
             server.close()
