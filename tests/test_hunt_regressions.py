@@ -456,18 +456,8 @@ def tls_read(port: int, context: ssl.SSLContext, timeout: float = 10.0) -> tuple
 
 
 def f3_handler(close: str, results: list[CloseResult]) -> Handler:
-    """SO_SNDBUF 64 KiB, read the line, write F3_SIZE bytes in one write, close."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-        await reader.readline()
-        writer.write(b"x" * F3_SIZE)
-        if close == "naive":
-            writer.close()
-        elif close == "graceful":
-            results.append(await graceful_close(writer, timeout=0.5, idle_timeout=0.3))
-
-    return handler
+    """big_answer of F3_SIZE bytes; the graceful close bounded at 0.5 s / 0.3 s."""
+    return big_answer(close, results, size=F3_SIZE, timeout=0.5, idle_timeout=0.3)
 
 
 async def while_hogged(
@@ -731,16 +721,23 @@ def paced_tls_read(port: int, context: ssl.SSLContext, rate: float) -> tuple[int
         raw.close()
 
 
-def big_answer(close: str, results: list[CloseResult], **options: Any) -> Handler:
-    """SO_SNDBUF 64 KiB, read the line, write SLOW_TLS_SIZE bytes, close naively or gracefully."""
+def big_answer(
+    close: str, results: list[CloseResult], *, size: int = SLOW_TLS_SIZE, **options: Any
+) -> Handler:
+    """SO_SNDBUF 64 KiB, read the line, write ``size`` bytes, then close.
+
+    ``close``: "naive" (``writer.close()``), "graceful" (``graceful_close``
+    with ``options``, its result into ``results``), or "server" (return:
+    aiograceful's server closes).
+    """
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         await reader.readline()
-        writer.write(b"x" * SLOW_TLS_SIZE)
+        writer.write(b"x" * size)
         if close == "naive":
             writer.close()
-        else:
+        elif close == "graceful":
             results.append(await graceful_close(writer, **options))
 
     return serve
