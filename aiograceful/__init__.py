@@ -3,6 +3,7 @@
 See the README for the hazards this library exists for and how to use it.
 """
 
+from ._api import create_server, create_unix_server, start_server, start_unix_server
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
@@ -13,22 +14,12 @@ from ._linger import (
     CloseResult,
     LingerOptions,
 )
-from ._listeners import listen_fds
+from ._listeners import DEFAULT_BACKLOG, AcceptQueueStats, listen_fds
 from ._protocol import GracefulProtocol
-from ._server import (
-    DEFAULT_BACKLOG,
-    DEFAULT_FORCE_TIMEOUT,
-    DEFAULT_GRACE,
-    AcceptQueueStats,
-    GracefulServer,
-    ServerStats,
-    ShutdownReport,
-    create_server,
-    create_unix_server,
-    start_server,
-    start_unix_server,
-)
+from ._server import DEFAULT_FORCE_TIMEOUT, DEFAULT_GRACE, GracefulServer
+from ._shutdown import ShutdownNotice, ShutdownPhase
 from ._state import HalfCloseState
+from ._stats import ServerStats, ShutdownReport
 from ._streams import abort, graceful_close
 
 __all__ = [
@@ -48,6 +39,8 @@ __all__ = [
     "HalfCloseState",
     "LingerOptions",
     "ServerStats",
+    "ShutdownNotice",
+    "ShutdownPhase",
     "ShutdownReport",
     "abort",
     "create_server",

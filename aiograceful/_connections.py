@@ -1,72 +1,126 @@
-"""What the server drives per connection: one adapter per API.
+"""The core server's per-connection adapters, written against :class:`Host` (no server import).
 
-* :class:`_StreamConnection`: a ``start_server`` connection (asyncio's streams,
+* :class:`StreamConnection`: a ``start_server`` connection (asyncio's streams,
   the handler's task, a graceful close when the handler returns).
-* :class:`_ProtocolConnection`: a user's :class:`GracefulProtocol`.
-* :class:`_ProtocolGate`: with ``max_connections``, what a protocol server's
+* :class:`ProtocolConnection`: a user's :class:`GracefulProtocol`.
+* :class:`ProtocolGate`: with ``max_connections``, what a protocol server's
   factory returns: the limit is checked in ``connection_made`` (after a TLS
   handshake), and only then is the user's protocol made.
-* :func:`_reject`: a connection over ``max_connections``: reject, then linger.
+
+Each one's end is an :class:`~aiograceful._ending.Ending` (the notice, the
+quiet window, the force, letting go: written once, shared with the drop-ins);
+the adapter is its :class:`~aiograceful._ending.Conversation`, answering what
+only it knows (is the handler reading, what is buffered unread).
 
 The limit is counted among attached connections only. A handshake that
 fails never reaches ``connection_made``, so it never holds a slot (counting
 protocols from the factory on would hold one until the garbage collector
 freed the failed ``SSLProtocol`` and its cycle).
-
-The server sees each through :class:`_Connection`: its ``Linger`` record,
-``_notify()`` (the shutdown notice), ``_force()`` (the end of grace) and
-``_idle()`` (the idle timer fired).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-from ._linger import _ENDED, UNSET, Linger, LingerOptions, logger
-from ._protocol import GracefulProtocol, merge_options
+from ._ending import QUIET, Ending
+from ._linger import Linger, LingerOptions, logger
+from ._protocol import GracefulProtocol
 from ._socket import TCPI_LAST_DATA_RECV, TCPI_LAST_DATA_SENT, tcp_info_u32
 from ._streams import take_from
 
-if TYPE_CHECKING:
-    from ._server import GracefulServer
-
 __all__ = [
-    "_Connection",
-    "_ProtocolConnection",
-    "_ProtocolGate",
-    "_ServerWriter",
-    "_StreamConnection",
-    "_no_traffic",
-    "_reject",
+    "Connection",
+    "Host",
+    "NoticeHook",
+    "ProtocolConnection",
+    "ProtocolGate",
+    "RejectHook",
+    "ServerWriter",
+    "Settings",
+    "StreamConnection",
+    "StreamHandler",
+    "no_traffic",
 ]
 
-
-class _Connection(Protocol):
-    """What the server needs of a connection, whichever API it came from."""
-
-    _graceful: Linger | None
-
-    def _notify(self) -> None: ...
-    def _force(self, timeout: float) -> None: ...
-    def _idle(self) -> bool: ...
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+NoticeHook = Callable[[asyncio.StreamWriter], "Awaitable[None] | None"]
+RejectHook = Callable[[asyncio.Transport], None]
 
 
-class _ServerWriter(asyncio.StreamWriter):
-    """The handler's writer: how it ends goes through the connection's Linger.
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """What the adapters need of the server's options (fixed when it starts)."""
+
+    linger: LingerOptions
+    handler: StreamHandler | None = None
+    on_notice: NoticeHook | None = None
+    on_reject: RejectHook | None = None
+    idle_timeout: float | None = None
+    quiet: float = QUIET
+    stream_limit: int = 2**16
+
+
+class Connection(Protocol):
+    """What the server drives per connection, whichever API it came from."""
+
+    ending: Ending
+
+    def notify(self) -> None:
+        """The shutdown notice (once; only while the connection may write)."""
+        ...
+
+    def force(self, timeout: float) -> None:
+        """The grace is over: close within ``timeout``."""
+        ...
+
+    def idle(self) -> bool:
+        """The idle timer fired: close if nothing moved; True if it did."""
+        ...
+
+
+class Host(Protocol):
+    """What an adapter needs of its server: the options, the registry, the limit."""
+
+    settings: Settings
+
+    def admit(self) -> bool:
+        """True if a connection attaching now stays within ``max_connections``."""
+        ...
+
+    def attach(self, conn: Connection) -> None:
+        """A connection is served: register it (it joins a shutdown under way)."""
+        ...
+
+    def reject(self, transport: asyncio.Transport) -> None:
+        """A connection over the limit: reject it, then linger."""
+        ...
+
+    def track(self, fut: asyncio.Future[Any]) -> None:
+        """A task of the server's (a handler, a notice hook): collected at shutdown."""
+        ...
+
+    def new_protocol(self) -> GracefulProtocol:
+        """The user's protocol, from the server's factory."""
+        ...
+
+
+class ServerWriter(asyncio.StreamWriter):
+    """The handler's writer: how it ends goes through the connection's Ending.
 
     * ``close()`` is a graceful close (asyncio's would reset a client still
       sending: the handler's own ``writer.close(); await writer.wait_closed()``
       is the idiom); ``wait_closed()`` then waits for its end.
-    * ``write_eof()`` is recorded, so no notice is given after it.
+    * ``write_eof()`` goes through the close record, so no notice follows it.
     * ``write()`` records the moment, for the idle watch where the kernel
       cannot tell when data last moved (no TCP_INFO: Unix sockets, not Linux).
     """
 
     linger: Linger | None = None
-    _conn: _StreamConnection | None = None
+    ending: Ending | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         super().write(data)
@@ -82,42 +136,43 @@ class _ServerWriter(asyncio.StreamWriter):
             super().write_eof()
 
     def close(self) -> None:
-        conn = self._conn
-        linger = self.linger
-        if conn is not None and linger is not None and linger.machine.live:
-            conn._close_now(conn._server._linger_options)
+        ending = self.ending
+        if ending is not None and ending.linger.machine.live:
+            ending.close()
         else:
             super().close()
 
 
-class _StreamConnection(asyncio.StreamReaderProtocol):
-    """The server's protocol for ``start_server``: asyncio's streams, plus a Linger record."""
+class StreamConnection(asyncio.StreamReaderProtocol):
+    """The server's protocol for ``start_server``: asyncio's streams, plus an Ending."""
 
-    def __init__(self, server: GracefulServer, reader: asyncio.StreamReader) -> None:
+    def __init__(self, host: Host, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
-        self._server = server
+        self._host = host
         self._conn_reader = reader
         self._conn_writer: asyncio.StreamWriter | None = None
         self._handler_task: asyncio.Task[None] | None = None
         self._graceful: Linger | None = None
-        self._notified = False
+        self.ending: Ending = None  # type: ignore[assignment]  # set in connection_made
         self._handler_returned = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         tr: asyncio.Transport = transport  # type: ignore[assignment]
-        server = self._server
-        if server._over_limit():
-            _reject(server, tr)
+        host = self._host
+        if not host.admit():
+            host.reject(tr)
             return
         loop = asyncio.get_running_loop()
-        self._graceful = Linger(loop, tr, self, server._linger_options)
-        writer = self._conn_writer = _ServerWriter(tr, self, self._conn_reader, loop)
-        writer.linger = self._graceful
-        writer._conn = self
-        server._attach(self)
-        self._handler_task = loop.create_task(self._run(self._conn_writer))
-        server._track(self._handler_task)
+        settings = host.settings
+        graceful = self._graceful = Linger(loop, tr, self, settings.linger)
+        self.ending = Ending(graceful, self, settings.linger, quiet=settings.quiet)
+        writer = self._conn_writer = ServerWriter(tr, self, self._conn_reader, loop)
+        writer.linger = graceful
+        writer.ending = self.ending
+        host.attach(self)
+        task = self._handler_task = loop.create_task(self._run(writer))
+        host.track(task)
 
     def data_received(self, data: bytes) -> None:
         graceful = self._graceful
@@ -129,88 +184,80 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
         graceful = self._graceful
         if graceful is not None and graceful.machine.live and not graceful.machine.peer_eof:
             graceful.peer_eof()
+        # StreamReaderProtocol's answer: True (keep the write side open: the
+        # handler may still answer) except on TLS, which cannot half-close.
         return bool(super().eof_received())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        graceful = self._graceful
-        if graceful is not None and graceful.result is None:
+        if self._graceful is not None and self._graceful.result is None:
             # (After a linger, the discarder has made the result already.)
-            graceful.lost(exc)
+            self.ending.lost(exc)
         super().connection_lost(exc)
         # As StreamReaderProtocol drops its _stream_writer: the writer points back here.
         self._conn_writer = None
 
     async def _run(self, writer: asyncio.StreamWriter) -> None:
-        server = self._server
+        handler = self._host.settings.handler
+        assert handler is not None
         try:
-            await server._handler(self._conn_reader, writer)
+            await handler(self._conn_reader, writer)
         except asyncio.CancelledError:
             # Forced by the shutdown, which has started the close already.
             raise
         except Exception:
-            logger.exception("connection handler %r raised", server._handler)
+            logger.exception("connection handler %r raised", handler)
         finally:
             self._handler_returned = True
             # The graceful close, started here and left to run: the server
             # follows it through the Linger (its result, on_lost), and the
             # writer carries the record, so graceful_close(writer) finds it.
             # Not awaiting it spares the task a wake-up per connection.
-            self._close_now(server._linger_options)
+            self.ending.close()
 
-    # -- what the server does to it -------------------------------------------
+    # -- Conversation (what the Ending asks) -------------------------------------
 
-    def _write_side_open(self) -> bool:
-        graceful = self._graceful
-        return (
-            graceful is not None
-            and graceful.machine.live
-            and not graceful.lingering
-            and not graceful.machine.eof_written
-            and not graceful.transport.is_closing()
-        )
+    def request_active(self) -> bool:
+        """The handler is at work (not blocked reading the next request)."""
+        return not self._handler_returned and not _waiting_for_request(self._conn_reader)
 
-    def _notify(self) -> None:
-        if self._notified:
-            return
-        self._notified = True
-        hook = self._server._on_notice
+    def request_partial(self) -> bool:
+        """The handler waits for more of a request whose first bytes it holds."""
+        reader = self._conn_reader
+        return _waiting_for_request(reader) and bool(getattr(reader, "_buffer", None))
+
+    def unread(self) -> bytes:
+        """Take what the reader holds unread (the closer counts it among the discarded)."""
+        return take_from(self._conn_reader)[0]
+
+    def tell(self) -> None:
+        """The user's ``on_notice(writer)`` hook, if any (a coroutine runs as a task)."""
+        hook = self._host.settings.on_notice
         writer = self._conn_writer
-        if hook is None or writer is None or not self._write_side_open():
+        if hook is None or writer is None:
             return
-        try:
-            result = hook(writer)
-        except Exception:
-            logger.exception("on_notice hook %r raised; closing the connection", hook)
-            self._close_now(self._server._linger_options)
-            return
+        result = hook(writer)
         if inspect.isawaitable(result):
-            self._server._track(asyncio.ensure_future(self._await_notice(result)))
+            fut = asyncio.ensure_future(self._await_notice(result))
+            self._host.track(fut)
 
     async def _await_notice(self, awaitable: Awaitable[None]) -> None:
         try:
             await awaitable
         except Exception:
             logger.exception("on_notice hook raised; closing the connection")
-            self._close_now(self._server._linger_options)
+            self.ending.close()
 
-    def _close_now(self, options: LingerOptions) -> None:
-        graceful = self._graceful
-        if graceful is None or graceful.lingering or graceful.machine.state in _ENDED:
-            return  # begin() would do nothing: leave the reader's bytes alone
-        unread, peer_eof = take_from(self._conn_reader)
-        graceful.begin(options, unread=unread, peer_eof=peer_eof)
+    # -- Connection (what the server drives) --------------------------------------
 
-    def _force(self, timeout: float) -> None:
+    def notify(self) -> None:
+        self.ending.notice()
+
+    def force(self, timeout: float) -> None:
         graceful = self._graceful
         if graceful is None:
             return
         closing = graceful.lingering
-        if not closing:
-            self._close_now(
-                merge_options(self._server._linger_options, timeout, UNSET, UNSET, UNSET)
-            )
-        # The force bounds everything, a download in progress included.
-        graceful.shorten(timeout)
+        self.ending.force(timeout)
         task = self._handler_task
         # Not once a close is under way: the handler (or, once it returned,
         # the server) is awaiting that close, which the force_timeout now
@@ -219,18 +266,18 @@ class _StreamConnection(asyncio.StreamReaderProtocol):
         if task is not None and not task.done() and not closing and not self._handler_returned:
             task.cancel()
 
-    def _idle(self) -> bool:
+    def idle(self) -> bool:
         """The idle timer fired: close if no traffic and the handler waits; True if it did."""
         graceful = self._graceful
         if graceful is None or not _waiting_for_request(self._conn_reader):
             return False  # unread request bytes, or the handler is busy with one
-        if _no_traffic(graceful, watched=True) is not True:
+        if no_traffic(graceful, watched=True) is not True:
             return False
-        self._close_now(self._server._linger_options)
+        self.ending.close()
         return True
 
 
-def _no_traffic(graceful: Linger, *, watched: bool) -> bool | None:
+def no_traffic(graceful: Linger, *, watched: bool) -> bool | None:
     """True when nothing moved either way for the idle period and nothing is buffered either way.
 
     The watch that calls this knows when the stream server last read or
@@ -271,49 +318,53 @@ def _waiting_for_request(reader: asyncio.StreamReader) -> bool:
     halfway (slowloris): that is idle once no byte has come for the period,
     as nginx's ``client_header_timeout`` has it. asyncio has no public view
     of a pending read, so this reads CPython's ``StreamReader._waiter``, as
-    ``_take_unread`` reads ``_buffer``.
+    ``take_from`` reads ``_buffer``.
     """
     return getattr(reader, "_waiter", None) is not None
 
 
-class _ProtocolConnection:
-    """Adapts a user's GracefulProtocol to what the server drives."""
+class ProtocolConnection:
+    """Adapts a user's GracefulProtocol to what the server drives.
 
-    __slots__ = ("_graceful", "_notified", "protocol")
+    Its notice is the protocol's own hook (``on_shutdown_notice``), which
+    decides when the connection ends: the quiet window is the hook's
+    default (:meth:`GracefulProtocol.close_when_quiet`), since only the
+    protocol knows whether a request is in it.
+    """
 
-    def __init__(self, protocol: GracefulProtocol) -> None:
+    __slots__ = ("ending", "protocol")
+
+    def __init__(self, protocol: GracefulProtocol, linger: Linger, settings: Settings) -> None:
         self.protocol = protocol
-        self._graceful = protocol._graceful
-        self._notified = False
+        self.ending = Ending(linger, self, settings.linger, quiet=settings.quiet)
 
-    def _notify(self) -> None:
-        if self._notified:
-            return
-        self._notified = True
+    # -- Conversation --------------------------------------------------------------
+
+    def request_active(self) -> bool:
+        return True  # unknown: the protocol's hook decides (see the class's notes)
+
+    def request_partial(self) -> bool:
+        return False
+
+    def unread(self) -> bytes:
+        return b""
+
+    def tell(self) -> None:
         proto = self.protocol
-        graceful = self._graceful
-        if graceful is None or not graceful.machine.live or graceful.lingering:
-            return
-        if graceful.machine.eof_written:
-            return
         proto._run_hook(proto.on_shutdown_notice)
 
-    def _force(self, timeout: float) -> None:
-        graceful = self._graceful
-        if graceful is None:
-            return
-        if graceful.machine.live and not graceful.lingering:
-            self.protocol.close_gracefully(timeout=timeout)
-        # The force bounds everything, a download in progress included (and a
-        # connection closing already, both sides done, say, but not gone yet).
-        graceful.shorten(timeout)
+    # -- Connection ------------------------------------------------------------------
 
-    def _idle(self) -> bool:
-        graceful = self._graceful
+    def notify(self) -> None:
+        self.ending.notice()
+
+    def force(self, timeout: float) -> None:
+        self.ending.force(timeout)
+
+    def idle(self) -> bool:
+        graceful = self.ending.linger
         proto = self.protocol
-        if graceful is None:
-            return False
-        idle = _no_traffic(graceful, watched=False)
+        idle = no_traffic(graceful, watched=False)
         # Where the kernel cannot tell (None), only a protocol that overrides
         # the hook (and so keeps its own account of traffic) is asked.
         if idle is False or (
@@ -324,35 +375,20 @@ class _ProtocolConnection:
         return graceful.lingering or not graceful.machine.live
 
 
-class _ProtocolGate(asyncio.Protocol):
+class ProtocolGate(asyncio.Protocol):
     """A protocol server's connection until ``connection_made`` decides: serve or reject."""
 
-    __slots__ = ("_server",)
+    __slots__ = ("_host",)
 
-    def __init__(self, server: GracefulServer) -> None:
-        self._server = server
+    def __init__(self, host: Host) -> None:
+        self._host = host
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tr: asyncio.Transport = transport  # type: ignore[assignment]
-        server = self._server
-        if server._over_limit():
-            _reject(server, tr)
+        host = self._host
+        if not host.admit():
+            host.reject(tr)
             return
-        proto = server._new_protocol()
+        proto = host.new_protocol()
         tr.set_protocol(proto)
         proto.connection_made(tr)
-
-
-def _reject(server: GracefulServer, transport: asyncio.Transport) -> None:
-    """Turn away a connection over the limit: ``on_reject`` writes the rejection, then linger."""
-    graceful = Linger(asyncio.get_running_loop(), transport, None, server._linger_options)
-    server._rejected_live.add(graceful)
-    graceful.on_lost = server._rejected_lost
-    server._rejected_total += 1
-    hook = server._on_reject
-    if hook is not None:
-        try:
-            hook(transport)
-        except Exception:
-            logger.exception("on_reject hook %r raised", hook)
-    graceful.begin(server._linger_options)

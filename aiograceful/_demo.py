@@ -384,7 +384,7 @@ async def _h2(close: Close, rounds: int) -> Tally:
             holder.close()
         return tally
 
-    from ._server import start_server
+    from ._api import start_server
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
@@ -523,7 +523,7 @@ async def _h3_naive_round(clients: Sequence[_LineClient]) -> None:
 
 
 async def _h3_graceful_round(clients: Sequence[_LineClient]) -> None:
-    from ._server import start_server
+    from ._api import start_server
 
     def notice(writer: asyncio.StreamWriter) -> None:
         writer.write(_BYE)
@@ -624,7 +624,7 @@ async def _h4_naive_round() -> list[tuple[bytes, End]]:
 
 
 async def _h4_graceful_round() -> list[tuple[bytes, End]]:
-    from ._server import start_server
+    from ._api import start_server
 
     def notice(writer: asyncio.StreamWriter) -> None:
         writer.write(_BYE)

@@ -674,6 +674,24 @@ class Linger(_deadlines.Timed):
         machine.feed(Event.ABORT)
         reset(self.transport)
 
+    def let_go(self, outcome: CloseOutcome = CloseOutcome.TIMEOUT) -> None:
+        """Stop waiting now, the way a plain close lets go: a FIN, the kernel sends the rest.
+
+        The socket is closed without SO_LINGER, so the kernel keeps
+        delivering what it holds (a RST only if unread bytes sit in its
+        receive queue, as after any close). What is still in the transport's
+        own buffer is lost, as at a stock server's exit. A no-op once
+        ``connection_lost`` has run.
+        """
+        machine = self.machine
+        if machine.state is HalfCloseState.CLOSED:
+            return
+        if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
+            self.outcome = outcome
+        self._measure()
+        machine.feed(Event.TIMER if machine.state in _CLOSE_STATES else Event.ABORT)
+        self.transport.abort()
+
     def cancel(self) -> None:
         """The close's caller was cancelled: give up on grace without losing more than close().
 

@@ -72,7 +72,7 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from ._server import start_server
+    from ._api import start_server
 
     # A real service imports and configures itself before it listens.
     await asyncio.sleep(args.startup_delay)

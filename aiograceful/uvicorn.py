@@ -54,14 +54,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib.util
 import logging
 import os
 import socket
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import h11
@@ -70,10 +69,13 @@ from uvicorn.config import Config
 from uvicorn.protocols.http import h11_impl
 
 from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
+from ._ending import Ending
 from ._h11 import CloseAwareConnection as _Connection
 from ._linger import Linger, LingerOptions, check_seconds
 from ._listeners import close_and_drain
 from ._server import DEFAULT_FORCE_TIMEOUT, DEFAULT_GRACE
+from ._shutdown import LOST_WAIT, ShutdownNotice, ShutdownPhase, run_shutdown
+from ._stats import Counters, ServerStats
 from ._transport import ClosingView as _Transport
 
 if TYPE_CHECKING:
@@ -93,164 +95,34 @@ __all__ = [
 
 logger: Final = logging.getLogger("uvicorn.error")
 
-# How many times the quiet window is renewed for a request half-received when it ends.
-_QUIET_RENEWALS: Final = 3
-
-
-class _Hooks:
-    """What :class:`_End` asks of the protocol it belongs to (both parsers answer)."""
-
-    def _request_active(self) -> bool:
-        """A request is being answered (received, or being received)."""
-        raise NotImplementedError
-
-    def _request_partial(self) -> bool:
-        """Bytes of a request arrived, but not the whole of it."""
-        raise NotImplementedError
-
-    def _unread(self) -> bytes:
-        """Request bytes received that nobody will read."""
-        raise NotImplementedError
-
-    def _want_close(self) -> None:
-        """Make the answer in progress (or the next one) carry ``Connection: close``."""
-        raise NotImplementedError
-
-
-@dataclasses.dataclass(eq=False, slots=True)
-class _End:
-    """How one connection ends: its Linger record, the notice, the quiet window."""
-
-    hooks: _Hooks
-    linger: Linger
-    options: LingerOptions
-    idle_options: LingerOptions
-    quiet: float
-    closing: bool = False
-    notified: bool = False
-    detached: bool = False
-    quiet_timer: asyncio.TimerHandle | None = None
-    renewals: int = 0
-
-    @property
-    def peer_eof(self) -> bool:
-        return self.linger.machine.peer_eof
-
-    def close(self) -> None:
-        """Every close of the connection, whoever asks for it: a lingering close."""
-        if self.closing:
-            return
-        self.closing = True
-        self._cancel_quiet()
-        if self.detached:
-            self.linger.transport.close()
-            return
-        hooks = self.hooks
-        idle = not hooks._request_active() and not hooks._request_partial()
-        self.linger.begin(self.idle_options if idle else self.options, unread=hooks._unread())
-
-    def on_peer_eof(self) -> bool:
-        """The client half-closed. Returns what ``eof_received`` returns."""
-        transport = self.linger.transport
-        if self.peer_eof or self.closing or self.detached:
-            # uvloop reports the FIN again after resume_reading().
-            return transport.can_write_eof()
-        self.linger.peer_eof()
-        hooks = self.hooks
-        if hooks._request_partial():
-            # It stopped in the middle of a request: nothing can be answered
-            # (uvicorn's own end of such a connection, made graceful).
-            self.close()
-        elif hooks._request_active():
-            # The answer is on its way; the connection ends after it.
-            hooks._want_close()
-        else:
-            self.close()
-        # True keeps the transport open for writing after the client's FIN;
-        # asyncio closes it on a false return. TLS in asyncio cannot half-close
-        # (and warns on True).
-        return transport.can_write_eof()
-
-    def notice(self) -> None:
-        """uvicorn's shutdown began (``protocol.shutdown()``)."""
-        if self.notified or self.closing or self.detached:
-            return
-        self.notified = True
-        hooks = self.hooks
-        # The answer in progress says Connection: close if it has not started,
-        # and so does every later one. An answer already started keeps the
-        # connection: it is idle once it is sent, and then gets its quiet
-        # window (see response_done).
-        hooks._want_close()
-        if not hooks._request_active():
-            self._start_quiet()
-
-    def response_done(self) -> None:
-        """An answer was sent and the connection stays open (``on_response_complete``)."""
-        if self.closing or self.detached:
-            return
-        if self.peer_eof and not self.hooks._request_active():
-            self.close()
-        elif self.notified:
-            self._start_quiet()
-
-    def force(self, timeout: float) -> None:
-        """The grace period is over: close within ``timeout``, however busy."""
-        if self.detached:
-            return
-        linger = self.linger
-        if not linger.lingering and linger.machine.live:
-            self.closing = True
-            self._cancel_quiet()
-            linger.begin(dataclasses.replace(self.options, timeout=timeout))
-        # The force bounds everything, a download in progress included; what is
-        # still open after it is aborted by the shutdown's last step.
-        linger.shorten(timeout)
-
-    def lost(self, exc: BaseException | None) -> None:
-        self.closing = True
-        self._cancel_quiet()
-        self.linger.lost(exc)
-
-    def _start_quiet(self) -> None:
-        if self.quiet_timer is None:
-            self.quiet_timer = self.linger.loop.call_later(self.quiet, self._quiet_over)
-
-    def _cancel_quiet(self) -> None:
-        timer = self.quiet_timer
-        if timer is not None:
-            timer.cancel()
-            self.quiet_timer = None
-
-    def _quiet_over(self) -> None:
-        self.quiet_timer = None
-        if self.closing or self.detached:
-            return
-        hooks = self.hooks
-        if hooks._request_active():
-            return  # answered with Connection: close; its end closes the connection
-        if hooks._request_partial() and self.renewals < _QUIET_RENEWALS:
-            self.renewals += 1
-            self._start_quiet()
-            return
-        self.close()
+# The counters of each aiograceful Server, by uvicorn's ServerState (which
+# every protocol of that server holds): a protocol under uvicorn's own
+# server (the plain CLI) finds none and counts nothing.
+_COUNTERS: Final[weakref.WeakKeyDictionary[Any, Counters]] = weakref.WeakKeyDictionary()
+# How often the shutdown looks again at a connection it has no future for.
+_POLL: Final = 0.1
+# How long the force waits for cancelled tasks to write their last answer.
+_CANCEL_WAIT: Final = 1.0
 
 
 def _new_end(
     protocol: Any, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop
-) -> tuple[_End, _Transport]:
-    end = _End(
-        hooks=protocol,
-        linger=Linger(loop, transport, protocol),
-        options=protocol.linger,
-        idle_options=protocol.idle_linger,
-        quiet=protocol.shutdown_quiet,
+) -> tuple[Ending, _Transport]:
+    end = Ending(
+        Linger(loop, transport, protocol),
+        protocol,
+        protocol.linger,
+        protocol.idle_linger,
+        protocol.shutdown_quiet,
     )
+    counters = _COUNTERS.get(protocol.server_state)
+    if counters is not None:
+        end.linger.on_lost = lambda linger: counters.count(linger.result)
     return end, _Transport(transport, end)
 
 
-class _Ending(asyncio.Protocol, _Hooks):
-    """How both parsers' connections end: the callbacks that feed the connection's :class:`_End`.
+class _Ending(asyncio.Protocol):
+    """How both parsers' connections end: the callbacks that feed their :class:`Ending`.
 
     First among the bases, so that its callbacks run before uvicorn's own
     (each calls ``super()``).
@@ -260,8 +132,9 @@ class _Ending(asyncio.Protocol, _Hooks):
     idle_linger: ClassVar[LingerOptions] = IDLE_LINGER
     shutdown_quiet: ClassVar[float] = SHUTDOWN_QUIET
 
-    _end: _End
+    _end: Ending
     loop: asyncio.AbstractEventLoop
+    server_state: Any
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._end, view = _new_end(self, transport, self.loop)
@@ -283,6 +156,24 @@ class _Ending(asyncio.Protocol, _Hooks):
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]  # uvicorn's protocols have it
         self._end.response_done()
+
+    # -- Conversation (what the connection's Ending asks; each parser answers) ----
+
+    def request_active(self) -> bool:
+        """A request is being answered (received, or being received)."""
+        raise NotImplementedError
+
+    def request_partial(self) -> bool:
+        """Bytes of a request arrived, but not the whole of it."""
+        raise NotImplementedError
+
+    def unread(self) -> bytes:
+        """Request bytes received that nobody will read."""
+        raise NotImplementedError
+
+    def tell(self) -> None:
+        """Make the answer in progress (or the next one) carry ``Connection: close``."""
+        raise NotImplementedError
 
 
 class H11Protocol(_Ending, h11_impl.H11Protocol):  # type: ignore[misc]  # eof_received: bool
@@ -311,32 +202,31 @@ class H11Protocol(_Ending, h11_impl.H11Protocol):  # type: ignore[misc]  # eof_r
         """uvicorn's upgrade; the WebSocket protocol then owns the connection and its end."""
         # The WebSocket protocol takes the real transport and ends it its own way.
         end = self._end
-        end.detached = True
-        end._cancel_quiet()
+        end.detach()
         self.transport = end.linger.transport
         super().handle_websocket_upgrade(event)
 
-    # -- _Hooks --------------------------------------------------------------
+    # -- Conversation ----------------------------------------------------------
 
-    def _request_active(self) -> bool:
+    def request_active(self) -> bool:
         cycle = self.cycle
         return cycle is not None and not cycle.response_complete
 
-    def _request_partial(self) -> bool:
+    def request_partial(self) -> bool:
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and cycle.more_body:
             return True
         # A body still arriving after an early answer, or the start of the next request.
         return self.conn.their_state is h11.SEND_BODY or bool(self.conn.trailing_data[0])
 
-    def _unread(self) -> bytes:
+    def unread(self) -> bytes:
         data = self.conn.trailing_data[0]
         cycle = self.cycle
         if cycle is not None and cycle.body:
             data = bytes(cycle.body) + data
         return data
 
-    def _want_close(self) -> None:
+    def tell(self) -> None:
         conn = self.conn
         assert isinstance(conn, _Connection)
         conn.close_wanted = True
@@ -362,8 +252,7 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
 
         def handle_websocket_upgrade(self) -> None:
             end = self._end
-            end.detached = True
-            end._cancel_quiet()
+            end.detach()
             self.transport = end.linger.transport
             super().handle_websocket_upgrade()
 
@@ -375,7 +264,7 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
                 return  # an upgrade: no request cycle
             end = self._end
             if end.notified or end.peer_eof:
-                self._want_close()
+                self.tell()
             elif cycle.keep_alive and _has_body(self.headers):
                 # An answer that starts before the body has arrived says
                 # Connection: close (the rest of the body goes to the closer).
@@ -391,22 +280,22 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
                 if not cycle.response_started and not (end.notified or end.peer_eof):
                     cycle.keep_alive = True
 
-        # -- _Hooks ----------------------------------------------------------
+        # -- Conversation ------------------------------------------------------
 
-        def _request_active(self) -> bool:
+        def request_active(self) -> bool:
             cycle = self.cycle
             return cycle is not None and not cycle.response_complete
 
-        def _request_partial(self) -> bool:
+        def request_partial(self) -> bool:
             # more_body stays True after an early answer: the body is still arriving.
             cycle = self.cycle
             return cycle is not None and cycle.more_body
 
-        def _unread(self) -> bytes:
+        def unread(self) -> bytes:
             cycle = self.cycle
             return bytes(cycle.body) if cycle is not None else b""
 
-        def _want_close(self) -> None:
+        def tell(self) -> None:
             # The newest request's answer closes the connection; an older one
             # (pipelined) told so before it keeps the connection for it.
             cycle = self.cycle
@@ -443,30 +332,49 @@ def _has_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
 
 
 class Server(uvicorn.Server):
-    """``uvicorn.Server`` with aiograceful's shutdown order.
+    """``uvicorn.Server`` with aiograceful's shutdown order (the core server's, shared).
 
-    1. Stop accepting without resetting the accept queue: the connections in
-       it are accepted and served (uvicorn closes its listeners, which resets
-       them).
-    2. The notice: ``protocol.shutdown()`` on every connection, and on each
-       one taken from the queue.
+    1. The notice: :attr:`notice` is set (a readiness endpoint reads it) and
+       every connection is told (``protocol.shutdown()``); for
+       ``drain_delay`` seconds the server still accepts, so that a load
+       balancer stops sending first.
+    2. Stop accepting without resetting the accept queue: the connections in
+       it are accepted, served and told (uvicorn closes its listeners, which
+       resets them).
     3. Wait up to ``grace`` seconds (``config.timeout_graceful_shutdown``;
        aiograceful's ``DEFAULT_GRACE`` when that is None, where uvicorn waits
        without a bound) for the connections to close and the tasks to end.
-    4. Cancel the tasks still running (as uvicorn does); close the
+    4. Cancel the tasks still running, as uvicorn does, and let them write
+       what they write when cancelled (uvicorn's 500); then close the
        connections still open with a linger of ``force_timeout`` seconds.
-    5. Abort (RST) whatever is still open, then the lifespan shutdown.
+    5. Let go of what is still open the plain way (a FIN; the kernel
+       delivers what it holds), then the lifespan shutdown.
 
     Connections of other protocol classes (WebSockets) are told by uvicorn's
     own ``shutdown()`` and, when the grace period is over, closed.
+    :attr:`stats` counts how the connections ended, with the shutdown's phase.
     """
 
-    def __init__(self, config: Config, *, force_timeout: float = DEFAULT_FORCE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        force_timeout: float = DEFAULT_FORCE_TIMEOUT,
+        drain_delay: float = 0.0,
+    ) -> None:
         force = check_seconds("force_timeout", force_timeout, allow_none=False)
+        delay = check_seconds("drain_delay", drain_delay, allow_none=False)
         assert force is not None
+        assert delay is not None
         super().__init__(config)
         self.force_timeout = force
-        self._notified: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.drain_delay = delay
+        self._notice = ShutdownNotice()
+        self._counters = Counters()
+        self._phase = ShutdownPhase.SERVING
+        self._shutdown_started: float | None = None
+        self._shutdown_ended: float | None = None
+        _COUNTERS[self.server_state] = self._counters
 
     @property
     def grace(self) -> float:
@@ -474,80 +382,91 @@ class Server(uvicorn.Server):
         timeout = self.config.timeout_graceful_shutdown
         return DEFAULT_GRACE if timeout is None else float(timeout)
 
+    @property
+    def notice(self) -> ShutdownNotice:
+        """Set when the shutdown begins (before ``drain_delay``): a readiness probe's flag."""
+        return self._notice
+
+    @property
+    def stats(self) -> ServerStats:
+        """Counts since the server started, with the shutdown's phase (:class:`ServerStats`)."""
+        started = self._shutdown_started
+        duration = None
+        if started is not None:
+            end = self._shutdown_ended
+            duration = (asyncio.get_running_loop().time() if end is None else end) - started
+        return self._counters.snapshot(len(self.server_state.connections), self._phase, duration)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """Stop accepting and serve the accept queue, tell every connection, grace, then force."""
+        """The shared shutdown order (see the class's notes), then the lifespan shutdown."""
         logger.info("Shutting down")
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        state = self.server_state
-        # 1. Tell the open connections (the drain below takes a few
-        # milliseconds); stop accepting; take the queue.
-        self._notify()
-        queued: list[socket.socket] = []
-        # uvicorn bound its listeners itself unless it was given them: sockets
-        # (its workers, reload, gunicorn's worker) or an inherited --fd.
-        owned = not sockets and self.config.fd is None
-        for server in self.servers:
-            queued += await close_and_drain(loop, server, refuse_handshakes=owned)
-        for sock in sockets or []:
-            sock.close()
-        # 2. The notice, to those that attached meanwhile.
-        self._notify()
-        for sock in queued:
-            await self._adopt(loop, sock)
-        # 3. Grace. A connection that attaches late (uvloop accepts as it
-        # attaches; one may come in while the queue is adopted) is told too.
-        deadline = started + self.grace
-
-        def done() -> bool:
-            self._notify()
-            return not state.connections and not state.tasks
-
-        await _until(done, deadline, self)
-        # 4. Force.
-        if state.tasks:
-            logger.error(
-                "Cancel %s running task(s), timeout graceful shutdown exceeded", len(state.tasks)
-            )
-            for task in state.tasks:
-                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
-        for connection in list(state.connections):
-            end = getattr(connection, "_end", None)
-            if isinstance(end, _End):
-                end.force(self.force_timeout)
-            else:
-                connection.transport.close()
-        await _until(lambda: not state.connections, loop.time() + self.force_timeout + 0.1, None)
-        # 5. Abort the rest.
-        for connection in list(state.connections):
-            end = getattr(connection, "_end", None)
-            if isinstance(end, _End) and not end.detached:
-                end.linger.abort()
-            else:
-                connection.transport.abort()
-        await _until(lambda: not state.connections and not state.tasks, loop.time() + 1.0, None)
-        for server in self.servers:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
+        self._shutdown_started = loop.time()
+        self._notice.set()
+        await run_shutdown(
+            _Target(self, sockets),
+            grace=self.grace,
+            force_timeout=self.force_timeout,
+            drain_delay=self.drain_delay,
+            on_phase=self._on_phase,
+        )
+        self._shutdown_ended = loop.time()
         if not self.force_exit:
             await self.lifespan.shutdown()
 
-    def _notify(self) -> None:
+    def _on_phase(self, phase: ShutdownPhase) -> None:
+        self._phase = phase
+        if phase is ShutdownPhase.FORCE:
+            self._counters.forced += len(self.server_state.connections)
+
+
+class _Target:
+    """uvicorn's server as the shared shutdown sees it (``_shutdown.Shutdownable``)."""
+
+    def __init__(self, server: Server, sockets: list[socket.socket] | None) -> None:
+        self.server = server
+        self.sockets = sockets
+        self.notified: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.adopting: list[asyncio.Future[None]] = []
+
+    def accepting(self) -> bool:
+        return any(server.is_serving() for server in self.server.servers)
+
+    def handed_off(self) -> asyncio.Event | None:
+        return None
+
+    def tell(self) -> None:
         """``shutdown()`` on each connection not yet told (once each)."""
-        notified = self._notified
-        for connection in list(self.server_state.connections):
+        notified = self.notified
+        for connection in list(self.server.server_state.connections):
             if connection not in notified:
                 notified.add(connection)
                 connection.shutdown()
 
+    async def stop_accepting(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        server = self.server
+        sockets = self.sockets
+        # uvicorn bound its listeners itself unless it was given them: sockets
+        # (its workers, reload, gunicorn's worker) or an inherited --fd.
+        owned = not sockets and server.config.fd is None
+        queued: list[socket.socket] = []
+        for listener in server.servers:
+            queued += await close_and_drain(loop, listener, refuse_handshakes=owned)
+        for sock in sockets or []:
+            sock.close()
+        server._counters.drained += len(queued)
+        self.adopting = [asyncio.ensure_future(self._adopt(loop, sock)) for sock in queued]
+
     async def _adopt(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        config = self.config
+        server = self.server
+        config = server.config
 
         def factory() -> asyncio.Protocol:
             return config.http_protocol_class(  # type: ignore[call-arg]
                 config=config,
-                server_state=self.server_state,
-                app_state=self.lifespan.state,
+                server_state=server.server_state,
+                app_state=server.lifespan.state,
                 _loop=loop,
             )
 
@@ -557,20 +476,61 @@ class Server(uvicorn.Server):
             logger.exception("could not serve a connection taken from the accept queue")
             sock.close()
             return
-        # Told at once, so that its first answer says Connection: close (the
-        # grace loop would tell it a moment later otherwise).
-        self._notify()
+        # Told at once, so that its first answer says Connection: close.
+        self.tell()
 
+    def pending(self) -> list[asyncio.Future[Any]]:
+        state = self.server.server_state
+        self.tell()  # a connection that attached late (uvloop accepts as it attaches)
+        waiting: list[asyncio.Future[Any]] = [f for f in self.adopting if not f.done()]
+        waiting += state.tasks
+        polled = False
+        for connection in state.connections:
+            end = getattr(connection, "_end", None)
+            if isinstance(end, Ending) and not end.detached:
+                waiting.append(end.linger.future())
+            else:
+                polled = True
+        if polled:
+            # Another protocol (a WebSocket) has no future to wait on: look
+            # again shortly, as uvicorn's own shutdown polls.
+            waiting.append(asyncio.ensure_future(asyncio.sleep(_POLL)))
+        return waiting
 
-async def _until(done: Callable[[], bool], deadline: float, server: Server | None) -> None:
-    """Poll ``done()`` (as uvicorn does, every 0.1 s) until it holds, or ``deadline``."""
-    loop = asyncio.get_running_loop()
-    for _ in range(1_000_000):  # the bound is the deadline
-        if done() or loop.time() >= deadline:
-            return
-        if server is not None and server.force_exit:
-            return
-        await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+    async def force(self, timeout: float) -> None:
+        state = self.server.server_state
+        tasks = list(state.tasks)
+        if tasks:
+            logger.error(
+                "Cancel %s running task(s), timeout graceful shutdown exceeded", len(tasks)
+            )
+            for task in tasks:
+                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+            # What a cancelled request writes (uvicorn's 500, when its answer
+            # had not started) goes out before its connection is forced.
+            await asyncio.wait(tasks, timeout=min(timeout, _CANCEL_WAIT))
+        for connection in list(state.connections):
+            end = getattr(connection, "_end", None)
+            if isinstance(end, Ending):
+                end.force(timeout)
+            else:
+                connection.transport.close()
+
+    def let_go(self) -> None:
+        for connection in list(self.server.server_state.connections):
+            end = getattr(connection, "_end", None)
+            if isinstance(end, Ending) and not end.detached:
+                end.let_go()
+            else:
+                connection.transport.abort()
+
+    async def finish(self) -> None:
+        state = self.server.server_state
+        if state.tasks:
+            await asyncio.wait(list(state.tasks), timeout=LOST_WAIT)
+        for listener in self.server.servers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listener.wait_closed(), LOST_WAIT)
 
 
 def _protocol_class(http: object) -> object:
@@ -585,18 +545,26 @@ def _protocol_class(http: object) -> object:
     return http
 
 
-def run(app: Any, *, force_timeout: float = DEFAULT_FORCE_TIMEOUT, **kwargs: Any) -> None:
+def run(
+    app: Any,
+    *,
+    force_timeout: float = DEFAULT_FORCE_TIMEOUT,
+    drain_delay: float = 0.0,
+    **kwargs: Any,
+) -> None:
     """``uvicorn.run(app, **kwargs)`` with aiograceful's protocols and shutdown order.
 
     Takes ``uvicorn.run``'s arguments. ``http`` ("auto", "h11", "httptools")
     selects aiograceful's protocol for that parser; a class is used as given.
     ``timeout_graceful_shutdown`` is the grace period (``None``: aiograceful's
     ``DEFAULT_GRACE``, 10 s); ``force_timeout`` bounds the close of what is
-    still open after it. With ``reload`` or ``workers > 1`` uvicorn's own
+    still open after it; ``drain_delay`` keeps accepting for that long after
+    the notice (see :class:`Server`). With ``reload`` or ``workers > 1`` uvicorn's own
     supervisors run the servers: the protocols are aiograceful's, the shutdown
     order is uvicorn's.
     """
     check_seconds("force_timeout", force_timeout, allow_none=False)
+    check_seconds("drain_delay", drain_delay, allow_none=False)
     kwargs["http"] = _protocol_class(kwargs.get("http", "auto"))
     app_dir = kwargs.pop("app_dir", None)
     if app_dir is not None:
@@ -606,7 +574,7 @@ def run(app: Any, *, force_timeout: float = DEFAULT_FORCE_TIMEOUT, **kwargs: Any
         uvicorn.run(app, **kwargs)
         return
     config.load_app()
-    server = Server(config, force_timeout=force_timeout)
+    server = Server(config, force_timeout=force_timeout, drain_delay=drain_delay)
     try:
         server.run()
     except KeyboardInterrupt:

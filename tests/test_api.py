@@ -27,6 +27,8 @@ PUBLIC = [
     "HalfCloseState",
     "LingerOptions",
     "ServerStats",
+    "ShutdownNotice",
+    "ShutdownPhase",
     "ShutdownReport",
     "abort",
     "create_server",

@@ -95,20 +95,21 @@ class ServerSide:
     def __init__(self, server: GracefulServer) -> None:
         self.by_port: dict[int, list[CloseOutcome]] = collections.defaultdict(list)
         self.ports: dict[Linger, int] = {}
-        attach: Callable[[Any], None] = server._attach
-        detach: Callable[[Linger], None] = server._detach
+        registry = server._registry
+        attach: Callable[[Any], None] = registry.attach
+        detach: Callable[[Linger], None] = registry.detach
 
         def on_attach(conn: Any) -> None:
-            self._note(conn._graceful)
+            self._note(conn.ending.linger)
             attach(conn)
 
-        def on_detach(graceful: Linger) -> None:
-            self._record(graceful)
-            detach(graceful)
+        def on_detach(linger: Linger) -> None:
+            self._record(linger)
+            detach(linger)
 
-        # Instance attributes: _attach sets ``graceful.on_lost = self._detach``.
-        server._attach = on_attach  # type: ignore[method-assign]
-        server._detach = on_detach  # type: ignore[method-assign]
+        # Instance attributes: attach sets ``linger.on_lost = self.detach``.
+        registry.attach = on_attach  # type: ignore[method-assign]
+        registry.detach = on_detach  # type: ignore[method-assign]
         side = self
 
         class Rejected(set[Linger]):
@@ -123,7 +124,7 @@ class ServerSide:
                 side._record(graceful)
                 super().discard(graceful)
 
-        server._rejected_live = Rejected(server._rejected_live)
+        registry.rejected_live = Rejected(registry.rejected_live)
 
     def _note(self, graceful: Linger) -> None:
         # uvloop has no peername for a connection reset before connection_made
