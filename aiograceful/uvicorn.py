@@ -95,10 +95,10 @@ __all__ = [
 
 logger: Final = logging.getLogger("uvicorn.error")
 
-# The counters of each aiograceful Server, by uvicorn's ServerState (which
-# every protocol of that server holds): a protocol under uvicorn's own
-# server (the plain CLI) finds none and counts nothing.
-_COUNTERS: Final[weakref.WeakKeyDictionary[Any, Counters]] = weakref.WeakKeyDictionary()
+# Each aiograceful Server, by uvicorn's ServerState (which every protocol of
+# that server holds), for its counters and its notice: a protocol under
+# uvicorn's own server (the plain CLI) finds none and counts nothing.
+_SERVERS: Final[weakref.WeakKeyDictionary[Any, Server]] = weakref.WeakKeyDictionary()
 # How often the shutdown looks again at a connection it has no future for.
 _POLL: Final = 0.1
 # How long the force waits for cancelled tasks to write their last answer.
@@ -115,9 +115,14 @@ def _new_end(
         protocol.idle_linger,
         protocol.shutdown_quiet,
     )
-    counters = _COUNTERS.get(protocol.server_state)
-    if counters is not None:
+    server = _SERVERS.get(protocol.server_state)
+    if server is not None:
+        counters = server._counters
         end.linger.on_lost = lambda linger: counters.count(linger.result)
+        if server.notice.is_set():
+            # Attached during the shutdown (drain_delay, the drained queue, a
+            # late TLS handshake): told as soon as uvicorn has set it up.
+            loop.call_soon(end.notice)
     return end, _Transport(transport, end)
 
 
@@ -374,7 +379,7 @@ class Server(uvicorn.Server):
         self._phase = ShutdownPhase.SERVING
         self._shutdown_started: float | None = None
         self._shutdown_ended: float | None = None
-        _COUNTERS[self.server_state] = self._counters
+        _SERVERS[self.server_state] = self
 
     @property
     def grace(self) -> float:

@@ -4,6 +4,7 @@
   ``Content-Length``, as an upload limit does it).
 * ``GET /slow``: 200 after 0.2 s (an answer still being made when the client
   half-closes).
+* ``GET /hang``: never answers (until cancelled: a request the grace runs out on).
 * anything else: 200 ``ok``.
 """
 
@@ -33,6 +34,8 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
         return
     if scope["path"] == "/slow":
         await asyncio.sleep(0.2)
+    elif scope["path"] == "/hang":
+        await asyncio.sleep(3600)
     await _answer(send, 200, b"ok\n")
 
 

@@ -1126,3 +1126,110 @@ async def test_idle_timeout_spares_a_busy_unix_protocol_connection(
             assert await asyncio.wait_for(reader.readline(), 2) == b"ping %d\n" % i
             await asyncio.sleep(0.1)
         writer.close()
+
+
+async def _line_keepalive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A keep-alive line server: one answer per line, until the client closes."""
+    while line := await reader.readline():
+        writer.write(b"echo " + line)
+        await writer.drain()
+
+
+def _idle_after_one_answer(port: int, within: float) -> tuple[bytes, float | None]:
+    """Send one line, read its answer, then idle: return the answer and when EOF came (or None)."""
+    with socket.create_connection((LOCALHOST, port), timeout=within) as sock:
+        sock.sendall(b"ping\n")
+        answer = sock.recv(4096)
+        began = time.monotonic()
+        try:
+            while sock.recv(4096):
+                pass
+        except TimeoutError:
+            return answer, None
+        return answer, time.monotonic() - began
+
+
+@pytest.mark.parametrize("graceful", [False, True], ids=["asyncio", "aiograceful"])
+async def test_start_server_idle_keepalive_connection_gets_fin_after_quiet_window(
+    graceful: bool,
+) -> None:
+    """At shutdown an idle keep-alive client gets its FIN within 2 s (asyncio's never gets one)."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await _line_keepalive(reader, writer)
+
+    if not graceful:
+        stock = await asyncio.start_server(handler, LOCALHOST, 0)
+        client = asyncio.to_thread(_idle_after_one_answer, port_of(stock), 3.0)
+        waiting = asyncio.ensure_future(client)
+        await wait_until(lambda: bool(writers))
+        await asyncio.sleep(0.2)  # the answer is read; the client idles
+        stock.close()  # the stock close leaves the idle connection to its handler
+        answer, fin_after = await waiting
+        for writer in writers:
+            writer.close()
+            await writer.wait_closed()
+        assert answer == b"echo ping\n"
+        assert fin_after is None, "asyncio's Server.close() ended an idle connection"
+        return
+    server = await aiograceful.start_server(handler, LOCALHOST, 0, grace=10)
+    waiting = asyncio.ensure_future(asyncio.to_thread(_idle_after_one_answer, port_of(server), 3.0))
+    await wait_until(lambda: bool(writers))
+    await asyncio.sleep(0.2)
+    shutdown = asyncio.ensure_future(server.shutdown())
+    answer, fin_after = await waiting
+    report = await asyncio.wait_for(shutdown, 10)
+    assert answer == b"echo ping\n"
+    assert fin_after is not None
+    assert fin_after < 2.0, f"FIN {fin_after:.2f} s after the answer"
+    assert report.duration < 3.0, report
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
+    assert server.stats.phase is aiograceful.ShutdownPhase.DONE
+
+
+async def test_start_server_request_in_quiet_window_is_answered() -> None:
+    """A request that arrives in the quiet window after the notice is answered before the close."""
+    server = await aiograceful.start_server(_line_keepalive, LOCALHOST, 0, grace=10)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    writer.write(b"one\n")
+    assert await reader.readline() == b"echo one\n"
+    shutdown = asyncio.ensure_future(server.shutdown())
+    await asyncio.sleep(0.3)  # inside the quiet window
+    writer.write(b"two\n")
+    assert await reader.readline() == b"echo two\n"
+    assert await reader.read() == b""  # then the server's FIN
+    writer.close()
+    await writer.wait_closed()
+    report = await asyncio.wait_for(shutdown, 10)
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
+    assert report.forced == 0
+
+
+async def test_graceful_server_phase_and_report_after_serve_forever() -> None:
+    """The phase goes SERVING -> DONE, shows in repr, and the report is kept after the shutdown."""
+    server = await aiograceful.start_server(_line_keepalive, LOCALHOST, 0, grace=1)
+    assert server.phase is aiograceful.ShutdownPhase.SERVING
+    assert server.report is None
+    assert "serving" in repr(server)
+    assert isinstance(server.notice, aiograceful.ShutdownNotice)
+    serving = asyncio.ensure_future(server.serve_forever())
+    await asyncio.sleep(0.05)
+    report = await server.shutdown()
+    await asyncio.wait_for(serving, 5)
+    assert _phase(server) is aiograceful.ShutdownPhase.DONE
+    assert "done" in repr(server)
+    assert _report(server) is report
+    stats = server.stats
+    assert stats.phase is aiograceful.ShutdownPhase.DONE
+    assert stats.shutdown_duration is not None
+    assert stats.shutdown_duration >= report.duration - 0.01
+
+
+def _phase(server: GracefulServer) -> aiograceful.ShutdownPhase:
+    return server.phase
+
+
+def _report(server: GracefulServer) -> ShutdownReport | None:
+    return server.report

@@ -49,7 +49,7 @@ from _dropins import (
     wget_uploads,
 )
 
-from aiograceful import CloseOutcome
+from aiograceful import CloseOutcome, ShutdownPhase
 from aiograceful import uvicorn as graceful_uvicorn
 from aiograceful._probe import run_probe
 
@@ -345,6 +345,92 @@ async def test_uvicorn_server_forces_after_grace() -> None:
         assert not server.server_state.connections
         data = await asyncio.to_thread(_read_all, sock)
     assert data == b"", data
+
+
+async def _started(server: uvicorn.Server) -> int:
+    """Start ``server`` (lifespan off) as uvicorn's ``serve()`` does; return its port."""
+    config = server.config
+    config.load()
+    server.lifespan = config.lifespan_class(config)
+    await server.startup()
+    return int(server.servers[0].sockets[0].getsockname()[1])
+
+
+@pytest.mark.parametrize("dropin", [False, True], ids=["stock", "dropin"])
+async def test_uvicorn_server_cancelled_request_gets_500(dropin: bool) -> None:
+    """A request the grace runs out on is cancelled and answered 500, by stock and drop-in alike."""
+    config = _config(timeout_graceful_shutdown=0.5)
+    server = graceful_uvicorn.Server(config, force_timeout=1) if dropin else uvicorn.Server(config)
+    port = await _started(server)
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(b"GET /hang HTTP/1.1\r\nHost: test\r\n\r\n")
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if server.server_state.tasks:
+                break
+        assert server.server_state.tasks, "the request never reached the application"
+        shutdown = asyncio.ensure_future(server.shutdown())
+        data = await asyncio.to_thread(_read_all, sock)
+        await asyncio.wait_for(shutdown, 10)
+    assert data.startswith(b"HTTP/1.1 500 "), data
+
+
+async def test_uvicorn_server_idle_keepalive_gets_fin_within_quiet_window() -> None:
+    """An idle keep-alive connection at shutdown gets its FIN after the quiet window, not grace."""
+    config = _config(timeout_graceful_shutdown=10)
+    server = graceful_uvicorn.Server(config)
+    port = await _started(server)
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        first = b""
+        for _ in range(100):  # the answer, whole (it may come in two segments)
+            first += await asyncio.to_thread(sock.recv, 65536)
+            if first.endswith(b"ok\n"):
+                break
+        assert first.startswith(b"HTTP/1.1 200"), first
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        shutdown = asyncio.ensure_future(server.shutdown())
+        rest = await asyncio.to_thread(_read_all, sock)
+        took = loop.time() - began
+    await asyncio.wait_for(shutdown, 10)  # the client's FIN (its close) ends the linger
+    assert rest == b""
+    assert took < 2.0, f"FIN {took:.2f} s after the shutdown began"
+    stats = server.stats
+    assert stats.phase is ShutdownPhase.DONE
+    assert stats.outcomes[CloseOutcome.CLEAN] == 1, stats
+    assert stats.shutdown_duration is not None
+    assert stats.shutdown_duration < 3.0
+
+
+async def test_uvicorn_server_drain_delay_keeps_accepting_with_notice_set() -> None:
+    """During drain_delay the notice is set and new connections are still served."""
+    config = _config(timeout_graceful_shutdown=2)
+    server = graceful_uvicorn.Server(config, drain_delay=0.5)
+    port = await _started(server)
+    assert not server.notice.is_set()
+    shutdown = asyncio.ensure_future(server.shutdown())
+    await asyncio.sleep(0.1)
+    assert server.notice.is_set()
+    assert server.stats.phase is ShutdownPhase.DRAIN_DELAY
+
+    def late_request() -> bytes:
+        with socket.create_connection((HOST, port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            return _read_all(sock)
+
+    answer = await asyncio.to_thread(late_request)
+    await asyncio.wait_for(shutdown, 10)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert b"connection: close" in answer.lower(), answer
+
+
+def test_uvicorn_server_rejects_bad_drain_delay() -> None:
+    """``Server(drain_delay=...)`` and ``run(drain_delay=...)`` name the bad argument."""
+    with pytest.raises(ValueError, match="drain_delay"):
+        graceful_uvicorn.Server(_config(), drain_delay=-1)
+    with pytest.raises(ValueError, match="drain_delay"):
+        graceful_uvicorn.run(object(), drain_delay=float("nan"))
 
 
 def _read_all(sock: socket.socket) -> bytes:
