@@ -243,8 +243,9 @@ def listen_fds(*, unset_environment: bool = True) -> list[socket.socket]:
     too. A restart then loses nothing: the kernel socket, and its queue,
     stay with the supervisor while the service is down.
 
-    A descriptor that is not a socket (systemd may pass FIFOs) raises
-    ``ValueError``, and so do malformed variables.
+    A descriptor that is not open, or not a socket (systemd may pass FIFOs),
+    raises ``ValueError`` naming it, before any descriptor is touched; so do
+    malformed variables.
     """
     pid_text = os.environ.get("LISTEN_PID")
     count_text = os.environ.get("LISTEN_FDS")
@@ -265,15 +266,19 @@ def listen_fds(*, unset_environment: bool = True) -> list[socket.socket]:
         raise ValueError(f"LISTEN_FDS must be a count, got {count_text!r}") from None
     if count < 0:
         raise ValueError(f"LISTEN_FDS must be >= 0, got {count}")
-    found: list[socket.socket] = []
-    for fd in range(_LISTEN_FDS_START, _LISTEN_FDS_START + count):
-        os.set_inheritable(fd, False)
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            for sock in found:
-                sock.detach()
+    fds = range(_LISTEN_FDS_START, _LISTEN_FDS_START + count)
+    # Every descriptor is checked before any is touched (close-on-exec, a
+    # socket object): a bad one leaves them all as they were.
+    for fd in fds:
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            raise ValueError(f"LISTEN_FDS: descriptor {fd} is not open ({exc.strerror})") from exc
+        if not stat.S_ISSOCK(mode):
             raise ValueError(f"LISTEN_FDS: descriptor {fd} is not a socket")
-        found.append(socket.socket(fileno=fd))
-    return found
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return [socket.socket(fileno=fd) for fd in fds]
 
 
 # -- handoff -------------------------------------------------------------------

@@ -8,6 +8,8 @@ process-level load tests are in test_restarts.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import socket
@@ -472,6 +474,46 @@ def test_listen_fds_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LISTEN_FDS", "one")
     with pytest.raises(ValueError, match="LISTEN_FDS"):
         listen_fds()
+
+
+@contextlib.contextmanager
+def _descriptors(*wanted: socket.socket | None) -> Iterator[None]:
+    """Make descriptors 3, 4, ... ``wanted`` (a socket's dup, or closed for None); then restore."""
+    saved: list[tuple[int, int | None, bool]] = []
+    try:
+        for fd, sock in enumerate(wanted, start=3):
+            try:
+                saved.append((fd, os.dup(fd), os.get_inheritable(fd)))
+            except OSError:
+                saved.append((fd, None, False))
+            if sock is None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            else:
+                os.dup2(sock.fileno(), fd, inheritable=True)
+        yield
+    finally:
+        for fd, copy, inheritable in saved:
+            if copy is None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            else:
+                os.dup2(copy, fd, inheritable=inheritable)
+                os.close(copy)
+
+
+def test_listen_fds_closed_descriptor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed descriptor in LISTEN_FDS: ValueError naming both; the open ones untouched."""
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    with socket.create_server((HOST, 0)) as listener, _descriptors(listener, None):
+        with pytest.raises(ValueError, match="LISTEN_FDS: descriptor 4 is not open") as info:
+            listen_fds()
+        assert isinstance(info.value.__cause__, OSError)
+        assert info.value.__cause__.errno == errno.EBADF
+        # Checked before anything was touched: descriptor 3 is still inheritable.
+        assert os.get_inheritable(3)
+        assert "LISTEN_FDS" not in os.environ  # unset all the same, as sd_listen_fds does
 
 
 async def test_handoff_during_drain_delay_ends_it_at_once(tmp_path: Path) -> None:
