@@ -535,7 +535,7 @@ class GracefulServer:
         # below takes a few milliseconds), those the drain takes from the
         # queue as they attach.
         self._notify_all(report_conns)
-        await self._stop_accepting()
+        await self._stop_accepting(grace_started + grace)
         self._notify_all(report_conns)  # any that attached meanwhile
         # 3. Grace (it starts after drain_delay). Connections drained from
         # the queue attach a little later.
@@ -611,23 +611,31 @@ class GracefulServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._handed_off.wait(), delay)
 
-    async def _stop_accepting(self) -> None:
+    async def _stop_accepting(self, deadline: float) -> None:
         """Close the listeners without resetting the queue; serve what it held.
 
         After a handoff the queue is the successor's: the listeners are
         closed here without draining it (the kernel socket lives on there).
+        A successor taking the sockets now gets until ``deadline`` (the
+        grace's end) to acknowledge, while this server still accepts; one
+        that holds them unacknowledged then is stopped from listening.
         """
         self._draining = True
         offer = self._offer
+        stop = False
         if offer is not None:
-            await offer.settle()  # a successor taking the sockets now: its ack, or its failure
+            # A successor taking the sockets now: its ack, or its failure, within the grace.
+            await offer.settle(max(0.0, deadline - self._loop.time()))
             offer.close()
+            # Its queue would be nobody's: refuse instead (the handoff module's
+            # "A successor that stalls" says why).
+            stop = offer.unacknowledged and not self._handed_off.is_set()
         for server in self._servers:
             if self._handed_off.is_set():
                 await close_listeners(self._loop, server)
                 continue
             queued = await close_and_drain(
-                self._loop, server, refuse_handshakes=self._owns_listeners
+                self._loop, server, refuse_handshakes=self._owns_listeners or stop, stop=stop
             )
             for sock in queued:
                 self._drained += 1

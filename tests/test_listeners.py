@@ -278,6 +278,31 @@ async def test_handoff_shutdown_without_successor_drains_as_usual(tmp_path: Path
         c.close()
 
 
+async def test_handoff_stalled_successor_holds_neither_the_shutdown_nor_a_client(
+    tmp_path: Path,
+) -> None:
+    """A successor that takes the sockets and never acks: A ends within its grace, then refuses."""
+    path = tmp_path / "h.sock"
+    a = await start(b"A", path)  # grace 2 s, force_timeout 1 s (the default)
+    port = port_of(a)
+    # The module's own taking function; no ack follows: it holds A's listener and stalls.
+    taken = await asyncio.to_thread(take_listeners, str(path), 5.0)
+    assert taken is not None
+    try:
+        shutdown = asyncio.ensure_future(a.shutdown())
+        await asyncio.sleep(0.2)
+        assert await ask(port) == b"A hi\n"  # A serves on while it waits for the ack
+        async with asyncio.timeout(2.0 + 1.0 + 3.0):  # grace + force_timeout + a few
+            report = await shutdown
+        assert (a.handed_off, a.is_serving(), report.forced) == (False, False, 0)
+        # The listener the stalled successor still holds no longer queues anyone.
+        async with asyncio.timeout(1.0):
+            with pytest.raises(ConnectionRefusedError):
+                await ask(port)
+    finally:
+        taken.abandon()
+
+
 # -- permissions: only the same user takes over ---------------------------------------------
 
 _NOBODY = 65534
