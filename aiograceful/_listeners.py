@@ -36,6 +36,7 @@ from ._socket import (
     listen_overflows,
     peer_uid,
     refuse_new_handshakes,
+    stop_listening,
     tcp_info_u32,
 )
 
@@ -119,7 +120,11 @@ def accept_queue_stats(sockets: Iterable[socket.socket]) -> AcceptQueueStats | N
 
 
 async def close_and_drain(
-    loop: asyncio.AbstractEventLoop, server: asyncio.Server, *, refuse_handshakes: bool = False
+    loop: asyncio.AbstractEventLoop,
+    server: asyncio.Server,
+    *,
+    refuse_handshakes: bool = False,
+    stop: bool = False,
 ) -> list[socket.socket]:
     """Close ``server`` without resetting its accept queue; return the queued connections.
 
@@ -137,12 +142,22 @@ async def close_and_drain(
     sibling, or refused.
 
     ``refuse_handshakes`` only for listening sockets this process made and
-    shares with nobody: the filter is on the kernel socket, and would turn
+    shares with nobody, or with ``stop`` (which takes the filter off once
+    the socket stops listening): the filter is on the kernel socket, and would turn
     away every connection for another holder of it (workers forked or
     spawned with it, systemd's socket, a successor's handoff) for good. A
     process that forks after it bound its listener shares it too: give such
     a server the socket with ``sock=``. The filter replaces any socket filter
     of the listener's own.
+
+    ``stop``: once drained, the kernel socket stops listening, for every
+    holder of it (:func:`~aiograceful._socket.stop_listening`), and what a
+    Unix listener still holds queued is drained once more. For a listener
+    held by another process that does not accept from it (a successor that
+    took it and never acknowledged): its queue would otherwise fill with
+    connections nobody accepts, whose clients hang; they are refused instead.
+    With ``refuse_handshakes`` the drain goes first, as above, so that the
+    stop resets no connection that was made before it.
     """
     # asyncio accepts in a reader callback on the listening socket and
     # makes each transport one task step later (_accept_connection2),
@@ -175,6 +190,8 @@ async def close_and_drain(
             _accept_all(refused, accepted, unfilter=True)
             await asyncio.sleep(HANDSHAKE_SETTLE)
             _accept_all(refused, accepted, unfilter=True)
+        if stop:
+            _stop_all(dups, accepted)
     except BaseException:
         # Cancelled while it settled: nobody will serve what was taken.
         for conn_sock in accepted:
@@ -205,6 +222,20 @@ def _accept_all(
             if unfilter:
                 detach_filter(conn_sock)
             accepted.append(conn_sock)
+
+
+def _stop_all(listeners: Sequence[socket.socket], accepted: list[socket.socket]) -> None:
+    """Stop each of ``listeners`` listening; accept what a Unix listener still holds queued."""
+    for listener in listeners:
+        if not stop_listening(listener):
+            logger.warning("could not stop listening socket %r from listening", listener)
+            continue
+        # A filter of ours would drop SYNs for a holder that listens again.
+        detach_filter(listener)
+        # A stopped TCP listener reset its queue and left LISTEN; a Unix one
+        # keeps its queue, which the last holder's close resets.
+        if listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            _accept_all([listener], accepted)
 
 
 async def close_listeners(loop: asyncio.AbstractEventLoop, server: asyncio.Server) -> None:
@@ -243,8 +274,9 @@ def listen_fds(*, unset_environment: bool = True) -> list[socket.socket]:
     too. A restart then loses nothing: the kernel socket, and its queue,
     stay with the supervisor while the service is down.
 
-    A descriptor that is not a socket (systemd may pass FIFOs) raises
-    ``ValueError``, and so do malformed variables.
+    A descriptor that is not open, or not a socket (systemd may pass FIFOs),
+    raises ``ValueError`` naming it, before any descriptor is touched; so do
+    malformed variables.
     """
     pid_text = os.environ.get("LISTEN_PID")
     count_text = os.environ.get("LISTEN_FDS")
@@ -265,15 +297,19 @@ def listen_fds(*, unset_environment: bool = True) -> list[socket.socket]:
         raise ValueError(f"LISTEN_FDS must be a count, got {count_text!r}") from None
     if count < 0:
         raise ValueError(f"LISTEN_FDS must be >= 0, got {count}")
-    found: list[socket.socket] = []
-    for fd in range(_LISTEN_FDS_START, _LISTEN_FDS_START + count):
-        os.set_inheritable(fd, False)
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            for sock in found:
-                sock.detach()
+    fds = range(_LISTEN_FDS_START, _LISTEN_FDS_START + count)
+    # Every descriptor is checked before any is touched (close-on-exec, a
+    # socket object): a bad one leaves them all as they were.
+    for fd in fds:
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            raise ValueError(f"LISTEN_FDS: descriptor {fd} is not open ({exc.strerror})") from exc
+        if not stat.S_ISSOCK(mode):
             raise ValueError(f"LISTEN_FDS: descriptor {fd} is not a socket")
-        found.append(socket.socket(fileno=fd))
-    return found
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return [socket.socket(fileno=fd) for fd in fds]
 
 
 # -- handoff -------------------------------------------------------------------
@@ -305,6 +341,21 @@ def listen_fds(*, unset_environment: bool = True) -> list[socket.socket]:
 # restart chain, never two owners). A PATH nobody listens on (connect refused:
 # a crashed process) is stale: the server binds normally and takes PATH over.
 # A PATH that exists and is not a socket is refused before anything is touched.
+#
+# A successor that stalls: it took the sockets and never acknowledges (its
+# loop blocked, start_serving never called), its process alive. The
+# predecessor serves on meanwhile (it still accepts from the shared kernel
+# socket), for HANDOFF_ACK_TIMEOUT, or, once its shutdown has begun, until
+# its grace runs out (settle's bound): a successor never holds a shutdown
+# longer than the grace. Then the predecessor drains its queue as in any
+# shutdown, and stops the kernel socket listening (shutdown(SHUT_RD), Linux:
+# _socket.stop_listening), for the stalled holder too: new clients are
+# refused at once. Without that stop, they would finish their handshake into
+# a queue nobody accepts and hang for as long as the stalled process lives.
+# The stop costs nothing when the successor is healthy (it acknowledges in
+# milliseconds, and the predecessor just closes its descriptors); a
+# successor slower than the predecessor's whole grace finds its listeners
+# stopped (the port stays bound to it: a listen() would start them again).
 
 #: Bound on a successor's take (connecting, receiving the sockets, retries).
 HANDOFF_TIMEOUT: Final = 10.0
@@ -549,6 +600,11 @@ class HandoffOffer:
         self._handing: asyncio.Future[None] | None = None
         self.taken = False
         self.closed = False
+        #: A successor holds this server's listening sockets without having
+        #: acknowledged: it received them and neither acknowledged nor went
+        #: away (its channel still open when the wait for it ended). It may
+        #: never accept: see "A successor that stalls" above.
+        self.unacknowledged = False
 
     def publish(self) -> None:
         """Bind a fresh offer socket and put it at ``path`` (atomically: bind, then rename)."""
@@ -589,7 +645,12 @@ class HandoffOffer:
         return (st.st_dev, st.st_ino) == self._inode
 
     async def settle(self, timeout: float = HANDOFF_ACK_TIMEOUT) -> None:
-        """Wait (bounded) for a handoff in progress to be acknowledged or to fail."""
+        """Wait (``timeout`` at most) for a handoff in progress to be acknowledged or to fail.
+
+        A server's shutdown passes what is left of its grace: a successor
+        never holds a shutdown longer than that (then ``close()`` gives up on
+        it, and ``unacknowledged`` tells whether it holds the sockets).
+        """
         handing = self._handing
         if handing is not None and not handing.done():
             with contextlib.suppress(TimeoutError):
@@ -702,6 +763,9 @@ class HandoffOffer:
             return False
         if sent != _LENGTH.size + len(body):
             return False
+        # From here until its ack, or its channel's close, the successor holds
+        # the sockets; a wait cut short (a timeout, a cancel) leaves it so.
+        self.unacknowledged = True
         reply = b""
         try:
             async with asyncio.timeout(HANDOFF_ACK_TIMEOUT):
@@ -716,7 +780,9 @@ class HandoffOffer:
             )
             return False
         except OSError:
+            self.unacknowledged = False
             return False
+        self.unacknowledged = False
         if reply != _ACK:
             logger.warning("handoff: the successor at %r went away; serving on", self.path)
             return False
@@ -724,4 +790,6 @@ class HandoffOffer:
 
     def __repr__(self) -> str:
         state = "taken" if self.taken else "closed" if self.closed else "offering"
+        if self.unacknowledged:
+            state += ", held unacknowledged"
         return f"<HandoffOffer {state} path={self.path!r}>"

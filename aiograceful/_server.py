@@ -368,23 +368,30 @@ class GracefulServer:
 
         After a handoff the queue is the successor's: the listeners are
         closed here without draining it (the kernel socket lives on there).
+        A successor taking the sockets now gets until ``deadline`` (the
+        grace's end) to acknowledge, while this server still accepts; one
+        that holds them unacknowledged then is stopped from listening.
         Returns the adoptions of the queued connections (under way).
         """
         registry = self._registry
         registry.draining = True
         offer = self._offer
+        stop = False
         if offer is not None:
             # A successor taking the sockets now: its ack, or its failure,
             # within the shutdown's budget.
             await offer.settle(max(0.0, deadline - self._loop.time()))
             offer.close()
+            # Its queue would be nobody's: refuse instead (the handoff
+            # module's "A successor that stalls" says why).
+            stop = offer.unacknowledged and not self._handed_off.is_set()
         adopting: list[asyncio.Future[Any]] = []
         for server in self._servers:
             if self._handed_off.is_set():
                 await close_listeners(self._loop, server)
                 continue
             queued = await close_and_drain(
-                self._loop, server, refuse_handshakes=self._owns_listeners
+                self._loop, server, refuse_handshakes=self._owns_listeners or stop, stop=stop
             )
             for sock in queued:
                 registry.counters.drained += 1

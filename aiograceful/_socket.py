@@ -35,6 +35,7 @@ __all__ = [
     "send_queue",
     "set_linger_zero",
     "shutdown_error",
+    "stop_listening",
     "tcp_info_u32",
     "tcp_state",
 ]
@@ -332,3 +333,26 @@ def detach_filter(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
     except OSError:
         pass  # ENOENT: it had none
+
+
+def stop_listening(sock: socket.socket) -> bool:
+    """Make the kernel socket behind a listener stop listening, for every holder of it.
+
+    ``shutdown(SHUT_RD)`` on a listening socket. Linux: a TCP listener goes
+    to CLOSE (``tcp_disconnect``): the connections in its accept queue and
+    its handshakes under way are reset, ``accept()`` fails with EINVAL, and
+    a new SYN to its port is answered with a reset (connection refused),
+    unless another socket listens there. A Unix listener stays in LISTEN
+    with its queue (``accept()`` still takes it) and refuses new connects
+    (ECONNREFUSED). It applies to the kernel socket, so to every descriptor
+    of it, in every process: the way to turn away clients from a listener
+    that another process holds and does not serve. The port stays bound
+    (a later ``listen()`` on it listens again). Elsewhere (BSD, macOS) a
+    listening socket's shutdown is not documented to do this, and may fail
+    with ENOTCONN. False wherever the call fails.
+    """
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        return False
+    return True

@@ -8,6 +8,8 @@ process-level load tests are in test_restarts.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import socket
@@ -276,6 +278,31 @@ async def test_handoff_shutdown_without_successor_drains_as_usual(tmp_path: Path
         c.close()
 
 
+async def test_handoff_stalled_successor_holds_neither_the_shutdown_nor_a_client(
+    tmp_path: Path,
+) -> None:
+    """A successor that takes the sockets and never acks: A ends within its grace, then refuses."""
+    path = tmp_path / "h.sock"
+    a = await start(b"A", path)  # grace 2 s, force_timeout 1 s (the default)
+    port = port_of(a)
+    # The module's own taking function; no ack follows: it holds A's listener and stalls.
+    taken = await asyncio.to_thread(take_listeners, str(path), 5.0)
+    assert taken is not None
+    try:
+        shutdown = asyncio.ensure_future(a.shutdown())
+        await asyncio.sleep(0.2)
+        assert await ask(port) == b"A hi\n"  # A serves on while it waits for the ack
+        async with asyncio.timeout(2.0 + 1.0 + 3.0):  # grace + force_timeout + a few
+            report = await shutdown
+        assert (a.handed_off, a.is_serving(), report.forced) == (False, False, 0)
+        # The listener the stalled successor still holds no longer queues anyone.
+        async with asyncio.timeout(1.0):
+            with pytest.raises(ConnectionRefusedError):
+                await ask(port)
+    finally:
+        taken.abandon()
+
+
 # -- permissions: only the same user takes over ---------------------------------------------
 
 _NOBODY = 65534
@@ -472,6 +499,46 @@ def test_listen_fds_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LISTEN_FDS", "one")
     with pytest.raises(ValueError, match="LISTEN_FDS"):
         listen_fds()
+
+
+@contextlib.contextmanager
+def _descriptors(*wanted: socket.socket | None) -> Iterator[None]:
+    """Make descriptors 3, 4, ... ``wanted`` (a socket's dup, or closed for None); then restore."""
+    saved: list[tuple[int, int | None, bool]] = []
+    try:
+        for fd, sock in enumerate(wanted, start=3):
+            try:
+                saved.append((fd, os.dup(fd), os.get_inheritable(fd)))
+            except OSError:
+                saved.append((fd, None, False))
+            if sock is None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            else:
+                os.dup2(sock.fileno(), fd, inheritable=True)
+        yield
+    finally:
+        for fd, copy, inheritable in saved:
+            if copy is None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            else:
+                os.dup2(copy, fd, inheritable=inheritable)
+                os.close(copy)
+
+
+def test_listen_fds_closed_descriptor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed descriptor in LISTEN_FDS: ValueError naming both; the open ones untouched."""
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    with socket.create_server((HOST, 0)) as listener, _descriptors(listener, None):
+        with pytest.raises(ValueError, match="LISTEN_FDS: descriptor 4 is not open") as info:
+            listen_fds()
+        assert isinstance(info.value.__cause__, OSError)
+        assert info.value.__cause__.errno == errno.EBADF
+        # Checked before anything was touched: descriptor 3 is still inheritable.
+        assert os.get_inheritable(3)
+        assert "LISTEN_FDS" not in os.environ  # unset all the same, as sd_listen_fds does
 
 
 async def test_handoff_during_drain_delay_ends_it_at_once(tmp_path: Path) -> None:
