@@ -3,6 +3,7 @@
 See the README for the hazards this library exists for and how to use it.
 """
 
+from ._handoff import listen_fds
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
@@ -13,7 +14,6 @@ from ._linger import (
     CloseResult,
     LingerOptions,
 )
-from ._listeners import listen_fds
 from ._protocol import GracefulProtocol
 from ._server import (
     DEFAULT_BACKLOG,

@@ -39,7 +39,16 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 
+from ._accept import (
+    DEFAULT_BACKLOG,
+    AcceptQueueStats,
+    accept_queue_stats,
+    close_and_drain,
+    close_listeners,
+    default_backlog,
+)
 from ._connections import _Connection, _ProtocolConnection, _ProtocolGate, _StreamConnection
+from ._handoff import HANDOFF_TIMEOUT, HandoffOffer, Taken, check_handoff, take_listeners
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
@@ -50,19 +59,6 @@ from ._linger import (
     LingerOptions,
     check_seconds,
     logger,
-)
-from ._listeners import (
-    DEFAULT_BACKLOG,
-    HANDOFF_TIMEOUT,
-    AcceptQueueStats,
-    HandoffOffer,
-    Taken,
-    accept_queue_stats,
-    check_handoff,
-    close_and_drain,
-    close_listeners,
-    default_backlog,
-    take_listeners,
 )
 from ._protocol import GracefulProtocol
 
@@ -495,7 +491,7 @@ class GracefulServer:
         """The accept queue's depth, capacity and overflow count; None where unknown.
 
         Linux only (TCP_INFO on the listening sockets, ``ListenOverflows``);
-        see :func:`aiograceful._listeners.accept_queue_stats`.
+        see :func:`aiograceful._accept.accept_queue_stats`.
         """
         return accept_queue_stats(self.sockets)
 
