@@ -3,7 +3,9 @@
 See the README for the hazards this library exists for and how to use it.
 """
 
+from ._accept import DEFAULT_BACKLOG, AcceptQueueStats
 from ._api import create_server, create_unix_server, start_server, start_unix_server
+from ._handoff import listen_fds
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
@@ -14,7 +16,6 @@ from ._linger import (
     CloseResult,
     LingerOptions,
 )
-from ._listeners import DEFAULT_BACKLOG, AcceptQueueStats, listen_fds
 from ._protocol import GracefulProtocol
 from ._server import DEFAULT_FORCE_TIMEOUT, DEFAULT_GRACE, GracefulServer
 from ._shutdown import ShutdownNotice, ShutdownPhase

@@ -12,8 +12,10 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ._accept import default_backlog
 from ._connections import NoticeHook, RejectHook, Settings, StreamHandler
 from ._ending import QUIET
+from ._handoff import check_handoff
 from ._linger import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
@@ -22,7 +24,6 @@ from ._linger import (
     LingerOptions,
     check_seconds,
 )
-from ._listeners import check_handoff, default_backlog
 from ._protocol import GracefulProtocol
 from ._server import DEFAULT_FORCE_TIMEOUT, DEFAULT_GRACE, GracefulServer, open_server
 

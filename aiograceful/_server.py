@@ -10,7 +10,7 @@ connections in its :class:`~aiograceful._registry.Registry`.
 Stopping the listeners never resets their accept queue: closing a listening
 socket resets every connection that finished its handshake but was never
 ``accept()``-ed, so the queue is drained first and each connection served
-(:func:`aiograceful._listeners.close_and_drain`). After a handoff the queue is
+(:func:`aiograceful._accept.close_and_drain`). After a handoff the queue is
 the successor's: the listeners are closed without draining it.
 """
 
@@ -25,18 +25,10 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from ._accept import AcceptQueueStats, accept_queue_stats, close_and_drain, close_listeners
 from ._connections import ProtocolGate, Settings, StreamConnection
+from ._handoff import HANDOFF_TIMEOUT, HandoffOffer, Taken, take_listeners
 from ._linger import CloseOutcome, check_seconds, logger
-from ._listeners import (
-    HANDOFF_TIMEOUT,
-    AcceptQueueStats,
-    HandoffOffer,
-    Taken,
-    accept_queue_stats,
-    close_and_drain,
-    close_listeners,
-    take_listeners,
-)
 from ._protocol import GracefulProtocol
 from ._registry import Registry
 from ._shutdown import LOST_WAIT, ShutdownNotice, ShutdownPhase, run_shutdown
@@ -296,7 +288,7 @@ class GracefulServer:
         """The accept queue's depth, capacity and overflow count; None where unknown.
 
         Linux only (TCP_INFO on the listening sockets, ``ListenOverflows``);
-        see :func:`aiograceful._listeners.accept_queue_stats`.
+        see :func:`aiograceful._accept.accept_queue_stats`.
         """
         return accept_queue_stats(self.sockets)
 

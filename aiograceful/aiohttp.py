@@ -48,9 +48,9 @@ from aiohttp import web_protocol, web_runner, web_server
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from ._accept import close_and_drain
 from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
 from ._linger import Linger, LingerOptions, logger
-from ._listeners import close_and_drain
 from ._transport import ClosingView
 
 __all__ = [

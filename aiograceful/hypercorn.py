@@ -54,10 +54,10 @@ from hypercorn.events import Closed, Event, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.typing import Framework
 
+from ._accept import close_and_drain
 from ._dropin_options import LINGER, SHUTDOWN_QUIET
 from ._h11 import CloseAwareConnection
 from ._linger import LingerOptions, logger
-from ._listeners import close_and_drain
 from ._streams import abort, graceful_close
 
 __all__ = ["LINGER", "SHUTDOWN_QUIET", "GracefulTCPServer", "serve"]
@@ -207,7 +207,7 @@ class _DrainingServer:
     hypercorn closes each listener with ``server.close()`` then ``await
     server.wait_closed()``, which resets the connections still in the kernel's
     accept queue. Here ``close()`` stops accepting without closing the kernel
-    socket (:func:`~aiograceful._listeners.close_and_drain`), and the queued
+    socket (:func:`~aiograceful._accept.close_and_drain`), and the queued
     connections are served as hypercorn serves the others (its own
     connection callback, the same TLS context): they are accepted after the
     worker began terminating, so each is told (``Connection: close``, the
@@ -358,7 +358,7 @@ async def serve(
     Its shutdown also drains the listeners' accept queues: the connections
     queued when hypercorn closes its listeners are served (and told), not reset.
     Listeners it binds itself refuse new handshakes for the drain's last
-    moments (:func:`~aiograceful._listeners.close_and_drain`); an ``fd://``
+    moments (:func:`~aiograceful._accept.close_and_drain`); an ``fd://``
     bind's socket is another process's too, and is left as it is.
     """
     binds = [*config.bind, *config.insecure_bind, *config.quic_bind]

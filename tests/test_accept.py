@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from aiograceful._listeners import close_and_drain
+from aiograceful._accept import close_and_drain
 
 HOST = "127.0.0.1"
 

@@ -375,7 +375,7 @@ async def test_shutdown_refuses_handshakes_while_it_drains(monkeypatch: pytest.M
     connection made there is reset after its request) is
     test_socket_refuse_new_handshakes_closes_the_window_after_a_drain.
     """
-    monkeypatch.setattr(aiograceful._listeners, "HANDSHAKE_SETTLE", 2.0)
+    monkeypatch.setattr(aiograceful._accept, "HANDSHAKE_SETTLE", 2.0)
     # (The queue is served once the settle is over: grace outlasts it.)
     server = await create_server(ByeProtocol, LOCALHOST, 0, backlog=64, grace=10)
     port = port_of(server)

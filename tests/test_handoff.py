@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from aiograceful import GracefulServer, listen_fds, start_server
-from aiograceful._listeners import check_handoff, take_listeners
+from aiograceful._handoff import check_handoff, take_listeners
 
 HOST = "127.0.0.1"
 
