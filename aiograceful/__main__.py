@@ -1,5 +1,5 @@
-"""``python -m aiograceful demo | probe``: see :mod:`aiograceful._cli`."""
+"""``python -m aiograceful demo | probe``: see :mod:`aiograceful._tools.cli`."""
 
-from ._cli import main
+from ._tools.cli import main
 
 raise SystemExit(main())

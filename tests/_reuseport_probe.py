@@ -34,9 +34,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiograceful import start_server
-from aiograceful._demo import available_loops
-from aiograceful._restart import REQUEST, Load, _answer
 from aiograceful._socket import TCPI_UNACKED, tcp_info_u32
+from aiograceful._tools.demo import available_loops
+from aiograceful._tools.restart import REQUEST, Load, _answer
 
 HOST = "127.0.0.1"
 CLIENTS = 64

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from aiograceful import _cli, _demo
+from aiograceful._tools import cli as _cli
+from aiograceful._tools import demo as _demo
 
 
 def _free_port() -> int:

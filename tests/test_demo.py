@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from aiograceful._demo import CASES, GRACEFUL, NAIVE, Row, Tally, summary
+from aiograceful._tools.demo import CASES, GRACEFUL, NAIVE, Row, Tally, summary
 
 _ROW = re.compile(
     r"^(H\d)\s+(.+?)\s+(asyncio|uvloop)\s+(naive|aiograceful)\s+(\d+)/(\d+)"

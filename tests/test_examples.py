@@ -26,7 +26,7 @@ from types import ModuleType
 import pytest
 from _util import TCP_CLOSE_WAIT, tcp_state
 
-from aiograceful._probe import run_probe
+from aiograceful._tools.probe import run_probe
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

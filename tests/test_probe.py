@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 import aiograceful
-from aiograceful import GracefulProtocol, _cli, abort, graceful_close, start_server
-from aiograceful._probe import Verdict, parse_target, run_probe
+from aiograceful import GracefulProtocol, abort, graceful_close, start_server
+from aiograceful._tools import cli as _cli
+from aiograceful._tools.probe import Verdict, parse_target, run_probe
 
 LIMIT = 1024 * 1024  # bodies over this are answered early with a 413
 IDLE = 0.5  # the servers' idle timeout, seconds

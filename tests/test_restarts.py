@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from aiograceful._restart import Load, ServerProcess, restart_under_load
+from aiograceful._tools.restart import Load, ServerProcess, restart_under_load
 
 LOOPS = ["asyncio", "uvloop"]
 #: Seconds the new process of a restart takes before it listens.

@@ -51,7 +51,7 @@ from _dropins import (
 
 from aiograceful import CloseOutcome, ShutdownPhase
 from aiograceful import uvicorn as graceful_uvicorn
-from aiograceful._probe import run_probe
+from aiograceful._tools.probe import run_probe
 
 PARSERS = ["h11", "httptools"]
 LOOPS = ["asyncio", "uvloop"]

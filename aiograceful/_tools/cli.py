@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Final, NoReturn
 
-from . import _demo, _probe
+from . import demo as _demo
+from . import probe as _probe
 
 __all__ = ["main"]
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, Literal
 
-from ._streams import abort, graceful_close
+from .. import abort, graceful_close
 
 __all__ = ["CASES", "LOOP_NAMES", "Case", "Row", "Tally", "available_loops", "run_demo"]
 
@@ -384,7 +384,7 @@ async def _h2(close: Close, rounds: int) -> Tally:
             holder.close()
         return tally
 
-    from ._api import start_server
+    from .. import start_server
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
@@ -523,7 +523,7 @@ async def _h3_naive_round(clients: Sequence[_LineClient]) -> None:
 
 
 async def _h3_graceful_round(clients: Sequence[_LineClient]) -> None:
-    from ._api import start_server
+    from .. import start_server
 
     def notice(writer: asyncio.StreamWriter) -> None:
         writer.write(_BYE)
@@ -624,7 +624,7 @@ async def _h4_naive_round() -> list[tuple[bytes, End]]:
 
 
 async def _h4_graceful_round() -> list[tuple[bytes, End]]:
-    from ._api import start_server
+    from .. import start_server
 
     def notice(writer: asyncio.StreamWriter) -> None:
         writer.write(_BYE)
@@ -789,7 +789,7 @@ async def _h7(close: Close, rounds: int) -> Tally:
     One restart per row, whatever ``rounds`` says: the row's count is every
     request the 4 client threads made across it (see ``_restart``).
     """
-    from ._restart import restart_under_load
+    from .restart import restart_under_load
 
     loop = "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
     kind = "plain" if close == NAIVE else "handoff"

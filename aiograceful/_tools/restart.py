@@ -1,7 +1,7 @@
 """Restarts under load (hazard H7): a server process, new connections back to back, a restart.
 
 Theory of operation: :func:`restart_under_load` starts a server process
-(``python -m aiograceful._restart``: an aiograceful ``start_server`` that
+(``python -m aiograceful._tools.restart``: an aiograceful ``start_server`` that
 answers each connection's request with ``200`` and its pid), points client
 threads at it (stdlib sockets, one new connection per request, back to
 back), restarts the server in the middle, and counts what the clients saw:
@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from ._linger import CloseOutcome
+from .. import CloseOutcome
 
 __all__ = [
     "REQUEST",
@@ -72,7 +72,7 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from ._api import start_server
+    from .. import start_server
 
     # A real service imports and configures itself before it listens.
     await asyncio.sleep(args.startup_delay)
@@ -97,8 +97,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m aiograceful._restart``: serve ``200 <pid>`` until SIGTERM or a handoff."""
-    parser = argparse.ArgumentParser(prog="python -m aiograceful._restart")
+    """``python -m aiograceful._tools.restart``: serve ``200 <pid>`` until SIGTERM or a handoff."""
+    parser = argparse.ArgumentParser(prog="python -m aiograceful._tools.restart")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--handoff", default=None)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class ServerProcess:
-    """A ``python -m aiograceful._restart`` child; :meth:`ready` waits for its READY line."""
+    """A ``python -m aiograceful._tools.restart`` child; :meth:`ready` waits for its READY line."""
 
     def __init__(
         self,
@@ -128,14 +128,14 @@ class ServerProcess:
         reuse_port: bool = False,
         quiet: bool = False,
     ) -> None:
-        argv = [sys.executable, "-m", "aiograceful._restart", "--port", str(port)]
+        argv = [sys.executable, "-m", "aiograceful._tools.restart", "--port", str(port)]
         argv += ["--loop", loop, "--startup-delay", str(startup_delay)]
         if handoff is not None:
             argv += ["--handoff", handoff]
         if reuse_port:
             argv.append("--reuse-port")
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])  # the folder that holds aiograceful
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         stderr = subprocess.DEVNULL if quiet else None
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env)
