@@ -8,7 +8,7 @@ no longer answer it. So the server's shutdown is asymmetric: it first *tells*
 every peer in protocol terms (the notice: a GOAWAY, a ``Connection: close``, a
 BYE line) and keeps both directions open; the client finishes and half-closes;
 the server answers what it received before that FIN and closes. Peers that
-ignore the notice are closed after ``grace`` with a short linger, then reset.
+ignore the notice are closed after ``grace`` with a short linger, then let go.
 
 The order of :meth:`GracefulServer.shutdown`:
 
@@ -21,7 +21,8 @@ The order of :meth:`GracefulServer.shutdown`:
 2. Notify every connection once, while its write side is open.
 3. Wait up to ``grace`` for connections to close themselves.
 4. Close the rest gracefully, with ``force_timeout`` as the linger bound.
-5. Abort (RST) whatever is still open; wait for ``connection_lost``.
+5. Let go of whatever is still open (a plain close: a FIN, what the kernel
+   holds still sent); wait for ``connection_lost``.
 
 Every wait is bounded.
 """
@@ -101,7 +102,7 @@ class ShutdownReport:
       the accept queue (and any accepted while it ran).
     * ``closed_clean``: of those, closed within ``grace`` with outcome CLEAN.
     * ``forced``: still open when ``grace`` ran out (closed with a short
-      linger, then aborted if need be).
+      linger, then let go if need be).
     * ``duration``: seconds from the start of the shutdown to this report.
     * ``outcomes``: how many connections ended with each :class:`CloseOutcome`.
     * ``drained``: connections taken from the accept queue.
@@ -566,10 +567,10 @@ class GracefulServer:
             return report_conns | set(self._conns) | self._rejected_live
 
         await self._wait_closed(everyone, loop.time() + self._force_timeout + 0.1)
-        # 5. Abort what is left, and wait (briefly) for connection_lost.
+        # 5. Let go of what is left, and wait (briefly) for connection_lost.
         for graceful in everyone():
             if graceful.result is None:
-                graceful.abort()
+                graceful.let_go()
         await self._wait_closed(everyone, loop.time() + _LOST_WAIT)
         await self._finish_tasks()
         outcomes: collections.Counter[CloseOutcome] = collections.Counter()
@@ -797,7 +798,7 @@ async def start_server(
     linger_timeout: float = DEFAULT_TIMEOUT,
     linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     max_discard: int | None = DEFAULT_MAX_DISCARD,
-    reset_on_failure: bool = True,
+    reset_on_failure: bool = False,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_connections: int | None = None,
     on_reject: RejectHook | None = None,
@@ -822,7 +823,7 @@ async def start_server(
     * ``force_timeout``: linger bound for those still open after ``grace`` (1 s).
     * ``send_timeout``, ``linger_timeout``, ``linger_idle_timeout``,
       ``max_discard``, ``reset_on_failure``: the linger options of every
-      graceful close the server does (60 s, 30 s, 5 s, 64 MiB, True; nginx:
+      graceful close the server does (60 s, 30 s, 5 s, 64 MiB, False; nginx:
       send_timeout 60 s, lingering_time 30 s, lingering_timeout 5 s). A close
       waits ``send_timeout`` at most for each byte of ours to be acknowledged,
       and the other bounds start once all are: a slow download is never cut.
@@ -891,7 +892,7 @@ async def create_server(
     linger_timeout: float = DEFAULT_TIMEOUT,
     linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     max_discard: int | None = DEFAULT_MAX_DISCARD,
-    reset_on_failure: bool = True,
+    reset_on_failure: bool = False,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_connections: int | None = None,
     on_reject: RejectHook | None = None,
@@ -951,7 +952,7 @@ async def start_unix_server(
     linger_timeout: float = DEFAULT_TIMEOUT,
     linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     max_discard: int | None = DEFAULT_MAX_DISCARD,
-    reset_on_failure: bool = True,
+    reset_on_failure: bool = False,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_connections: int | None = None,
     on_reject: RejectHook | None = None,
@@ -1014,7 +1015,7 @@ async def create_unix_server(
     linger_timeout: float = DEFAULT_TIMEOUT,
     linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     max_discard: int | None = DEFAULT_MAX_DISCARD,
-    reset_on_failure: bool = True,
+    reset_on_failure: bool = False,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_connections: int | None = None,
     on_reject: RejectHook | None = None,

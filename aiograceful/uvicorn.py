@@ -518,11 +518,11 @@ class Server(uvicorn.Server):
             else:
                 connection.transport.close()
         await _until(lambda: not state.connections, loop.time() + self.force_timeout + 0.1, None)
-        # 5. Abort the rest.
+        # 5. Let go of the rest.
         for connection in list(state.connections):
             end = getattr(connection, "_end", None)
             if isinstance(end, _End) and not end.detached:
-                end.linger.abort()
+                end.linger.let_go()
             else:
                 connection.transport.abort()
         await _until(lambda: not state.connections and not state.tasks, loop.time() + 1.0, None)

@@ -222,14 +222,15 @@ def silent_peer(sock: socket.socket, stop: threading.Event) -> None:
 
 
 async def test_linger_peer_never_closes_times_out() -> None:
-    """A peer that never sends its FIN: TIMEOUT within timeout + margin, then a RST."""
+    """A peer that never sends its FIN: TIMEOUT within timeout + margin, then a FIN, no RST."""
     result, elapsed, sock = await linger_against(silent_peer, timeout=0.4, idle_timeout=None)
     try:
         assert result.outcome is CloseOutcome.TIMEOUT
         assert elapsed < 0.4 + 2.0
         assert result.duration < 0.4 + 2.0
         assert sock.recv(16) == b"reply"
-        assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
+        await asyncio.sleep(0.1)
+        assert await wait_for_tcp_state(sock, TCP_CLOSE_WAIT, 0.5) == TCP_CLOSE_WAIT
     finally:
         sock.close()
 
@@ -242,15 +243,14 @@ async def test_linger_peer_silent_idle_timeout() -> None:
     assert elapsed < 0.3 + 2.0
 
 
-async def test_linger_no_reset_on_failure_leaves_a_plain_close() -> None:
-    """reset_on_failure=False: a timed-out linger sends no RST (the peer stays in CLOSE_WAIT)."""
+async def test_linger_reset_on_failure_resets_a_timed_out_close() -> None:
+    """reset_on_failure=True (nginx's reset_timedout_connection): a timed-out linger resets."""
     result, _, sock = await linger_against(
-        silent_peer, timeout=0.3, idle_timeout=None, reset_on_failure=False
+        silent_peer, timeout=0.3, idle_timeout=None, reset_on_failure=True
     )
     try:
         assert result.outcome is CloseOutcome.TIMEOUT
-        await asyncio.sleep(0.1)
-        assert await wait_for_tcp_state(sock, TCP_CLOSE_WAIT, 0.5) == TCP_CLOSE_WAIT
+        assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
     finally:
         sock.close()
 
@@ -280,7 +280,7 @@ async def test_linger_flushing_to_a_stalled_reader_is_not_idle() -> None:
 
 
 async def test_linger_protocol_peer_never_closes() -> None:
-    """close_gracefully() against a silent peer: IDLE_TIMEOUT within the bound, peer reset."""
+    """close_gracefully() against a silent peer: IDLE_TIMEOUT within the bound, then a FIN."""
     made: list[GracefulProtocol] = []
 
     class Server(GracefulProtocol):
@@ -296,7 +296,8 @@ async def test_linger_protocol_peer_never_closes() -> None:
             result = await asyncio.wait_for(made[0].close_gracefully(idle_timeout=0.3), 3)
             assert result.outcome is CloseOutcome.IDLE_TIMEOUT
             assert time.monotonic() - start < 0.3 + 2.0
-            assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
+            await asyncio.sleep(0.1)
+            assert await wait_for_tcp_state(sock, TCP_CLOSE_WAIT, 0.5) == TCP_CLOSE_WAIT
         finally:
             sock.close()
 
