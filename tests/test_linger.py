@@ -19,6 +19,7 @@ from _util import (
     UPLOAD_HEAD,
     connect,
     http_post,
+    paced_read,
     recv_until_eof,
     stream_server,
     wait_for_tcp_state,
@@ -373,6 +374,51 @@ async def test_linger_zero_cap_with_quiet_peer_is_clean() -> None:
     sock.close()
     assert result.outcome is CloseOutcome.CLEAN
     assert result.discarded == 0
+
+
+# -- letting go: a bound that fires delivers what a plain close() would ------
+
+
+async def test_linger_send_timeout_lets_go_to_the_kernel() -> None:
+    """send_timeout on a stalled reader: a FIN and every byte, as from close(); a RST loses them."""
+    size = 2 * MIB
+    results: dict[bytes, CloseResult] = {}
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        how = (await reader.readline()).strip()
+        writer.write(b"d" * size)
+        if how == b"plain":
+            writer.close()
+        else:
+            reset = how == b"reset"
+            results[how] = await graceful_close(writer, send_timeout=1.0, reset_on_failure=reset)
+
+    resume = threading.Event()
+    started = time.monotonic()
+    async with stream_server(handler) as port:
+        # Each client stops reading once its 4 KiB buffer is full (a zero window).
+        reads = asyncio.gather(
+            *(
+                asyncio.to_thread(paced_read, port, how, math.inf, rcvbuf=4096, resume=resume)
+                for how in (b"plain\n", b"reset\n", b"letgo\n")
+            )
+        )
+        try:
+            await wait_until(lambda: len(results) == 2, 5)
+            # Both closes have ended; the clients read again 3 s after they stopped.
+            await asyncio.sleep(max(0.0, started + 3.0 - time.monotonic()))
+        finally:
+            resume.set()
+        plain, reset, letgo = await reads
+    assert plain == (size, "FIN")
+    assert letgo == (size, "FIN")
+    assert reset[1] == "ConnectionResetError"
+    assert reset[0] < 64 * 1024
+    for how in (b"letgo", b"reset"):
+        assert results[how].outcome is CloseOutcome.IDLE_TIMEOUT
+        unacked = results[how].unacked
+        assert unacked is not None
+        assert unacked > 0
 
 
 # -- LingerOptions -----------------------------------------------------------
