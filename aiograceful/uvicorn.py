@@ -204,7 +204,7 @@ class _End:
             self._cancel_quiet()
             linger.begin(dataclasses.replace(self.options, timeout=timeout))
         # The force bounds everything, a download in progress included; what is
-        # still open after it is aborted by the shutdown's last step.
+        # still open after it is let go by the shutdown's last step.
         linger.shorten(timeout)
 
     def lost(self, exc: BaseException | None) -> None:
@@ -455,7 +455,8 @@ class Server(uvicorn.Server):
        without a bound) for the connections to close and the tasks to end.
     4. Cancel the tasks still running (as uvicorn does); close the
        connections still open with a linger of ``force_timeout`` seconds.
-    5. Abort (RST) whatever is still open, then the lifespan shutdown.
+    5. Let go of whatever is still open (a plain close: a FIN, what the kernel
+       holds still sent), then the lifespan shutdown.
 
     Connections of other protocol classes (WebSockets) are told by uvicorn's
     own ``shutdown()`` and, when the grace period is over, closed.
