@@ -132,7 +132,7 @@ async def start_server(
     linger_timeout: float = DEFAULT_TIMEOUT,
     linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     max_discard: int | None = DEFAULT_MAX_DISCARD,
-    reset_on_failure: bool = True,
+    reset_on_failure: bool = False,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_connections: int | None = None,
     on_reject: RejectHook | None = None,
@@ -157,7 +157,7 @@ async def start_server(
     * ``force_timeout``: linger bound for those still open after ``grace`` (1 s).
     * ``send_timeout``, ``linger_timeout``, ``linger_idle_timeout``,
       ``max_discard``, ``reset_on_failure``: the linger options of every
-      graceful close the server does (60 s, 30 s, 5 s, 64 MiB, True; nginx:
+      graceful close the server does (60 s, 30 s, 5 s, 64 MiB, False; nginx:
       send_timeout 60 s, lingering_time 30 s, lingering_timeout 5 s). A close
       waits ``send_timeout`` at most for each byte of ours to be acknowledged,
       and the other bounds start once all are: a slow download is never cut.
@@ -226,7 +226,7 @@ async def create_server(
     linger_timeout: float = DEFAULT_TIMEOUT,
     linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     max_discard: int | None = DEFAULT_MAX_DISCARD,
-    reset_on_failure: bool = True,
+    reset_on_failure: bool = False,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_connections: int | None = None,
     on_reject: RejectHook | None = None,
@@ -286,7 +286,7 @@ async def start_unix_server(
     linger_timeout: float = DEFAULT_TIMEOUT,
     linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     max_discard: int | None = DEFAULT_MAX_DISCARD,
-    reset_on_failure: bool = True,
+    reset_on_failure: bool = False,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_connections: int | None = None,
     on_reject: RejectHook | None = None,
@@ -349,7 +349,7 @@ async def create_unix_server(
     linger_timeout: float = DEFAULT_TIMEOUT,
     linger_idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     max_discard: int | None = DEFAULT_MAX_DISCARD,
-    reset_on_failure: bool = True,
+    reset_on_failure: bool = False,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
     max_connections: int | None = None,
     on_reject: RejectHook | None = None,

@@ -212,9 +212,12 @@ class LingerOptions:
     * ``idle_timeout``: seconds the peer may stay silent while we wait for its
       FIN; ``None`` for no idle limit (``timeout`` still applies).
     * ``max_discard``: bytes the peer may still send; ``None`` for no cap.
-    * ``reset_on_failure``: end every outcome other than CLEAN with a RST
-      (SO_LINGER {1, 0}); when False the socket is simply closed (the kernel
-      still resets it if unread bytes are queued).
+    * ``reset_on_failure``: when a bound ends the close (TIMEOUT,
+      IDLE_TIMEOUT, OVERFLOW), reset the connection (SO_LINGER {1, 0}), which
+      drops what the kernel still holds to send (nginx's
+      ``reset_timedout_connection``). False by default: the close lets go as
+      a plain ``close()`` does (:meth:`Linger.let_go`), and the kernel keeps
+      sending what it holds, then a FIN (a RST only if unread bytes are queued).
     * ``send_timeout``: while our bytes are still going out, the longest the
       peer may go without acknowledging any of them (nginx's ``send_timeout``).
 
@@ -225,7 +228,7 @@ class LingerOptions:
     timeout: float = DEFAULT_TIMEOUT
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
     max_discard: int | None = DEFAULT_MAX_DISCARD
-    reset_on_failure: bool = True
+    reset_on_failure: bool = False
     send_timeout: float = DEFAULT_SEND_TIMEOUT
     #: The longest interval between two samples of the send side (derived:
     #: a quarter of the shortest bound, at most 1 s).
@@ -675,21 +678,31 @@ class Linger(_deadlines.Timed):
         reset(self.transport)
 
     def let_go(self, outcome: CloseOutcome = CloseOutcome.TIMEOUT) -> None:
-        """Stop waiting now, the way a plain close lets go: a FIN, the kernel sends the rest.
+        """Stop waiting now, the way a plain ``close()`` lets go. A no-op once closed.
 
-        The socket is closed without SO_LINGER, so the kernel keeps
-        delivering what it holds (a RST only if unread bytes sit in its
-        receive queue, as after any close). What is still in the transport's
-        own buffer is lost, as at a stock server's exit. A no-op once
-        ``connection_lost`` has run.
+        What the peer has not acknowledged is measured first (``unacked``),
+        and ``outcome`` names the bound that fired (unless an outcome other
+        than CLEAN is already recorded). Then the socket is closed without
+        SO_LINGER: nothing more waits in the process, and the kernel keeps
+        sending what it holds, then our FIN, within its orphan limits
+        (``tcp_orphan_retries``, ``tcp_fin_timeout``, ``tcp_max_orphans`` on
+        Linux). As with a plain close, the kernel sends a RST instead if
+        bytes from the peer sit unread in the receive queue. So letting go
+        never delivers less than a naive close; :meth:`abort` is the RST.
         """
-        machine = self.machine
-        if machine.state is HalfCloseState.CLOSED:
+        if not self._give_up(outcome):
             return
-        if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
-            self.outcome = outcome
-        self._measure()
-        machine.feed(Event.TIMER if machine.state in _CLOSE_STATES else Event.ABORT)
+        # asyncio's transport.abort() and uvloop's both close the descriptor
+        # at once, with no SO_LINGER: the plain close, never a wait on the
+        # send buffer. What is still in the transport's own buffer is lost,
+        # as with a stock server's exit. It is not pushed to the kernel
+        # first: both loops send as soon as the socket is writable, so that
+        # buffer holds bytes only while the kernel's send buffer is (nearly)
+        # full, where a non-blocking send() would take little or nothing;
+        # and neither loop gives a public way to reach those bytes (asyncio's
+        # are a private deque, uvloop's are in C). The kernel's buffer is the
+        # large one: Linux autotunes it up to tcp_wmem's maximum (4 MiB by
+        # default), and it took all of a 2 MiB write to a stalled reader.
         self.transport.abort()
 
     def cancel(self) -> None:
@@ -1106,23 +1119,24 @@ class Linger(_deadlines.Timed):
         return False
 
     def _fail(self, outcome: CloseOutcome) -> None:
-        """Give up on grace: record ``outcome`` and close by force."""
+        """A bound fired: give up on grace, the plain-close way unless the options ask for a RST."""
+        if not self._opts().reset_on_failure:
+            self.let_go(outcome)
+        elif self._give_up(outcome):
+            reset(self.transport)
+
+    def _give_up(self, outcome: CloseOutcome) -> bool:
+        """Record ``outcome`` and what is unacknowledged; False if the connection is gone."""
         machine = self.machine
         if machine.state is HalfCloseState.CLOSED:
-            return
+            return False
         if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
             self.outcome = outcome
         self._measure()
         # TIMER ends a close under way; before one (a quiet wait that
         # stalled, say), giving up on the connection is an abort.
         machine.feed(Event.TIMER if machine.state in _CLOSE_STATES else Event.ABORT)
-        if self._opts().reset_on_failure:
-            reset(self.transport)
-        else:
-            # A plain close of the socket, never a wait on the send buffer:
-            # abort() drops what is unsent, and the kernel sends a FIN (or a
-            # RST, if unread bytes are still queued).
-            self.transport.abort()
+        return True
 
     def _peer_reset(self) -> None:
         self.outcome = CloseOutcome.PEER_RESET

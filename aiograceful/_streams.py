@@ -22,7 +22,7 @@ from ._linger import (
 )
 from ._socket import reset
 
-__all__ = ["abort", "graceful_close", "linger_of"]
+__all__ = ["abort", "graceful_close", "let_go", "linger_of"]
 
 # The close of each writer, so that a second graceful_close() (or the server's,
 # after a handler's own) returns the same result instead of starting another.
@@ -96,7 +96,7 @@ async def graceful_close(
     max_discard: int | None = DEFAULT_MAX_DISCARD,
     final: bytes = b"",
     keep_trailing: bool = False,
-    reset_on_failure: bool = True,
+    reset_on_failure: bool = False,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
 ) -> CloseResult:
     """Close a stream without losing what was written to it.
@@ -112,8 +112,10 @@ async def graceful_close(
     silence (``None``: no idle limit) and ``max_discard`` bytes (``None``: no
     cap) bound the wait for the peer's FIN; after it, the socket stays open
     until the peer has acknowledged our last byte, so ``result.unacked`` can
-    say 0. An outcome other than ``CLEAN`` ends in a RST unless
-    ``reset_on_failure`` is False. With ``keep_trailing=True`` the peer's bytes are kept in
+    say 0. When a bound ends the close, it lets go as a plain close does: a
+    FIN, with what the kernel holds still delivered (a RST only if bytes from
+    the peer are unread); ``reset_on_failure=True`` resets instead, dropping
+    it. With ``keep_trailing=True`` the peer's bytes are kept in
     ``result.trailing`` (up to ``max_discard``), which is how a client reads a
     server's last answers after its own FIN; the stream's unread bytes count
     among them.
@@ -274,3 +276,19 @@ def abort(writer_or_transport: asyncio.StreamWriter | asyncio.BaseTransport) -> 
         linger.abort()
     else:
         reset(transport)
+
+
+def let_go(writer: asyncio.StreamWriter) -> None:
+    """Stop waiting for ``writer``'s close now, the way a plain close does (:meth:`Linger.let_go`).
+
+    A FIN, and what the kernel holds is still delivered: for a drop-in whose
+    server's own grace ran out. Without a close under way, the transport is
+    closed the same plain way (``abort()`` without SO_LINGER).
+    """
+    linger = _recorded(writer)
+    if linger is None:
+        linger = linger_of(writer.transport)
+    if linger is not None:
+        linger.let_go()
+    else:
+        writer.transport.abort()

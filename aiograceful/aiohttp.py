@@ -207,14 +207,14 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
         await super().shutdown(timeout)
 
     async def wait_closed(self, timeout: float) -> None:
-        """Wait up to ``timeout`` s for the lingering close to end; then reset."""
+        """Wait up to ``timeout`` s for the lingering close to end; then let go."""
         end = self._end
         if end is None or end.linger.result is not None:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(end.linger.future()), timeout)
         if end.linger.result is None:
-            end.linger.abort()
+            end.linger.let_go()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(end.linger.future()), 1.0)
 

@@ -17,7 +17,8 @@ replaced by a subclass that changes only how connections end:
   and an idle connection gets a quiet window of :data:`SHUTDOWN_QUIET` seconds
   (a request already on the wire is answered), then closes gracefully.
 * ``config.graceful_timeout`` stays the grace period: the lingering closes
-  still open when it ends (hypercorn cancels the connections' tasks) are reset.
+  still open when it ends (hypercorn cancels the connections' tasks) let go, as
+  a plain close does (a FIN; what the kernel holds is still sent).
 
 * The accept queue is drained. hypercorn closes its listeners, which resets
   the connections still in the kernel's accept queue (and, on asyncio's
@@ -58,7 +59,7 @@ from ._accept import close_and_drain
 from ._dropin_options import LINGER, SHUTDOWN_QUIET
 from ._h11 import CloseAwareConnection
 from ._linger import LingerOptions, logger
-from ._streams import abort, graceful_close
+from ._streams import graceful_close, let_go
 
 __all__ = ["LINGER", "SHUTDOWN_QUIET", "GracefulTCPServer", "serve"]
 
@@ -158,8 +159,8 @@ class GracefulTCPServer(TCPServer):
         try:
             await asyncio.shield(self._start_close())
         except asyncio.CancelledError:
-            # hypercorn's graceful_timeout ran out: grace is over, reset.
-            abort(self.writer)
+            # hypercorn's graceful_timeout ran out: grace is over, let go.
+            let_go(self.writer)
             raise
         except OSError:
             pass

@@ -23,6 +23,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -184,16 +185,20 @@ def paced_read(
     expect: int | None = None,
     half_close: bool = False,
     timeout: float = 20.0,
+    rcvbuf: int = SMALL_RCVBUF,
+    resume: threading.Event | None = None,
 ) -> tuple[int, str]:
     """Connect with a small receive buffer, send ``request``, read at ``rate`` bytes/s.
 
     Returns the bytes read and how the stream ended: ``"FIN"``, or the name of
     the error met (``ConnectionResetError`` for a RST). With ``expect``, stop
     (and close) after that many bytes. ``half_close`` sends our FIN after the
-    request. Bounded by ``timeout`` seconds of silence.
+    request. With ``resume``, read nothing until it is set (a reader that
+    stalls, its window closed once ``rcvbuf`` is full), at most ``timeout``
+    seconds. Bounded by ``timeout`` seconds of silence.
     """
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.settimeout(timeout)
     got = 0
     try:
@@ -201,6 +206,8 @@ def paced_read(
         sock.sendall(request)
         if half_close:
             sock.shutdown(socket.SHUT_WR)
+        if resume is not None:
+            resume.wait(timeout)
         while expect is None or got < expect:
             chunk = sock.recv(16 * 1024)
             if not chunk:

@@ -98,7 +98,7 @@ def test_api_defaults_are_the_documented_ones() -> None:
     assert options.timeout == aiograceful.DEFAULT_TIMEOUT
     assert options.idle_timeout == aiograceful.DEFAULT_IDLE_TIMEOUT
     assert options.max_discard == aiograceful.DEFAULT_MAX_DISCARD
-    assert options.reset_on_failure is True
+    assert options.reset_on_failure is False
 
 
 def test_api_outcomes_are_the_contract() -> None:

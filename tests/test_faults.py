@@ -273,9 +273,10 @@ async def test_close_peer_not_reading_flush_bounded_by_send_timeout(api: str) ->
         assert result.unacked > 0
         assert 0.5 - EARLY <= elapsed < 0.5 + MARGIN
         ours.check_done(result)
-        # The close ended in a RST: the peer's next read reports it.
-        with pytest.raises(ConnectionResetError):
-            await read_until_eof(peer)
+        # The close let go as close() does: the kernel still sends what it
+        # holds, then our FIN, once the peer reads again.
+        rest = await read_until_eof(peer)
+        assert 0 < len(rest) <= BIG
 
 
 # -- a peer that trickles -----------------------------------------------------------

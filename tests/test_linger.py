@@ -19,6 +19,7 @@ from _util import (
     UPLOAD_HEAD,
     connect,
     http_post,
+    paced_read,
     recv_until_eof,
     stream_server,
     wait_for_tcp_state,
@@ -222,14 +223,15 @@ def silent_peer(sock: socket.socket, stop: threading.Event) -> None:
 
 
 async def test_linger_peer_never_closes_times_out() -> None:
-    """A peer that never sends its FIN: TIMEOUT within timeout + margin, then a RST."""
+    """A peer that never sends its FIN: TIMEOUT within timeout + margin, then a FIN, no RST."""
     result, elapsed, sock = await linger_against(silent_peer, timeout=0.4, idle_timeout=None)
     try:
         assert result.outcome is CloseOutcome.TIMEOUT
         assert elapsed < 0.4 + 2.0
         assert result.duration < 0.4 + 2.0
         assert sock.recv(16) == b"reply"
-        assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
+        await asyncio.sleep(0.1)
+        assert await wait_for_tcp_state(sock, TCP_CLOSE_WAIT, 0.5) == TCP_CLOSE_WAIT
     finally:
         sock.close()
 
@@ -242,15 +244,14 @@ async def test_linger_peer_silent_idle_timeout() -> None:
     assert elapsed < 0.3 + 2.0
 
 
-async def test_linger_no_reset_on_failure_leaves_a_plain_close() -> None:
-    """reset_on_failure=False: a timed-out linger sends no RST (the peer stays in CLOSE_WAIT)."""
+async def test_linger_reset_on_failure_resets_a_timed_out_close() -> None:
+    """reset_on_failure=True (nginx's reset_timedout_connection): a timed-out linger resets."""
     result, _, sock = await linger_against(
-        silent_peer, timeout=0.3, idle_timeout=None, reset_on_failure=False
+        silent_peer, timeout=0.3, idle_timeout=None, reset_on_failure=True
     )
     try:
         assert result.outcome is CloseOutcome.TIMEOUT
-        await asyncio.sleep(0.1)
-        assert await wait_for_tcp_state(sock, TCP_CLOSE_WAIT, 0.5) == TCP_CLOSE_WAIT
+        assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
     finally:
         sock.close()
 
@@ -280,7 +281,7 @@ async def test_linger_flushing_to_a_stalled_reader_is_not_idle() -> None:
 
 
 async def test_linger_protocol_peer_never_closes() -> None:
-    """close_gracefully() against a silent peer: IDLE_TIMEOUT within the bound, peer reset."""
+    """close_gracefully() against a silent peer: IDLE_TIMEOUT within the bound, then a FIN."""
     made: list[GracefulProtocol] = []
 
     class Server(GracefulProtocol):
@@ -296,7 +297,8 @@ async def test_linger_protocol_peer_never_closes() -> None:
             result = await asyncio.wait_for(made[0].close_gracefully(idle_timeout=0.3), 3)
             assert result.outcome is CloseOutcome.IDLE_TIMEOUT
             assert time.monotonic() - start < 0.3 + 2.0
-            assert await wait_for_tcp_state(sock, TCP_CLOSE) == TCP_CLOSE
+            await asyncio.sleep(0.1)
+            assert await wait_for_tcp_state(sock, TCP_CLOSE_WAIT, 0.5) == TCP_CLOSE_WAIT
         finally:
             sock.close()
 
@@ -372,6 +374,51 @@ async def test_linger_zero_cap_with_quiet_peer_is_clean() -> None:
     sock.close()
     assert result.outcome is CloseOutcome.CLEAN
     assert result.discarded == 0
+
+
+# -- letting go: a bound that fires delivers what a plain close() would ------
+
+
+async def test_linger_send_timeout_lets_go_to_the_kernel() -> None:
+    """send_timeout on a stalled reader: a FIN and every byte, as from close(); a RST loses them."""
+    size = 2 * MIB
+    results: dict[bytes, CloseResult] = {}
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        how = (await reader.readline()).strip()
+        writer.write(b"d" * size)
+        if how == b"plain":
+            writer.close()
+        else:
+            reset = how == b"reset"
+            results[how] = await graceful_close(writer, send_timeout=1.0, reset_on_failure=reset)
+
+    resume = threading.Event()
+    started = time.monotonic()
+    async with stream_server(handler) as port:
+        # Each client stops reading once its 4 KiB buffer is full (a zero window).
+        reads = asyncio.gather(
+            *(
+                asyncio.to_thread(paced_read, port, how, math.inf, rcvbuf=4096, resume=resume)
+                for how in (b"plain\n", b"reset\n", b"letgo\n")
+            )
+        )
+        try:
+            await wait_until(lambda: len(results) == 2, 5)
+            # Both closes have ended; the clients read again 3 s after they stopped.
+            await asyncio.sleep(max(0.0, started + 3.0 - time.monotonic()))
+        finally:
+            resume.set()
+        plain, reset, letgo = await reads
+    assert plain == (size, "FIN")
+    assert letgo == (size, "FIN")
+    assert reset[1] == "ConnectionResetError"
+    assert reset[0] < 64 * 1024
+    for how in (b"letgo", b"reset"):
+        assert results[how].outcome is CloseOutcome.IDLE_TIMEOUT
+        unacked = results[how].unacked
+        assert unacked is not None
+        assert unacked > 0
 
 
 # -- LingerOptions -----------------------------------------------------------

@@ -17,9 +17,10 @@ import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
-from _util import assert_still_accepts, connect_outcome, http_post
+from _util import assert_still_accepts, connect_outcome, http_post, paced_read
 
 import aiograceful
 from aiograceful import (
@@ -631,6 +632,83 @@ async def test_shutdown_forces_ignorers_within_bounds() -> None:
     assert elapsed < 0.3 + 0.2 + 2.0
     assert report.outcomes.get(CloseOutcome.CLEAN, 0) == 0
     writer.close()
+
+
+CHUNK = 64 * 1024
+
+
+def streaming_handler(
+    how: str, sent: dict[str, int], tasks: dict[str, tuple[asyncio.Task[Any], asyncio.StreamWriter]]
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """Stream an answer (at most 64 MiB) until cancelled or closed; count it in ``sent[how]``."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks[how] = (task, writer)
+        await reader.readline()
+        sent[how] = 0
+        while sent[how] < 64 * 1024 * 1024 and not writer.is_closing():
+            writer.write(b"s" * CHUNK)
+            sent[how] += CHUNK
+            await writer.drain()
+
+    return handler
+
+
+async def test_shutdown_force_lets_go_to_the_kernel() -> None:
+    """After the force, a stalled client still gets all the kernel held (RST: next to nothing)."""
+    sent: dict[str, int] = {}
+    tasks: dict[str, tuple[asyncio.Task[Any], asyncio.StreamWriter]] = {}
+    letgo = await start_server(
+        streaming_handler("letgo", sent, tasks), LOCALHOST, 0, grace=1, force_timeout=0.5
+    )
+    reset = await start_server(
+        streaming_handler("reset", sent, tasks),
+        *(LOCALHOST, 0),
+        grace=1,
+        force_timeout=0.5,
+        reset_on_failure=True,
+    )
+    plain = await asyncio.start_server(streaming_handler("plain", sent, tasks), LOCALHOST, 0)
+    resume = threading.Event()
+    # Each client stops reading once its 4 KiB buffer is full (a zero window).
+    reads = asyncio.gather(
+        *(
+            asyncio.to_thread(
+                paced_read, port_of(server), b"GET\n", math.inf, rcvbuf=4096, resume=resume
+            )
+            for server in (plain, reset, letgo)
+        )
+    )
+    try:
+        await wait_until(lambda: len(sent) == 3)
+        await asyncio.sleep(0.3)  # the answers fill the kernels' send queues; the handlers wait
+        # Nothing moves from now on (the clients read nothing): what was
+        # handed to the kernel is what was written less what is still buffered.
+        handed = {
+            how: sent[how] - w.transport.get_write_buffer_size() for how, (_, w) in tasks.items()
+        }
+        reports = await asyncio.gather(letgo.shutdown(), reset.shutdown())
+        # The stock server's end, in the same test: a plain close() of its connection.
+        plain.close()
+        tasks["plain"][1].close()
+        await plain.wait_closed()
+    finally:
+        resume.set()
+    got = dict(zip(("plain", "reset", "letgo"), await reads, strict=True))
+    await asyncio.wait_for(tasks["plain"][0], 5)
+    for report in reports:
+        assert report.forced == 1
+        assert report.outcomes == {CloseOutcome.TIMEOUT: 1}
+    # Letting go: every byte handed to the kernel, then a FIN. What was still
+    # in the transport's own buffer is lost, as with a stock server's exit.
+    assert got["letgo"] == (handed["letgo"], "FIN")
+    assert handed["letgo"] > 1024 * 1024
+    # A plain close() keeps flushing in the process: its buffer too.
+    assert got["plain"] == (sent["plain"], "FIN")
+    assert got["reset"][1] == "ConnectionResetError"
+    assert got["reset"][0] < 64 * 1024
 
 
 async def test_async_with_and_serve_forever_on_shutdown() -> None:

@@ -8,6 +8,7 @@ import gc
 import math
 import socket
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import cast
@@ -17,10 +18,12 @@ from _util import (
     HOST,
     TCP_CLOSE,
     connect,
+    paced_read,
     recv_until_eof,
     set_linger_zero,
     stream_server,
     wait_for_tcp_state,
+    wait_until,
 )
 
 import aiograceful._streams
@@ -336,6 +339,50 @@ async def test_streams_bad_arguments_touch_nothing() -> None:
         await asyncio.to_thread(recv_until_eof, sock)
         sock.close()
         assert (await asyncio.wait_for(task, 2)).outcome is CloseOutcome.CLEAN
+
+
+# -- a bound that fires lets go: never less than close() ----------------------
+
+
+async def test_streams_half_closed_peer_that_stops_reading_gets_everything() -> None:
+    """A peer that half-closes, then reads only after send_timeout: all 64 KiB and a FIN."""
+    size = 64 * 1024
+    results: dict[bytes, CloseResult] = {}
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        how = (await reader.read()).strip()  # the peer's FIN ends the request
+        writer.write(b"h" * size)
+        if how == b"plain":
+            writer.close()
+        else:
+            reset = how == b"reset"
+            results[how] = await graceful_close(writer, send_timeout=1.0, reset_on_failure=reset)
+
+    resume = threading.Event()
+    async with stream_server(handler) as port:
+        # Each client sends its FIN, then reads nothing (4 KiB buffer: a zero window).
+        reads = asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    paced_read, port, how, math.inf, half_close=True, rcvbuf=4096, resume=resume
+                )
+                for how in (b"plain", b"reset", b"letgo")
+            )
+        )
+        try:
+            await wait_until(lambda: len(results) == 2, 5)
+        finally:
+            resume.set()
+        plain, reset, letgo = await reads
+    assert plain == (size, "FIN")
+    assert letgo == (size, "FIN")
+    assert reset[1] == "ConnectionResetError"
+    assert reset[0] < size
+    for how in (b"letgo", b"reset"):
+        assert results[how].outcome is CloseOutcome.IDLE_TIMEOUT
+        unacked = results[how].unacked
+        assert unacked is not None
+        assert unacked > 0
 
 
 # -- a peer that resets, at every step ---------------------------------------
