@@ -6,7 +6,7 @@ See the README for the hazards this library exists for and how to use it.
 from ._accept import DEFAULT_BACKLOG, AcceptQueueStats
 from ._api import create_server, create_unix_server, start_server, start_unix_server
 from ._handoff import listen_fds
-from ._linger import (
+from ._options import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
     DEFAULT_SEND_TIMEOUT,

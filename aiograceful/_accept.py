@@ -18,7 +18,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-from ._linger import logger
+from ._options import logger
 from ._socket import (
     TCPI_SACKED,
     TCPI_UNACKED,

@@ -16,7 +16,7 @@ from ._accept import default_backlog
 from ._connections import NoticeHook, RejectHook, Settings, StreamHandler
 from ._ending import QUIET
 from ._handoff import check_handoff
-from ._linger import (
+from ._options import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
     DEFAULT_SEND_TIMEOUT,

@@ -27,7 +27,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ._ending import QUIET, Ending
-from ._linger import Linger, LingerOptions, logger
+from ._linger import Linger
+from ._options import LingerOptions, logger
 from ._protocol import GracefulProtocol
 from ._socket import TCPI_LAST_DATA_RECV, TCPI_LAST_DATA_SENT, tcp_info_u32
 from ._streams import take_from

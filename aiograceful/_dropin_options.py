@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from ._linger import LingerOptions
+from ._options import LingerOptions
 
 __all__ = ["IDLE_LINGER", "LINGER", "SHUTDOWN_QUIET"]
 

@@ -35,7 +35,8 @@ import math
 from typing import Final, Protocol
 
 from . import _deadlines
-from ._linger import Linger, LingerOptions, logger
+from ._linger import Linger
+from ._options import LingerOptions, logger
 
 __all__ = ["QUIET", "QUIET_RENEWALS", "Conversation", "Ending"]
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from ._linger import logger
+from ._options import logger
 from ._socket import peer_uid
 
 __all__ = [

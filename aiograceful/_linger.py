@@ -13,16 +13,7 @@ never wrapped; the discarder forwards ``connection_lost`` and the flow-control
 callbacks to the protocol it replaced, so a stream's ``wait_closed()`` and a
 ``GracefulProtocol``'s ``connection_lost`` still run.
 
-Defaults, beside the servers that linger in C:
-
-==================  =========================  ===================  ==================
-                    aiograceful                nginx                Apache httpd
-==================  =========================  ===================  ==================
-no byte acked       ``send_timeout`` 60 s      send_timeout 60 s    Timeout 60 s
-total linger time   ``timeout`` 30 s           lingering_time 30 s  30 s (MAX_SECS)
-peer silent         ``idle_timeout`` 5 s       lingering_timeout 5s 2 s (SECONDS_TO_LINGER)
-bytes discarded     ``max_discard`` 64 MiB     no cap               no cap
-==================  =========================  ===================  ==================
+The defaults, beside nginx's and Apache's, are in :mod:`aiograceful._options`.
 
 The timing model: a close has a send side and a receive side, and is done
 when both are. While our bytes are still going out (the transport's buffer,
@@ -50,71 +41,22 @@ still sending its body reads the reply.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import enum
-import logging
 import math
-import socket
-import struct
-import sys
-from collections.abc import Callable
 from typing import Any, Final
 
-from . import _deadlines
-from ._socket import (
-    _INT_ZERO,
-    _SIOCINQ,
-    _SIOCOUTQ,
-    _TCP_FAMILIES,
-    TCP_CLOSE,
-    TCP_FIN_UNACKED,
-    bytes_acked,
-    reset,
-    shutdown_error,
-    tcp_state,
-)
-from ._state import Event, HalfCloseMachine, HalfCloseState
+from ._options import DEFAULT_OPTIONS, POLL_MAX, CloseOutcome, CloseResult, LingerOptions
+from ._record import POLL_FIRST, CloseRecord
+from ._socket import TCP_CLOSE, bytes_acked, reset, shutdown_error, tcp_state
+from ._state import Event, HalfCloseState
 
-if sys.platform != "win32":
-    import fcntl
+__all__ = ["CloseWaiter", "Discarder", "Linger"]
 
-__all__ = [
-    "DEFAULT_IDLE_TIMEOUT",
-    "DEFAULT_MAX_DISCARD",
-    "DEFAULT_SEND_TIMEOUT",
-    "DEFAULT_TIMEOUT",
-    "UNSET",
-    "CloseOutcome",
-    "CloseResult",
-    "CloseWaiter",
-    "Linger",
-    "LingerOptions",
-    "logger",
-]
-
-logger: Final = logging.getLogger("aiograceful")
-
-DEFAULT_TIMEOUT: Final = 30.0
-DEFAULT_IDLE_TIMEOUT: Final = 5.0
-DEFAULT_MAX_DISCARD: Final = 64 * 1024 * 1024
-DEFAULT_SEND_TIMEOUT: Final = 60.0
-
-# The send side is sampled first after _POLL_FIRST seconds, then at doubling
-# intervals up to _POLL_MAX (and a quarter of the bounds in force), so that a
-# close whose last bytes are acknowledged within a round trip costs one
-# sample, and a long download a few per second at most.
-_POLL_FIRST: Final = 0.005
-_POLL_MAX: Final = 1.0
 # TLS has no half-close in asyncio or uvloop: our close_notify ends both
 # directions, and a client that reads until EOF waits for it. So a TLS close
 # sends it once our bytes are all acknowledged and the peer has been silent
 # this long (or idle_timeout, if shorter). A peer still uploading is not
 # silent, and keeps being read; one that is silent is waiting for us.
 _TLS_QUIET: Final = 0.2
-
-# Linger._sock before the transport's socket has been looked up.
-_NOT_YET: Final = object()
-_UNPACK_INT: Final = struct.Struct("i").unpack
 
 # The states in which the transport has been told to close (not machine.live).
 _ENDED: Final = frozenset({HalfCloseState.CLOSING, HalfCloseState.CLOSED})
@@ -125,161 +67,7 @@ _CLOSE_STATES: Final = frozenset(
 )
 
 
-class CloseOutcome(enum.Enum):
-    """How a graceful close ended."""
-
-    # Members are singletons compared by identity: hash them so too (Enum's
-    # own __hash__ is a Python call, paid where outcomes are counted).
-    __hash__ = object.__hash__
-
-    #: The peer's FIN was seen after ours and (where the platform tells) the
-    #: peer acknowledged every byte we wrote.
-    CLEAN = "clean"
-    #: The total linger time (``timeout``, counted once our bytes were all
-    #: acknowledged) ran out, or a server's forced close did.
-    TIMEOUT = "timeout"
-    #: The peer stopped making progress: it sent nothing for ``idle_timeout``
-    #: while we waited for its FIN, or it acknowledged none of our bytes for
-    #: ``send_timeout`` (then ``CloseResult.unacked`` is > 0).
-    IDLE_TIMEOUT = "idle-timeout"
-    #: The peer sent more than ``max_discard`` bytes while we lingered.
-    OVERFLOW = "overflow"
-    #: The peer reset the connection (or it failed under us).
-    PEER_RESET = "peer-reset"
-    #: A local ``abort()`` ended it with a RST, or a cancelled close gave up
-    #: on grace, or the app closed the transport itself with bytes of ours
-    #: unacknowledged (or unread bytes, which make the kernel send a RST).
-    ABORTED = "aborted"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CloseResult:
-    """What a close did.
-
-    ``discarded`` counts the bytes the peer sent that nobody read: read and
-    dropped while lingering, plus what the stream's buffer held unread when the
-    close began. ``trailing`` holds the peer's bytes instead, when
-    ``keep_trailing`` asked for them (up to ``max_discard``). ``duration`` runs
-    from the start of the close to ``connection_lost``; it is 0.0 when the
-    connection ended without a close being started (a reset, say).
-    ``unacked`` counts the bytes we wrote that the peer had not acknowledged
-    when the socket was closed: 0 means the peer's TCP has everything; None
-    where the platform cannot tell (only Linux is wired; see ``_socket.py``).
-    """
-
-    outcome: CloseOutcome
-    discarded: int
-    duration: float
-    trailing: bytes = b""
-    unacked: int | None = None
-
-    @property
-    def clean(self) -> bool:
-        """True when the outcome is :attr:`CloseOutcome.CLEAN`."""
-        return self.outcome is CloseOutcome.CLEAN
-
-
-class _Unset(enum.Enum):
-    UNSET = "UNSET"
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-#: Sentinel: "use the connection's configured default" in ``close_gracefully``.
-UNSET: Final = _Unset.UNSET
-
-
-def check_seconds(name: str, value: object, *, allow_none: bool) -> float | None:
-    """Validate a time argument: a finite number >= 0 (or None when allowed)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        what = "a number of seconds or None" if allow_none else "a number of seconds"
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
-    if math.isnan(value) or value < 0 or math.isinf(value):
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return float(value)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LingerOptions:
-    """How long and how much a graceful close may linger.
-
-    * ``timeout``: total seconds the close waits for the peer's FIN once our
-      bytes are all acknowledged (never ``None``: a graceful close is always
-      bounded).
-    * ``idle_timeout``: seconds the peer may stay silent while we wait for its
-      FIN; ``None`` for no idle limit (``timeout`` still applies).
-    * ``max_discard``: bytes the peer may still send; ``None`` for no cap.
-    * ``reset_on_failure``: when a bound ends the close (TIMEOUT,
-      IDLE_TIMEOUT, OVERFLOW), reset the connection (SO_LINGER {1, 0}), which
-      drops what the kernel still holds to send (nginx's
-      ``reset_timedout_connection``). False by default: the close lets go as
-      a plain ``close()`` does (:meth:`Linger.let_go`), and the kernel keeps
-      sending what it holds, then a FIN (a RST only if unread bytes are queued).
-    * ``send_timeout``: while our bytes are still going out, the longest the
-      peer may go without acknowledging any of them (nginx's ``send_timeout``).
-
-    Construction validates every field and raises ``TypeError``/``ValueError``
-    naming the field.
-    """
-
-    timeout: float = DEFAULT_TIMEOUT
-    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
-    max_discard: int | None = DEFAULT_MAX_DISCARD
-    reset_on_failure: bool = False
-    send_timeout: float = DEFAULT_SEND_TIMEOUT
-    #: The longest interval between two samples of the send side (derived:
-    #: a quarter of the shortest bound, at most 1 s).
-    poll_cap: float = dataclasses.field(init=False, repr=False, compare=False, default=0.0)
-
-    def __post_init__(self) -> None:
-        timeout = check_seconds("timeout", self.timeout, allow_none=False)
-        idle = check_seconds("idle_timeout", self.idle_timeout, allow_none=True)
-        send = check_seconds("send_timeout", self.send_timeout, allow_none=False)
-        cap = self.max_discard
-        if cap is not None:
-            if isinstance(cap, bool) or not isinstance(cap, int):
-                raise TypeError(f"max_discard must be an int or None, got {type(cap).__name__}")
-            if cap < 0:
-                raise ValueError(f"max_discard must be >= 0, got {cap}")
-        if not isinstance(self.reset_on_failure, bool):
-            raise TypeError(
-                f"reset_on_failure must be a bool, got {type(self.reset_on_failure).__name__}"
-            )
-        object.__setattr__(self, "timeout", timeout)
-        object.__setattr__(self, "idle_timeout", idle)
-        object.__setattr__(self, "send_timeout", send)
-        assert timeout is not None
-        assert send is not None
-        poll = min(_POLL_MAX, send / 4, timeout / 4)
-        if idle is not None:
-            poll = min(poll, idle / 4)
-        # Computed once: the close's timer reads it on every arming.
-        object.__setattr__(self, "poll_cap", max(poll, 0.001))
-
-
-_DEFAULT_OPTIONS: Final = LingerOptions()
-
-
-def check_final(final: object) -> bytes:
-    """Validate a ``final`` argument; return it as bytes."""
-    if final.__class__ is bytes:
-        return final  # the common case, b"": no copy
-    if not isinstance(final, bytes | bytearray | memoryview):
-        raise TypeError(f"final must be bytes-like, got {type(final).__name__}")
-    return bytes(final)
-
-
-def check_flag(name: str, value: object) -> bool:
-    """Validate a boolean keyword argument."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-class _Discarder(asyncio.Protocol):
+class Discarder(asyncio.Protocol):
     """The protocol a transport talks to while its connection lingers."""
 
     __slots__ = ("_forward", "_linger")
@@ -324,7 +112,7 @@ class _Discarder(asyncio.Protocol):
             self._forward.resume_writing()
 
     def __repr__(self) -> str:
-        return f"<_Discarder {self._linger!r}>"
+        return f"<Discarder {self._linger!r}>"
 
 
 class CloseWaiter(asyncio.Future[CloseResult]):
@@ -353,123 +141,14 @@ class CloseWaiter(asyncio.Future[CloseResult]):
         return cancelled
 
 
-class Linger(_deadlines.Timed):
-    """The close of one connection: state, deadlines, counts, outcome, result.
+class Linger(CloseRecord):
+    """The close of one connection: flush, half-close, discard, the bounds, the outcome.
 
-    It is its own timer (:class:`~aiograceful._deadlines.Timed`): one
-    deadline on the loop's shared structure, :meth:`_on_deadline` when due.
+    The record it extends (:class:`~aiograceful._record.CloseRecord`) holds
+    the state, the counts and the result; this adds the close proper.
     """
 
-    __slots__ = (
-        "_acked_at",
-        "_acked_mark",
-        "_forward",
-        "_future",
-        "_hard_deadline",
-        "_idle_timeout",
-        "_on_idle",
-        "_on_quiet",
-        "_options",
-        "_outstanding",
-        "_poll",
-        "_progress_at",
-        "_sock",
-        "_sock_unix",
-        "_started",
-        "_trailing",
-        "_waiters",
-        "discarded",
-        "last_read",
-        "loop",
-        "machine",
-        "on_lost",
-        "outcome",
-        "result",
-        "transport",
-        "unacked",
-    )
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        transport: asyncio.Transport,
-        forward: asyncio.BaseProtocol | None,
-        options: LingerOptions | None = None,
-    ) -> None:
-        self.loop = loop
-        self.transport = transport
-        self.machine = HalfCloseMachine()
-        self._forward = forward
-        # The connection's one deadline (Timed): unarmed until a close or a watch.
-        self._deadlines = _deadlines.structure_of(loop)
-        self._entry = None
-        self.when = math.inf
-        #: The bounds of a close that starts without begin() (both FINs
-        #: exchanged through write_eof()); begin() replaces them.
-        self._options: LingerOptions | None = options
-        self._started: float | None = None
-        # A bound on everything (a server's force); inf until shorten().
-        self._hard_deadline = math.inf
-        # The send side: when our bytes were last seen acknowledged in full
-        # (None: not yet), the last sample of what was outstanding, when it
-        # last went down, and the interval to the next sample.
-        self._acked_at: float | None = None
-        self._outstanding = -1
-        # The last sample of tcpi_bytes_acked: the quiet wait's, then a TLS close's.
-        self._acked_mark = -1
-        self._progress_at = 0.0
-        self._poll = _POLL_FIRST
-        self._idle_timeout: float | None = None
-        self._on_idle: Callable[[], bool] | None = None
-        self._on_quiet: Callable[[], None] | None = None
-        #: Called (synchronously) at the end of :meth:`lost`, once the result is made.
-        self.on_lost: Callable[[Linger], None] | None = None
-        self._future: asyncio.Future[CloseResult] | None = None
-        # One caller's waiter (the common case: no list), or a list of them.
-        self._waiters: CloseWaiter | list[CloseWaiter] | None = None
-        # The transport's socket for the kernel's queue counts, looked up on
-        # first use (uvloop makes its socket object then: a getsockname());
-        # None where they do not apply (not TCP, not Linux).
-        self._sock: Any = _NOT_YET
-        self._sock_unix = False
-        self._trailing: bytearray | None = None
-        self.discarded = 0
-        self.last_read = 0.0
-        self.outcome: CloseOutcome | None = None
-        #: Our bytes the peer had not acknowledged when the socket was closed
-        #: (-1 until measured; None where the platform cannot tell).
-        self.unacked: int | None = -1
-        self.result: CloseResult | None = None
-
-    # -- queries ---------------------------------------------------------
-
-    @property
-    def state(self) -> HalfCloseState:
-        return self.machine.state
-
-    @property
-    def lingering(self) -> bool:
-        """True once a graceful close has started (whatever state it reached)."""
-        return self._started is not None
-
-    @property
-    def timer_armed(self) -> bool:
-        """True while this connection's deadline is set."""
-        return self._entry is not None
-
-    @property
-    def idle_timeout(self) -> float | None:
-        """The idle watch's period (:meth:`watch_idle`), or None."""
-        return self._idle_timeout
-
-    def future(self) -> asyncio.Future[CloseResult]:
-        """The future that ``connection_lost`` completes with the :class:`CloseResult`."""
-        fut = self._future
-        if fut is None:
-            fut = self._future = self.loop.create_future()
-            if self.result is not None:
-                fut.set_result(self.result)
-        return fut
+    __slots__ = ()
 
     def waiter(self) -> CloseWaiter:
         """A new :class:`CloseWaiter` for one caller, completed with the result."""
@@ -488,86 +167,6 @@ class Linger(_deadlines.Timed):
         else:
             self._waiters = [waiters, waiter]
         return waiter
-
-    def outstanding(self) -> tuple[int, bool]:
-        """Our bytes not yet acknowledged by the peer, and whether the count is exact.
-
-        The transport's buffer plus the kernel's unacknowledged bytes (our
-        FIN, which the kernel counts as one, left out). Where the kernel does
-        not tell, only the buffer is counted and the second value is False.
-        """
-        transport = self.transport
-        buffered = transport.get_write_buffer_size()
-        queued = self._ioctl(_SIOCOUTQ)
-        if queued is None:
-            return buffered, False
-        # Once shutdown(SHUT_WR) has run the kernel counts our FIN as one byte.
-        # asyncio calls it as soon as its buffer is empty; uvloop (libuv) when
-        # the socket is next writable: so ask the kernel where the FIN is.
-        # TCP_CLOSE with a count left is a reset that came while the FIN was
-        # unacknowledged: a peer that has closed its socket answers our late
-        # FIN with a RST (measured: a third of the closes in which its FIN
-        # reached us before ours left, under load), though it had every byte.
-        if queued and not buffered and self.machine.eof_written:
-            state = tcp_state(transport)
-            if state in TCP_FIN_UNACKED or state == TCP_CLOSE:
-                queued -= 1
-        return buffered + queued, True
-
-    def quiet(self) -> bool:
-        """True when nothing is buffered either way: our bytes all acknowledged, none unread.
-
-        On TLS, bytes queued in the TCP transport under the SSL transport are
-        invisible: there, quiet also needs ``tcpi_bytes_acked`` unchanged
-        since the quiet wait's last sample (which keeps the mark).
-        """
-        transport = self.transport
-        if transport.get_write_buffer_size():
-            return False  # no need to ask the kernel
-        total, _exact = self.outstanding()
-        if total or self.unread():
-            return False
-        if not transport.can_write_eof():
-            progress = bytes_acked(transport)
-            if progress is not None and progress[1] != self._acked_mark:
-                return False  # still being acknowledged, or not sampled yet
-        return True
-
-    def unread(self) -> int | None:
-        """Bytes in the kernel's receive queue, not yet read (``SIOCINQ``); None if unknown."""
-        return self._ioctl(_SIOCINQ)
-
-    def _ioctl(self, request: int | None) -> int | None:
-        """One of the kernel's queue counts (``_socket.send_queue``/``receive_queue``)."""
-        sock = self._sock
-        if sock is _NOT_YET:
-            transport = self.transport
-            sock = transport.get_extra_info("socket")
-            # TCP, and Unix stream sockets for SIOCINQ only: on a Unix socket
-            # SIOCOUTQ counts the memory of the buffers the peer has not read
-            # (not bytes, and not acknowledgements). An AF_INET/AF_INET6
-            # address is a tuple (a Unix one is a str or bytes): that test
-            # spares uvloop's socket.family its AddressFamily().
-            if _SIOCOUTQ is None or sock is None:
-                sock = None
-            elif transport.get_extra_info("sockname").__class__ is not tuple:
-                family = getattr(sock, "family", None)
-                if family == socket.AF_UNIX:
-                    self._sock_unix = True
-                elif family not in _TCP_FAMILIES:
-                    sock = None
-            self._sock = sock
-        if sock is None or request is None or (self._sock_unix and request != _SIOCINQ):
-            return None
-        try:
-            raw = fcntl.ioctl(sock.fileno(), request, _INT_ZERO)
-        except (OSError, ValueError):
-            # ValueError: asyncio's TransportSocket on a socket closed under it.
-            return None
-        value: int = _UNPACK_INT(raw)[0]
-        return value
-
-    # -- events from the owner -------------------------------------------
 
     def peer_eof(self) -> None:
         """The peer's FIN arrived (``eof_received``)."""
@@ -635,7 +234,7 @@ class Linger(_deadlines.Timed):
             machine.feed(Event.PEER_EOF)
         was = machine.state
         state = machine.feed(Event.LINGER)
-        transport.set_protocol(_Discarder(self, self._forward))
+        transport.set_protocol(Discarder(self, self._forward))
         if unread and self._take(unread):
             return
         if transport.is_closing():
@@ -726,7 +325,7 @@ class Linger(_deadlines.Timed):
         machine.feed(Event.CLOSE)
         self._acked_at = None
         self._outstanding = -1  # the next sample starts the count afresh
-        self._poll = _POLL_FIRST
+        self._poll = POLL_FIRST
         self.transport.close()
         self._arm()
 
@@ -743,68 +342,6 @@ class Linger(_deadlines.Timed):
         if cap is not None and self.discarded > cap:
             self._overflow()
 
-    def lost(self, exc: BaseException | None) -> None:
-        """``connection_lost`` ran: make the result. Idempotent."""
-        machine = self.machine
-        if machine.state is HalfCloseState.CLOSED:
-            return
-        if self._entry is not None:
-            self.disarm()
-        if self.unacked == -1:
-            # Not measured when the close ended (the loop closed the transport
-            # itself): both loops still hold the socket during connection_lost.
-            self._measure()
-        outcome = self.outcome
-        if exc is not None and outcome in (None, CloseOutcome.CLEAN):
-            # A close we believed clean failed while flushing, or the peer
-            # reset a connection nobody was closing.
-            outcome = CloseOutcome.PEER_RESET
-        elif outcome is None:
-            # Nobody here decided how it ended: the app or the loop closed the
-            # transport itself. Clean only if nothing of ours was left
-            # unacknowledged and nothing unread (which makes close() a RST).
-            unacked = self.unacked
-            if (unacked is not None and unacked > 0) or self.unread():
-                outcome = CloseOutcome.ABORTED
-            else:
-                outcome = CloseOutcome.CLEAN
-        started = self._started
-        trailing = self._trailing
-        result = self.result = CloseResult(
-            outcome,
-            self.discarded,
-            0.0 if started is None else max(0.0, self.loop.time() - started),
-            b"" if trailing is None else bytes(trailing),
-            self.unacked,
-        )
-        self.outcome = outcome
-        self._trailing = None
-        machine.feed(Event.LOST)
-        fut = self._future
-        if fut is not None and not fut.done():
-            fut.set_result(result)
-        waiters = self._waiters
-        if waiters is not None:
-            self._waiters = None
-            for waiter in waiters if isinstance(waiters, list) else (waiters,):
-                waiter._linger = None
-                if not waiter.done():
-                    waiter.set_result(result)
-        # The watches' callbacks hold their owner (a server connection, and
-        # through it the stream's writer, a key of _streams._LINGERS): drop them.
-        self._on_idle = None
-        self._on_quiet = None
-        # Nothing forwards to the old protocol any more: drop the reference,
-        # so that the protocol and this record (which point at each other)
-        # are freed by reference counting, not left to the cyclic GC.
-        self._forward = None
-        on_lost = self.on_lost
-        if on_lost is not None:
-            self.on_lost = None
-            on_lost(self)
-
-    # -- watches before a close ------------------------------------------------
-
     def observe(self) -> None:
         """Route the transport's callbacks through this record without starting a close.
 
@@ -812,41 +349,8 @@ class Linger(_deadlines.Timed):
         ``connection_lost`` still makes the result.
         """
         if self._options is None:
-            self._options = _DEFAULT_OPTIONS
-        self.transport.set_protocol(_Discarder(self, self._forward))
-
-    def watch_idle(self, idle_timeout: float, on_idle: Callable[[], bool]) -> None:
-        """Before any close: call ``on_idle()`` once nothing was read for ``idle_timeout``.
-
-        Reads are reported by setting :attr:`last_read` (a float store; the
-        timer re-arms lazily). ``on_idle`` returns True when it acted (started
-        a close); False means "not idle after all", and the watch goes on from
-        :attr:`last_read`, which ``on_idle`` may have moved.
-        """
-        self._idle_timeout = idle_timeout
-        self._on_idle = on_idle
-        self.last_read = self.loop.time()
-        self.at(self.last_read + idle_timeout)
-
-    def when_quiet(self, action: Callable[[], None]) -> None:
-        """Call ``action()`` once the connection is :meth:`quiet` (now, if it is).
-
-        Sampled by the timer (a few ms at first, backing off to 250 ms) until
-        a close starts or the connection ends; a transfer in progress is never
-        interrupted by it. A peer that acknowledges none of our bytes for
-        ``send_timeout`` while we wait ends it (IDLE_TIMEOUT), as in a close;
-        so does a reset (Linux: TCP_INFO, where the loop watches nothing).
-        """
-        if self._started is not None or not self.machine.live:
-            return
-        if self.quiet():
-            action()
-            return
-        self._on_quiet = action
-        self._poll = _POLL_FIRST
-        now = self.loop.time()
-        self._progress_at = now
-        self.at(now + self._poll)
+            self._options = DEFAULT_OPTIONS
+        self.transport.set_protocol(Discarder(self, self._forward))
 
     def shorten(self, seconds: float) -> None:
         """Bound everything left of the close (or of a quiet wait) to ``seconds`` from now.
@@ -858,12 +362,6 @@ class Linger(_deadlines.Timed):
             return
         self._hard_deadline = min(self._hard_deadline, self.loop.time() + seconds)
         self.at(self._hard_deadline)
-
-    # -- internals ---------------------------------------------------------
-
-    def _opts(self) -> LingerOptions:
-        options = self._options
-        return _DEFAULT_OPTIONS if options is None else options
 
     def _take(self, data: bytes | memoryview) -> bool:
         """Account for bytes the peer sent during the close; True if that overflowed.
@@ -904,11 +402,6 @@ class Linger(_deadlines.Timed):
         trailing = self._trailing
         return self.discarded + (0 if trailing is None else len(trailing)) > cap
 
-    def _measure(self) -> None:
-        """Record what is unacknowledged now, before the socket is closed or reset."""
-        total, exact = self.outstanding()
-        self.unacked = total if exact else None
-
     def _flush(self) -> None:
         """Both directions are done: close now if the peer has all our bytes, else wait for it."""
         if self.transport.get_write_buffer_size():
@@ -932,7 +425,7 @@ class Linger(_deadlines.Timed):
         if self._started is None:
             self._progress_at = now  # a close through write_eof(): the watch starts now
         self._outstanding = total
-        self._poll = _POLL_FIRST
+        self._poll = POLL_FIRST
         self._arm()
 
     def _flushed(self, exact: bool) -> None:
@@ -957,7 +450,7 @@ class Linger(_deadlines.Timed):
         when = self._hard_deadline
         if self._started is None and state is not HalfCloseState.FLUSHING:
             if state is HalfCloseState.CLOSING:
-                when = min(when, self._next_poll(now, _POLL_MAX))
+                when = min(when, self._next_poll(now, POLL_MAX))
             else:
                 idle = self._idle_timeout
                 if idle is not None and self._on_idle is not None:
@@ -1058,29 +551,6 @@ class Linger(_deadlines.Timed):
                     return
         self._arm()
 
-    def _on_watch_timer(self, now: float) -> None:
-        """Before any close: the idle watch and the quiet wait."""
-        if not self.machine.live:
-            return
-        on_quiet = self._on_quiet
-        if on_quiet is not None:
-            if self.quiet():
-                self._on_quiet = None
-                on_quiet()
-                if self._started is not None or not self.machine.live:
-                    return
-            elif self._quiet_wait_failed(now):
-                return
-        idle = self._idle_timeout
-        on_idle = self._on_idle
-        if idle is not None and on_idle is not None and now >= self.last_read + idle:
-            if on_idle():
-                return
-            if self.last_read + idle <= now:
-                # Declined with nothing new to go on: look again a full period later.
-                self.last_read = now
-        self._arm()
-
     def _tls_progress(self) -> bool:
         """TLS: True if the peer acknowledged more of our bytes since the last sample.
 
@@ -1097,26 +567,6 @@ class Linger(_deadlines.Timed):
         moved = self._acked_mark >= 0 and acked != self._acked_mark
         self._acked_mark = acked
         return moved
-
-    def _quiet_wait_failed(self, now: float) -> bool:
-        """The quiet wait's own bound: True if it ended the connection (stalled, or reset)."""
-        progress = bytes_acked(self.transport)
-        if progress is None:
-            return False  # the platform cannot tell: the caller (a server's grace) bounds it
-        state, acked = progress
-        if state == TCP_CLOSE:
-            self._peer_reset()
-            return True
-        if acked != self._acked_mark:
-            self._acked_mark = acked
-            self._progress_at = now
-        elif self.transport.get_write_buffer_size() or self._ioctl(_SIOCOUTQ):
-            if now - self._progress_at >= self._opts().send_timeout:
-                self._fail(CloseOutcome.IDLE_TIMEOUT)
-                return True
-        else:
-            self._progress_at = now  # nothing of ours outstanding: nothing to wait for
-        return False
 
     def _fail(self, outcome: CloseOutcome) -> None:
         """A bound fired: give up on grace, the plain-close way unless the options ask for a RST."""
@@ -1137,20 +587,3 @@ class Linger(_deadlines.Timed):
         # stalled, say), giving up on the connection is an abort.
         machine.feed(Event.TIMER if machine.state in _CLOSE_STATES else Event.ABORT)
         return True
-
-    def _peer_reset(self) -> None:
-        self.outcome = CloseOutcome.PEER_RESET
-        self.machine.feed(Event.PEER_RESET)
-        self.transport.abort()
-
-    def __repr__(self) -> str:
-        parts = [self.machine.state.name]
-        if self._started is not None:
-            parts.append(f"discarded={self.discarded}")
-            if self._acked_at is None and self.machine.live:
-                parts.append(f"outstanding={self._outstanding}")
-        if self._entry is not None:
-            parts.append(f"deadline={self.when:.3f}")
-        if self.outcome is not None:
-            parts.append(f"outcome={self.outcome.name}")
-        return f"<Linger {' '.join(parts)}>"

@@ -7,16 +7,8 @@ import functools
 from collections.abc import Callable
 from typing import Any, ClassVar, Final
 
-from ._linger import (
-    UNSET,
-    CloseResult,
-    Linger,
-    LingerOptions,
-    _Unset,
-    check_final,
-    check_flag,
-    logger,
-)
+from ._linger import Linger
+from ._options import UNSET, CloseResult, LingerOptions, Unset, check_final, check_flag, logger
 from ._state import HalfCloseState
 
 __all__ = ["GracefulProtocol", "merge_options"]
@@ -24,11 +16,11 @@ __all__ = ["GracefulProtocol", "merge_options"]
 
 def merge_options(
     base: LingerOptions,
-    timeout: float | _Unset,
-    idle_timeout: float | _Unset | None,
-    max_discard: int | _Unset | None,
-    reset_on_failure: bool | _Unset,
-    send_timeout: float | _Unset = UNSET,
+    timeout: float | Unset,
+    idle_timeout: float | Unset | None,
+    max_discard: int | Unset | None,
+    reset_on_failure: bool | Unset,
+    send_timeout: float | Unset = UNSET,
 ) -> LingerOptions:
     """``base`` with the arguments that were given replacing its fields (validated).
 
@@ -49,11 +41,11 @@ def merge_options(
 
 def _merge(
     base: LingerOptions,
-    timeout: float | _Unset,
-    idle_timeout: float | _Unset | None,
-    max_discard: int | _Unset | None,
-    reset_on_failure: bool | _Unset,
-    send_timeout: float | _Unset,
+    timeout: float | Unset,
+    idle_timeout: float | Unset | None,
+    max_discard: int | Unset | None,
+    reset_on_failure: bool | Unset,
+    send_timeout: float | Unset,
 ) -> LingerOptions:
     changes: dict[str, Any] = {}
     if timeout is not UNSET:
@@ -249,13 +241,13 @@ class GracefulProtocol(asyncio.Protocol):
     def close_gracefully(
         self,
         *,
-        timeout: float | _Unset = UNSET,
-        idle_timeout: float | _Unset | None = UNSET,
-        max_discard: int | _Unset | None = UNSET,
+        timeout: float | Unset = UNSET,
+        idle_timeout: float | Unset | None = UNSET,
+        max_discard: int | Unset | None = UNSET,
         final: bytes = b"",
         keep_trailing: bool = False,
-        reset_on_failure: bool | _Unset = UNSET,
-        send_timeout: float | _Unset = UNSET,
+        reset_on_failure: bool | Unset = UNSET,
+        send_timeout: float | Unset = UNSET,
     ) -> asyncio.Future[CloseResult]:
         """Start a lingering close; return a future of its :class:`CloseResult`.
 
@@ -292,11 +284,11 @@ class GracefulProtocol(asyncio.Protocol):
     def close_when_quiet(
         self,
         *,
-        timeout: float | _Unset = UNSET,
-        idle_timeout: float | _Unset | None = UNSET,
-        max_discard: int | _Unset | None = UNSET,
-        reset_on_failure: bool | _Unset = UNSET,
-        send_timeout: float | _Unset = UNSET,
+        timeout: float | Unset = UNSET,
+        idle_timeout: float | Unset | None = UNSET,
+        max_discard: int | Unset | None = UNSET,
+        reset_on_failure: bool | Unset = UNSET,
+        send_timeout: float | Unset = UNSET,
     ) -> asyncio.Future[CloseResult]:
         """Close gracefully once nothing is buffered either way; return a future of the result.
 

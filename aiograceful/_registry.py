@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ._connections import Connection, Host, ProtocolConnection, Settings
-from ._linger import Linger, logger
+from ._linger import Linger
+from ._options import logger
 from ._protocol import GracefulProtocol
 from ._shutdown import LOST_WAIT, ShutdownNotice
 from ._stats import Counters

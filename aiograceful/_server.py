@@ -28,7 +28,7 @@ from typing import Any, Final
 from ._accept import AcceptQueueStats, accept_queue_stats, close_and_drain, close_listeners
 from ._connections import ProtocolGate, Settings, StreamConnection
 from ._handoff import HANDOFF_TIMEOUT, HandoffOffer, Taken, take_listeners
-from ._linger import CloseOutcome, check_seconds, logger
+from ._options import CloseOutcome, check_seconds, logger
 from ._protocol import GracefulProtocol
 from ._registry import Registry
 from ._shutdown import LOST_WAIT, ShutdownNotice, ShutdownPhase, run_shutdown

@@ -19,11 +19,15 @@ if sys.platform != "win32":
     import termios
 
 __all__ = [
+    "INT_ZERO",
+    "SIOCINQ",
+    "SIOCOUTQ",
     "TCPI_LAST_DATA_RECV",
     "TCPI_LAST_DATA_SENT",
     "TCPI_SACKED",
     "TCPI_UNACKED",
     "TCP_CLOSE",
+    "TCP_FAMILIES",
     "TCP_FIN_UNACKED",
     "bytes_acked",
     "detach_filter",
@@ -196,16 +200,16 @@ def listen_overflows() -> int | None:
 
 
 # SIOCOUTQ and SIOCINQ are TIOCOUTQ and FIONREAD on Linux (asm-generic/sockios.h).
-_SIOCOUTQ: Final[int | None] = termios.TIOCOUTQ if sys.platform == "linux" else None
-_SIOCINQ: Final[int | None] = termios.FIONREAD if sys.platform == "linux" else None
-_INT_ZERO: Final = bytes(4)
+SIOCOUTQ: Final[int | None] = termios.TIOCOUTQ if sys.platform == "linux" else None
+SIOCINQ: Final[int | None] = termios.FIONREAD if sys.platform == "linux" else None
+INT_ZERO: Final = bytes(4)
 
 
-_TCP_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6})
+TCP_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6})
 # SIOCINQ counts unread bytes on TCP and on Unix stream sockets alike. SIOCOUTQ
 # is read on TCP only: on a Unix socket it counts the memory of the buffers the
 # peer has not read (not bytes, and not acknowledgements).
-_INQ_FAMILIES: Final = _TCP_FAMILIES | {socket.AF_UNIX}
+_INQ_FAMILIES: Final = TCP_FAMILIES | {socket.AF_UNIX}
 
 
 def _ioctl_int(
@@ -217,7 +221,7 @@ def _ioctl_int(
     if sock is None or getattr(sock, "family", None) not in families:
         return None
     try:
-        raw = fcntl.ioctl(sock.fileno(), request, _INT_ZERO)
+        raw = fcntl.ioctl(sock.fileno(), request, INT_ZERO)
     except (OSError, ValueError):
         # ValueError: asyncio's TransportSocket on a socket closed under it.
         return None
@@ -236,7 +240,7 @@ def send_queue(transport: asyncio.BaseTransport) -> int | None:
     holds data until it is acknowledged; Windows has ``SIO_TCP_INFO``'s
     ``BytesInFlight``; none of them is wired here).
     """
-    return _ioctl_int(transport, _SIOCOUTQ, _TCP_FAMILIES)
+    return _ioctl_int(transport, SIOCOUTQ, TCP_FAMILIES)
 
 
 def receive_queue(transport: asyncio.BaseTransport) -> int | None:
@@ -244,7 +248,7 @@ def receive_queue(transport: asyncio.BaseTransport) -> int | None:
 
     Read on TCP and Unix stream sockets (Linux).
     """
-    return _ioctl_int(transport, _SIOCINQ, _INQ_FAMILIES)
+    return _ioctl_int(transport, SIOCINQ, _INQ_FAMILIES)
 
 
 def peer_uid(sock: Any) -> int | None:
@@ -303,7 +307,7 @@ def refuse_new_handshakes(sock: socket.socket) -> bool:
     """
     if (
         sys.platform != "linux"
-        or sock.family not in _TCP_FAMILIES
+        or sock.family not in TCP_FAMILIES
         or sock.type != socket.SOCK_STREAM
     ):
         return False

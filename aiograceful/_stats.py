@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from ._linger import CloseOutcome, CloseResult
+from ._options import CloseOutcome, CloseResult
 from ._shutdown import ShutdownPhase
 
 __all__ = ["Counters", "ServerStats", "ShutdownReport"]

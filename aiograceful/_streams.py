@@ -7,16 +7,15 @@ import functools
 import weakref
 from typing import Final, TypeGuard, cast
 
-from ._linger import (
+from ._linger import Discarder, Linger
+from ._options import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_DISCARD,
     DEFAULT_SEND_TIMEOUT,
     DEFAULT_TIMEOUT,
     CloseOutcome,
     CloseResult,
-    Linger,
     LingerOptions,
-    _Discarder,
     check_final,
     check_flag,
 )
@@ -50,7 +49,7 @@ def _recorded(writer: asyncio.StreamWriter) -> Linger | None:
 def linger_of(transport: asyncio.BaseTransport) -> Linger | None:
     """The :class:`Linger` record driving ``transport``, if aiograceful has one."""
     protocol = transport.get_protocol()
-    if isinstance(protocol, _Discarder):
+    if isinstance(protocol, Discarder):
         return protocol.linger
     # GracefulProtocol and the server's stream protocol keep their record here.
     linger = getattr(protocol, "_graceful", None)

@@ -50,7 +50,8 @@ from aiohttp.web_response import StreamResponse
 
 from ._accept import close_and_drain
 from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
-from ._linger import Linger, LingerOptions, logger
+from ._linger import Linger
+from ._options import LingerOptions, logger
 from ._transport import ClosingView
 
 __all__ = [

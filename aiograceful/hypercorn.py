@@ -58,7 +58,7 @@ from hypercorn.typing import Framework
 from ._accept import close_and_drain
 from ._dropin_options import LINGER, SHUTDOWN_QUIET
 from ._h11 import CloseAwareConnection
-from ._linger import LingerOptions, logger
+from ._options import LingerOptions, logger
 from ._streams import graceful_close, let_go
 
 __all__ = ["LINGER", "SHUTDOWN_QUIET", "GracefulTCPServer", "serve"]

@@ -72,7 +72,8 @@ from ._accept import close_and_drain
 from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
 from ._ending import Ending
 from ._h11 import CloseAwareConnection as _Connection
-from ._linger import Linger, LingerOptions, check_seconds
+from ._linger import Linger
+from ._options import LingerOptions, check_seconds
 from ._server import DEFAULT_FORCE_TIMEOUT, DEFAULT_GRACE
 from ._shutdown import LOST_WAIT, ShutdownNotice, ShutdownPhase, run_shutdown
 from ._stats import Counters, ServerStats

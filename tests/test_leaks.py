@@ -39,7 +39,7 @@ from aiograceful import (
     graceful_close,
     start_server,
 )
-from aiograceful._linger import Linger, _Discarder
+from aiograceful._linger import Discarder, Linger
 
 N = int(os.environ.get("AIOGRACEFUL_LEAK_CONNECTIONS", "10000"))
 # Connections in flight at once, per path (the timeout path waits out its timer).
@@ -138,7 +138,7 @@ class Baseline:
         self.tasks = len(asyncio.all_tasks())
         self.memory = tracemalloc.get_traced_memory()[0]
         self.snapshot = tracemalloc.take_snapshot()
-        self.lingers = _live(Linger, _Discarder, GracefulProtocol, LoadClient)
+        self.lingers = _live(Linger, Discarder, GracefulProtocol, LoadClient)
 
 
 def _check_back_at(base: Baseline, label: str, seconds: float, extra: str) -> None:
