@@ -5,6 +5,8 @@
 * ``GET /slow``: 200 after 0.2 s (an answer still being made when the client
   half-closes).
 * ``GET /hang``: never answers (until cancelled: a request the grace runs out on).
+* ``GET /stream``: an endless event stream, 1 KiB events as fast as the client
+  reads them (until cancelled).
 * anything else: 200 ``ok``.
 """
 
@@ -36,6 +38,9 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
         await asyncio.sleep(0.2)
     elif scope["path"] == "/hang":
         await asyncio.sleep(3600)
+    elif scope["path"] == "/stream":
+        await _stream(send)
+        return
     await _answer(send, 200, b"ok\n")
 
 
@@ -51,3 +56,16 @@ async def _answer(send: Any, status: int, body: bytes) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def _stream(send: Any) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream")],
+        }
+    )
+    event = b"data: " + b"x" * 1016 + b"\n\n"  # 1 KiB
+    for _ in range(10_000_000):  # until cancelled (the bound: the server's grace)
+        await send({"type": "http.response.body", "body": event, "more_body": True})
