@@ -200,12 +200,9 @@ class GracefulServer:
     @property
     def stats(self) -> ServerStats:
         """Counts since the server started (a snapshot): see :class:`ServerStats`."""
-        started = self._started_at
-        duration = None
-        if started is not None:
-            end = self._finished_at
-            duration = (self._loop.time() if end is None else end) - started
-        return self._registry.counters.snapshot(self.connections, self._phase, duration)
+        return self._registry.counters.snapshot(
+            self.connections, self._phase, (self._started_at, self._finished_at, self._loop.time())
+        )
 
     @property
     def phase(self) -> ShutdownPhase:

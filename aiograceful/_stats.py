@@ -115,9 +115,18 @@ class Counters:
             self.unacked += unacked
 
     def snapshot(
-        self, active: int, phase: ShutdownPhase, shutdown_duration: float | None
+        self,
+        active: int,
+        phase: ShutdownPhase,
+        shutdown: tuple[float | None, float | None, float],
     ) -> ServerStats:
-        """The counts now, as a :class:`ServerStats`."""
+        """The counts now, as a :class:`ServerStats`.
+
+        ``shutdown`` is when the shutdown began and ended (None: not yet) and
+        the loop's time now, from which its duration so far is taken.
+        """
+        began, ended, now = shutdown
+        shutdown_duration = None if began is None else (now if ended is None else ended) - began
         return ServerStats(
             active=active,
             closed=self.closed,

@@ -59,6 +59,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -396,18 +397,13 @@ class Server(uvicorn.Server):
     @property
     def stats(self) -> ServerStats:
         """Counts since the server started, with the shutdown's phase (:class:`ServerStats`)."""
-        started = self._shutdown_started
-        duration = None
-        if started is not None:
-            end = self._shutdown_ended
-            duration = (asyncio.get_running_loop().time() if end is None else end) - started
-        return self._counters.snapshot(len(self.server_state.connections), self._phase, duration)
+        shutdown = (self._shutdown_started, self._shutdown_ended, time.monotonic())
+        return self._counters.snapshot(len(self.server_state.connections), self._phase, shutdown)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """The shared shutdown order (see the class's notes), then the lifespan shutdown."""
         logger.info("Shutting down")
-        loop = asyncio.get_running_loop()
-        self._shutdown_started = loop.time()
+        self._shutdown_started = time.monotonic()
         self._notice.set()
         await run_shutdown(
             _Target(self, sockets),
@@ -416,7 +412,7 @@ class Server(uvicorn.Server):
             drain_delay=self.drain_delay,
             on_phase=self._on_phase,
         )
-        self._shutdown_ended = loop.time()
+        self._shutdown_ended = time.monotonic()
         if not self.force_exit:
             await self.lifespan.shutdown()
 
