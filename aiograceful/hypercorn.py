@@ -8,17 +8,24 @@ replaced by a subclass that changes only how connections end:
   ``write_eof()`` then ``close()``; when the client is still sending (an
   upload answered early with a 413), Linux then resets the connection and the
   client loses the answer (BrokenPipeError after 3.1 MiB of 16 MiB, measured).
-  Here the close is :func:`aiograceful.graceful_close`: the rest of the body is
-  read and discarded until the client's FIN, bounded by :data:`LINGER`.
+  Here the close is a lingering close: the rest of the body is read and
+  discarded until the client's FIN, bounded by :data:`LINGER`
+  (:data:`IDLE_LINGER` for an idle connection).
 * An early answer (the request body still arriving) says ``Connection: close``.
-* The shutdown notice. hypercorn closes idle keep-alive connections as soon as
-  the shutdown begins, and ends busy ones after their answer without telling
-  the client. Here every answer after the notice says ``Connection: close``,
-  and an idle connection gets a quiet window of :data:`SHUTDOWN_QUIET` seconds
-  (a request already on the wire is answered), then closes gracefully.
-* ``config.graceful_timeout`` stays the grace period: the lingering closes
-  still open when it ends (hypercorn cancels the connections' tasks) let go, as
-  a plain close does (a FIN; what the kernel holds is still sent).
+* Each connection ends through the core server's
+  :class:`~aiograceful._ending.Ending`: the shutdown notice (every answer
+  after it says ``Connection: close``), a quiet window of
+  :data:`SHUTDOWN_QUIET` seconds for an idle keep-alive connection (a
+  request already on the wire is answered), then its FIN. hypercorn closes
+  idle connections at once and ends busy ones without telling the client.
+* The shutdown is the core server's order (``_shutdown.run_shutdown``),
+  driven from hypercorn's first listener close: the notice, ``drain_delay``,
+  the listeners drained, ``config.graceful_timeout`` of grace, then
+  ``force_timeout``, then a let-go. A client that stalls or reads slowly
+  holds it no longer than ``graceful_timeout + force_timeout`` (hypercorn's
+  own cancelled close waits on such a client). ``serve(..., control=)``
+  takes a :class:`Control`, whose ``notice`` (a readiness endpoint reads it)
+  and ``stats`` report the shutdown.
 
 * The accept queue is drained. hypercorn closes its listeners, which resets
   the connections still in the kernel's accept queue (and, on asyncio's
@@ -31,8 +38,9 @@ hypercorn offers no hook for its connection class nor its listeners:
 ``serve`` sets ``hypercorn.asyncio.run.TCPServer`` to the subclass, and the
 ``asyncio`` that module sees to asyncio with a ``start_server`` whose
 servers drain at close, while it runs (and puts hypercorn's back when the
-last ``serve`` returns). HTTP/2 and WebSocket connections get the lingering
-close but not the header.
+last ``serve`` returns); its listeners' connections are made with asyncio's
+streams protocol, subclassed to report the connection's end. HTTP/2 and
+WebSocket connections get the lingering close but not the header.
 Tested with hypercorn 0.18 (the ``aiograceful[hypercorn]`` extra pins it).
 """
 
@@ -43,6 +51,7 @@ import contextlib
 import contextvars
 import socket
 import types
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final, Literal
 
@@ -56,12 +65,17 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.typing import Framework
 
 from ._accept import close_and_drain
-from ._dropin_options import LINGER, SHUTDOWN_QUIET
+from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
+from ._ending import Ending
 from ._h11 import CloseAwareConnection
-from ._options import LingerOptions, logger
-from ._streams import graceful_close, let_go
+from ._linger import Linger
+from ._options import LingerOptions, check_seconds, logger
+from ._server import DEFAULT_FORCE_TIMEOUT
+from ._shutdown import LOST_WAIT, ShutdownNotice, ShutdownPhase, run_shutdown
+from ._stats import Counters, ServerStats
+from ._streams import take_from
 
-__all__ = ["LINGER", "SHUTDOWN_QUIET", "GracefulTCPServer", "serve"]
+__all__ = ["IDLE_LINGER", "LINGER", "SHUTDOWN_QUIET", "Control", "GracefulTCPServer", "serve"]
 
 
 class _NoticeConnection(CloseAwareConnection):
@@ -70,64 +84,138 @@ class _NoticeConnection(CloseAwareConnection):
     terminated: Any = None  # hypercorn's WorkerContext.terminated event
 
     def wants_close(self) -> bool:
+        if self.close_wanted:
+            return True
         terminated = self.terminated
         return terminated is not None and bool(terminated.is_set())
+
+
+class _Stream(asyncio.StreamReaderProtocol):
+    """asyncio's streams protocol for hypercorn's connections, reporting to their Ending."""
+
+    ending: Ending | None = None
+    lost = False
+
+    def eof_received(self) -> bool:
+        ending = self.ending
+        if ending is not None:
+            linger = ending.linger
+            if linger.machine.live and not linger.machine.peer_eof:
+                linger.peer_eof()
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        ending = self.ending
+        if ending is not None and ending.linger.result is None:
+            # (After a linger, the discarder has made the result already.)
+            ending.lost(exc)
+        super().connection_lost(exc)
+
+
+def _stream_factory(
+    loop: asyncio.AbstractEventLoop,
+    callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> Callable[[], _Stream]:
+    def factory() -> _Stream:
+        reader = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
+        return _Stream(reader, callback, loop=loop)
+
+    return factory
 
 
 class GracefulTCPServer(TCPServer):
     """hypercorn's ``TCPServer`` (one connection), ending the connection gracefully.
 
-    Class attributes: ``linger`` (the :class:`~aiograceful.LingerOptions` of
-    every close, :data:`LINGER`: hypercorn's close does not say whether the
-    connection was idle) and ``shutdown_quiet`` (:data:`SHUTDOWN_QUIET`).
+    Its end is an :class:`~aiograceful._ending.Ending` (the one every server
+    of aiograceful uses); this class answers what the Ending asks. Class
+    attributes: ``linger`` (the :class:`~aiograceful.LingerOptions` of a
+    close with a request in it, :data:`LINGER`), ``idle_linger`` (of an idle
+    connection's close, :data:`IDLE_LINGER`) and ``shutdown_quiet``
+    (:data:`SHUTDOWN_QUIET`).
     """
 
     linger: LingerOptions = LINGER
+    idle_linger: LingerOptions = IDLE_LINGER
     shutdown_quiet: float = SHUTDOWN_QUIET
 
-    _closing: asyncio.Future[Any] | None = None
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._busy = False
+        self._task = asyncio.current_task()
+        transport: asyncio.Transport = self.writer.transport  # type: ignore[assignment]
+        stream = transport.get_protocol()
+        end = self.ending = Ending(
+            Linger(self.loop, transport, stream),
+            self,
+            self.linger,
+            self.idle_linger,
+            self.shutdown_quiet,
+        )
+        if isinstance(stream, _Stream):
+            stream.ending = end
+            if stream.lost:  # gone before hypercorn took it up
+                end.lost(None)
+        worker = _WORKER.get()
+        if worker is not None:
+            worker.attach(self)
 
     async def _read_data(self) -> None:
         # Runs once the protocol exists and before any byte is read: give an
         # HTTP/1.1 connection the h11 connection that adds the header (made as
         # hypercorn makes its own).
-        inner = getattr(self.protocol, "protocol", None)
-        if isinstance(inner, H11Protocol) and not isinstance(inner.connection, _NoticeConnection):
+        inner = self._h11()
+        if inner is not None and not isinstance(inner.connection, _NoticeConnection):
             conn = _NoticeConnection(
                 h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
             )
             conn.terminated = self.context.terminated
             inner.connection = conn
         await super()._read_data()
+        if not self._busy:
+            # The client closed (or the read failed) with no request in
+            # progress: nothing to answer (hypercorn waits for its idle timer).
+            self.ending.close()
+
+    def _h11(self) -> H11Protocol | None:
+        inner = getattr(getattr(self, "protocol", None), "protocol", None)
+        return inner if isinstance(inner, H11Protocol) else None
 
     async def protocol_send(self, event: Event) -> None:
-        """hypercorn's event sink, with every connection end made a graceful close."""
+        """hypercorn's event sink, with every connection end made the Ending's close."""
+        end = self.ending
+        if isinstance(event, Updated):
+            self._busy = not event.idle
         if isinstance(event, Closed) and self._answered_before_notice():
             # hypercorn ends a reusable connection once the worker terminates,
             # even after an answer that started before the notice and so did
             # not say Connection: close: the client would send its next
             # request into the close. Keep it, idle, for its quiet window.
+            self._busy = False
             await self.idle_task.restart(self._task_group, self._idle_timeout)
+            end.response_done()
             return
         if isinstance(event, Updated) and event.idle and self.reader.at_eof():
             # Answered, and the client had half-closed: no request can
             # follow. (hypercorn would keep it for its keep-alive timeout.)
-            self._start_close()
+            end.close()
             return
         if isinstance(event, Closed):
             # Start the close, without waiting for it here: this runs inside
             # the application's last send(), which must not wait for the linger.
-            self._start_close()
+            end.close()
             return
         await super().protocol_send(event)
+        if isinstance(event, Updated) and event.idle:
+            end.response_done()
 
     def _answered_before_notice(self) -> bool:
         """After an answer without ``Connection: close``, the worker is terminating: recycle."""
-        inner = getattr(self.protocol, "protocol", None)
-        if not isinstance(inner, H11Protocol) or inner.stream is not None:
+        inner = self._h11()
+        if inner is None or inner.stream is not None or self.ending.closing:
             return False
         conn = inner.connection
-        if not isinstance(conn, h11.Connection) or self._closing is not None:
+        if not isinstance(conn, h11.Connection):
             return False
         if not self.context.terminated.is_set():
             return False
@@ -138,60 +226,173 @@ class GracefulTCPServer(TCPServer):
         inner.scope = None
         return True
 
-    def _start_close(self) -> asyncio.Future[Any]:
-        closing = self._closing
-        if closing is None:
-            closing = self._closing = asyncio.ensure_future(
-                graceful_close(
-                    self.writer,
-                    timeout=self.linger.timeout,
-                    idle_timeout=self.linger.idle_timeout,
-                    max_discard=self.linger.max_discard,
-                    reset_on_failure=self.linger.reset_on_failure,
-                    send_timeout=self.linger.send_timeout,
-                )
-            )
-            # The result is the close's own business; never "never retrieved".
-            closing.add_done_callback(_consume)
-        return closing
-
     async def _close(self) -> None:
+        # The close is the Ending's; hypercorn's task follows it to its end
+        # (bounded by the close's own timers, then by the shutdown's force).
+        end = self.ending
+        end.close()
         try:
-            await asyncio.shield(self._start_close())
-        except asyncio.CancelledError:
-            # hypercorn's graceful_timeout ran out: grace is over, let go.
-            let_go(self.writer)
-            raise
-        except OSError:
-            pass
+            await asyncio.shield(end.linger.future())
         finally:
             await self.idle_task.stop()
 
     async def _initiate_server_close(self) -> None:
         await self.protocol.handle(Closed())
-        self._start_close()
+        self.ending.close()
 
     async def _idle_timeout(self) -> None:
-        terminated = self.context.terminated
-        try:
-            # Not wait_for(), as hypercorn has it: on 3.11 wait_for() returns
-            # the result when a cancel comes in the same step as the event,
-            # and this task is cancelled exactly when a request arrives. It
-            # then slept through the quiet window while the request waited.
-            async with asyncio.timeout(self.config.keep_alive_timeout):
-                await terminated.wait()
-        except TimeoutError:
-            pass
-        else:
-            # The notice: a request already on the wire is answered (its
-            # arrival cancels this task) with Connection: close.
-            await asyncio.sleep(self.shutdown_quiet)
-        await asyncio.shield(self._initiate_server_close())
+        # The keep-alive timeout, or the end of the connection (the shutdown's
+        # quiet window is the Ending's, which closes it).
+        gone = self.ending.linger.future()
+        await asyncio.wait([gone], timeout=self.config.keep_alive_timeout)
+        if not gone.done():
+            await asyncio.shield(self._initiate_server_close())
+
+    # -- Conversation (what the connection's Ending asks) --------------------------
+
+    def request_active(self) -> bool:
+        """A request is being answered (hypercorn's protocol said it is not idle)."""
+        return self._busy
+
+    def request_partial(self) -> bool:
+        """Bytes of a request arrived, but not the whole of it (HTTP/1.1)."""
+        inner = self._h11()
+        if inner is None:
+            return False
+        conn = inner.connection
+        return conn.their_state is h11.SEND_BODY or bool(conn.trailing_data[0])
+
+    def unread(self) -> bytes:
+        """What the reader holds that nobody will read."""
+        return take_from(self.reader)[0]
+
+    def tell(self) -> None:
+        """Every answer not yet started says ``Connection: close`` (HTTP/1.1)."""
+        inner = self._h11()
+        if inner is not None and isinstance(inner.connection, CloseAwareConnection):
+            inner.connection.close_wanted = True
+
+    def task(self) -> asyncio.Task[Any] | None:
+        """hypercorn's task serving the connection."""
+        return self._task
 
 
-def _consume(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
+class Control:
+    """What a :func:`serve` reports: its notice and its counts (pass one to ``serve``).
+
+    * :attr:`notice`: a :class:`~aiograceful.ShutdownNotice`, set when the
+      shutdown begins (before ``drain_delay``): a readiness endpoint reads it.
+    * :attr:`stats`: a :class:`~aiograceful.ServerStats` (how the connections
+      ended, the shutdown's phase and duration).
+
+    ``control = Control(); await serve(app, config, control=control)``.
+    """
+
+    def __init__(self) -> None:
+        self.notice = ShutdownNotice()
+        self.counters = Counters()
+        self.phase = ShutdownPhase.SERVING
+        self.connections: set[GracefulTCPServer] = set()
+        self.shutdown_started: float | None = None
+        self.shutdown_ended: float | None = None
+
+    @property
+    def stats(self) -> ServerStats:
+        """Counts since ``serve`` started, with the shutdown's phase."""
+        now = asyncio.get_running_loop().time() if self.shutdown_started is not None else 0.0
+        shutdown = (self.shutdown_started, self.shutdown_ended, now)
+        return self.counters.snapshot(len(self.connections), self.phase, shutdown)
+
+
+class _Worker:
+    """One :func:`serve`'s listeners and connections, as the shared shutdown sees them."""
+
+    def __init__(self, control: Control, config: Config, drain_delay: float, force: float) -> None:
+        self.control = control
+        self.config = config
+        self.drain_delay = drain_delay
+        self.force_timeout = force
+        self.listeners: list[_DrainingServer] = []
+        self.told: weakref.WeakSet[GracefulTCPServer] = weakref.WeakSet()
+        self.shutting_down: asyncio.Future[None] | None = None
+
+    def attach(self, conn: GracefulTCPServer) -> None:
+        control = self.control
+        control.connections.add(conn)
+
+        def lost(linger: Linger) -> None:
+            control.connections.discard(conn)
+            control.counters.count(linger.result)
+
+        conn.ending.linger.on_lost = lost
+        if control.notice.is_set():
+            self.tell()  # attached after the notice: told at once
+
+    def shutdown(self) -> asyncio.Future[None]:
+        """The shared shutdown order, started by the first listener hypercorn closes (once)."""
+        if self.shutting_down is None:
+            self.shutting_down = asyncio.ensure_future(self._shutdown())
+        return self.shutting_down
+
+    async def _shutdown(self) -> None:
+        control = self.control
+        loop = asyncio.get_running_loop()
+        control.shutdown_started = loop.time()
+        control.notice.set()
+        await run_shutdown(
+            self,
+            grace=self.config.graceful_timeout,
+            force_timeout=self.force_timeout,
+            drain_delay=self.drain_delay,
+            on_phase=self._on_phase,
+        )
+        control.shutdown_ended = loop.time()
+
+    def _on_phase(self, phase: ShutdownPhase) -> None:
+        control = self.control
+        control.phase = phase
+        if phase is ShutdownPhase.FORCE:
+            control.counters.forced += len(control.connections)
+
+    # -- Shutdownable ---------------------------------------------------------------
+
+    def accepting(self) -> bool:
+        return any(listener.is_serving() for listener in self.listeners)
+
+    def handed_off(self) -> asyncio.Event | None:
+        return None
+
+    def tell(self) -> None:
+        told = self.told
+        for conn in list(self.control.connections):
+            if conn not in told:
+                told.add(conn)
+                conn.ending.notice()
+
+    async def stop_accepting(self, deadline: float) -> None:
+        drains = [listener.drain() for listener in self.listeners]
+        await asyncio.gather(*drains)
+        self.control.counters.drained += sum(listener.drained for listener in self.listeners)
+
+    def pending(self) -> list[asyncio.Future[Any]]:
+        self.tell()
+        return [conn.ending.linger.future() for conn in self.control.connections]
+
+    async def force(self, timeout: float) -> None:
+        for conn in list(self.control.connections):
+            conn.ending.force(timeout)
+
+    def let_go(self) -> None:
+        for conn in list(self.control.connections):
+            conn.ending.let_go()
+
+    async def finish(self) -> None:
+        tasks = [conn.task() for conn in self.control.connections]
+        waiting = [task for task in tasks if task is not None and not task.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=LOST_WAIT)
+            for task in waiting:
+                task.cancel()
 
 
 # A TLS client taken from the accept queue gets this long (or the handshake
@@ -207,13 +408,13 @@ class _DrainingServer:
 
     hypercorn closes each listener with ``server.close()`` then ``await
     server.wait_closed()``, which resets the connections still in the kernel's
-    accept queue. Here ``close()`` stops accepting without closing the kernel
-    socket (:func:`~aiograceful._accept.close_and_drain`), and the queued
-    connections are served as hypercorn serves the others (its own
-    connection callback, the same TLS context): they are accepted after the
-    worker began terminating, so each is told (``Connection: close``, the
-    quiet window). ``wait_closed()`` returns once they are being served, so
-    hypercorn's graceful wait covers them.
+    accept queue. Here the first ``close()`` starts the worker's shutdown
+    (the shared order: the notice, ``drain_delay``, every listener stopped
+    without closing its kernel socket and its queue served, the grace, the
+    force, the let-go), and ``wait_closed()`` waits for it: by the time
+    hypercorn's own graceful wait begins, the connections have ended.
+    The queued connections are served as hypercorn serves the others (its own
+    connection callback, the same TLS context), told at once.
     """
 
     def __init__(
@@ -223,6 +424,7 @@ class _DrainingServer:
         ssl: Any,
         ssl_handshake_timeout: float | None,
         refuse_handshakes: bool = False,
+        worker: _Worker | None = None,
     ) -> None:
         self._server = server
         self._refuse_handshakes = refuse_handshakes
@@ -230,6 +432,11 @@ class _DrainingServer:
         self._ssl = ssl
         self._handshake_timeout = ssl_handshake_timeout
         self._draining: asyncio.Future[None] | None = None
+        self._worker = worker
+        #: How many connections were taken from the accept queue.
+        self.drained = 0
+        if worker is not None:
+            worker.listeners.append(self)
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -237,26 +444,36 @@ class _DrainingServer:
         return tuple(self._server.sockets)
 
     def close(self) -> None:
-        """Stop accepting; the queued connections are taken and served (idempotent)."""
+        """Begin the worker's shutdown (or, alone, the drain of this listener). Idempotent."""
+        if self._worker is not None:
+            self._worker.shutdown()
+        else:
+            self.drain()
+
+    def drain(self) -> asyncio.Future[None]:
+        """Stop accepting; the queued connections are taken and served (once)."""
         if self._draining is None:
             self._draining = asyncio.ensure_future(self._drain())
+        return self._draining
 
     async def wait_closed(self) -> None:
-        """Wait until the queue is drained and its connections are served, then for the server."""
+        """Wait for the worker's shutdown (or this listener's drain), then for the server."""
         self.close()
-        assert self._draining is not None
-        await asyncio.shield(self._draining)
+        if self._worker is not None:
+            await asyncio.shield(self._worker.shutdown())
+        await asyncio.shield(self.drain())
         await self._server.wait_closed()
 
     def is_serving(self) -> bool:
         """``asyncio.Server.is_serving()``."""
-        return self._server.is_serving()
+        return self._server.is_serving() and self._draining is None
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         queued = await close_and_drain(
             loop, self._server, refuse_handshakes=self._refuse_handshakes
         )
+        self.drained = len(queued)
         if not queued:
             return
         adopting = [asyncio.ensure_future(self._adopt(loop, sock)) for sock in queued]
@@ -270,12 +487,6 @@ class _DrainingServer:
             await asyncio.wait(pending, timeout=1.0)
 
     async def _adopt(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        callback = self._callback
-
-        def factory() -> asyncio.StreamReaderProtocol:
-            reader = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
-            return asyncio.StreamReaderProtocol(reader, callback, loop=loop)
-
         kwargs: dict[str, Any] = {}
         if self._ssl is not None:
             kwargs["ssl"] = self._ssl
@@ -284,7 +495,9 @@ class _DrainingServer:
         # A cancel (the handshake took too long) needs nothing here: the
         # transport exists already and owns the socket; the loop closes it.
         try:
-            await loop.connect_accepted_socket(factory, sock, **kwargs)
+            await loop.connect_accepted_socket(
+                _stream_factory(loop, self._callback), sock, **kwargs
+            )
         except Exception:
             logger.exception("could not serve a connection taken from the accept queue")
             sock.close()
@@ -297,13 +510,18 @@ async def _start_server(
     **kwargs: Any,
 ) -> _DrainingServer:
     """``asyncio.start_server`` as hypercorn's worker calls it, its server drained at close."""
-    server = await asyncio.start_server(client_connected_cb, host, port, **kwargs)
+    loop = asyncio.get_running_loop()
+    kwargs.pop("limit", None)
+    server = await loop.create_server(
+        _stream_factory(loop, client_connected_cb), host, port, **kwargs
+    )
     return _DrainingServer(
         server,
         client_connected_cb,
         kwargs.get("ssl"),
         kwargs.get("ssl_handshake_timeout"),
         _OWNS_LISTENERS.get(),
+        _WORKER.get(),
     )
 
 
@@ -325,6 +543,10 @@ _ASYNCIO: Final = _AsyncioForHypercorn("asyncio")
 # ``fd://`` bind): only those may refuse new handshakes as they drain.
 _OWNS_LISTENERS: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "aiograceful_hypercorn_owns_listeners", default=False
+)
+# The worker that serve() runs (its listeners and connections report to it).
+_WORKER: contextvars.ContextVar[_Worker | None] = contextvars.ContextVar(
+    "aiograceful_hypercorn_worker", default=None
 )
 _installed = 0
 
@@ -353,19 +575,34 @@ async def serve(
     *,
     shutdown_trigger: Callable[..., Awaitable[None]] | None = None,
     mode: Literal["asgi", "wsgi"] | None = None,
+    drain_delay: float = 0.0,
+    force_timeout: float = DEFAULT_FORCE_TIMEOUT,
+    control: Control | None = None,
 ) -> None:
     """``hypercorn.asyncio.serve(app, config, ...)``, with connections that end gracefully.
 
-    Its shutdown also drains the listeners' accept queues: the connections
-    queued when hypercorn closes its listeners are served (and told), not reset.
-    Listeners it binds itself refuse new handshakes for the drain's last
-    moments (:func:`~aiograceful._accept.close_and_drain`); an ``fd://``
-    bind's socket is another process's too, and is left as it is.
+    Its shutdown is the core server's order: the notice (``control.notice``
+    is set; every answer says ``Connection: close``; an idle keep-alive
+    connection gets its quiet window, then its FIN), ``drain_delay`` seconds
+    of accepting still, the listeners' accept queues drained and served (not
+    reset), ``config.graceful_timeout`` of grace, then ``force_timeout``,
+    then a let-go (a FIN, not a reset). Listeners it binds itself refuse new
+    handshakes for the drain's last moments
+    (:func:`~aiograceful._accept.close_and_drain`); an ``fd://`` bind's
+    socket is another process's too, and is left as it is. Pass a
+    :class:`Control` to read the notice and the stats.
     """
+    delay = check_seconds("drain_delay", drain_delay, allow_none=False)
+    force = check_seconds("force_timeout", force_timeout, allow_none=False)
+    assert delay is not None
+    assert force is not None
+    worker = _Worker(Control() if control is None else control, config, delay, force)
     binds = [*config.bind, *config.insecure_bind, *config.quic_bind]
     token = _OWNS_LISTENERS.set(not any(bind.startswith("fd://") for bind in binds))
+    worker_token = _WORKER.set(worker)
     try:
         with _installed_server():
             await hypercorn.asyncio.serve(app, config, shutdown_trigger=shutdown_trigger, mode=mode)
     finally:
+        _WORKER.reset(worker_token)
         _OWNS_LISTENERS.reset(token)

@@ -24,10 +24,13 @@ def _hypercorn(dropin: bool, run: Callable[[Coroutine[Any, Any, None]], None]) -
     config.bind = ["127.0.0.1:0"]
     config.graceful_timeout = 5.0
     if dropin:
-        from aiograceful.hypercorn import serve
+        from aiograceful.hypercorn import serve as dropin_serve
+
+        run(dropin_serve(app, config))  # type: ignore[arg-type]
     else:
         from hypercorn.asyncio import serve
-    run(serve(app, config))  # type: ignore[arg-type]
+
+        run(serve(app, config))  # type: ignore[arg-type]
 
 
 def _aiohttp(dropin: bool, loop: asyncio.AbstractEventLoop) -> None:

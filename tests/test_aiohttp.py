@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ from _dropins import (
     server_process,
     wget_uploads,
 )
-from _util import assert_still_accepts
+from _util import assert_still_accepts, recv_until_eof
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -229,3 +230,161 @@ def _read_all(sock: socket.socket) -> bytes:
         while chunk := sock.recv(65536):
             data += chunk
     return data
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    runner_class: type[Any], routes: list[Any], **kwargs: Any
+) -> AsyncIterator[tuple[Any, int]]:
+    """``runner_class(app, **kwargs)`` with ``routes`` on a TCPSite at 127.0.0.1:0; (runner, port).
+
+    Cleaned up on the way out if the test did not do it.
+    """
+    from aiohttp import web
+
+    app = web.Application()
+    app.add_routes(routes)
+    runner = runner_class(app, **kwargs)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, HOST, 0).start()
+        yield runner, runner.addresses[0][1]
+    finally:
+        if runner.server is not None:
+            await asyncio.wait_for(runner.cleanup(), 20)
+
+
+def _ok_routes() -> list[Any]:
+    from aiohttp import web
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    return [web.get("/", ok)]
+
+
+async def _seconds_to_fin(runner: Any, port: int) -> tuple[float, float]:
+    """One answered request on a keep-alive connection, then cleanup: (to the FIN, to the end)."""
+    loop = asyncio.get_running_loop()
+    sock = await asyncio.to_thread(socket.create_connection, (HOST, port), 5)
+    with sock:
+        await asyncio.to_thread(sock.sendall, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        first = await asyncio.to_thread(_read_answer, sock)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        started = loop.time()
+        cleanup = asyncio.ensure_future(runner.cleanup())
+        sock.settimeout(15)
+        rest, error = await asyncio.to_thread(recv_until_eof, sock)
+        to_fin = loop.time() - started
+        assert rest == b"", rest  # a FIN, nothing more
+        assert error is None, error
+        await asyncio.wait_for(cleanup, 20)
+        return to_fin, loop.time() - started
+
+
+async def test_aiohttp_app_runner_idle_connection_fin_within_2s() -> None:
+    """At cleanup an idle keep-alive connection gets its FIN within 2 s (the quiet window),
+    and the cleanup ends soon after; stock closes it at once (losing a racing request)."""
+    from aiohttp import web
+
+    from aiograceful.aiohttp import SHUTDOWN_QUIET, GracefulAppRunner
+
+    seen = {}
+    for name, runner_class in (("stock", web.AppRunner), ("dropin", GracefulAppRunner)):
+        async with _running(
+            runner_class, _ok_routes(), shutdown_timeout=5.0, keepalive_timeout=30.0
+        ) as (runner, port):
+            seen[name] = await _seconds_to_fin(runner, port)
+    to_fin, total = seen["dropin"]
+    assert SHUTDOWN_QUIET * 0.8 <= to_fin < 2.0, seen
+    assert total < 2.5, seen
+    assert seen["stock"][0] < 1.0, seen
+
+
+def _sse_routes() -> list[Any]:
+    """``GET /events``: an endless event stream (bounded to 600 events, one every 50 ms)."""
+    from aiohttp import web
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(600):
+            await resp.write(b"data: %d\n\n" % i)
+            await asyncio.sleep(0.05)
+        return resp
+
+    return [web.get("/events", events)]
+
+
+def _read_stream(sock: socket.socket) -> tuple[bytes, OSError | None]:
+    sock.sendall(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
+    return recv_until_eof(sock)
+
+
+async def test_aiohttp_app_runner_endless_stream_bounded_shutdown() -> None:
+    """An endless event stream open at cleanup: stock takes 2x shutdown_timeout, the drop-in
+    at most shutdown_timeout + force_timeout (and ends the stream with a FIN, not a reset)."""
+    from aiohttp import web
+
+    from aiograceful.aiohttp import GracefulAppRunner
+
+    loop = asyncio.get_running_loop()
+    grace, force = 1.0, 0.5
+    durations = {}
+    for name, runner_class, extra in (
+        ("stock", web.AppRunner, {}),
+        ("dropin", GracefulAppRunner, {"force_timeout": force}),
+    ):
+        serving = _running(runner_class, _sse_routes(), shutdown_timeout=grace, **extra)
+        async with serving as (runner, port):
+            sock = await asyncio.to_thread(socket.create_connection, (HOST, port), 5)
+            with sock:
+                sock.settimeout(15)
+                reading = asyncio.ensure_future(asyncio.to_thread(_read_stream, sock))
+                await asyncio.sleep(0.3)  # the stream is under way
+                started = loop.time()
+                await asyncio.wait_for(runner.cleanup(), 20)
+                durations[name] = loop.time() - started
+                data, error = await asyncio.wait_for(reading, 15)
+            assert b"data: 1\n\n" in data, data[:200]
+            if name == "dropin":
+                assert error is None, error
+                stats = runner.stats
+                assert stats.forced == 1, stats
+                assert stats.closed == 1, stats
+    assert durations["stock"] >= 2 * grace - 0.1, durations
+    assert durations["dropin"] <= grace + force + 0.5, durations
+
+
+async def test_aiohttp_app_runner_drain_delay_notice_and_stats() -> None:
+    """``GracefulAppRunner(drain_delay=)``: the notice is set at once, a new connection is still
+    accepted and answered (Connection: close) during the delay, and ``stats`` counts it."""
+    from aiograceful import ShutdownPhase
+    from aiograceful.aiohttp import GracefulAppRunner
+
+    loop = asyncio.get_running_loop()
+    serving = _running(GracefulAppRunner, _ok_routes(), shutdown_timeout=2.0, drain_delay=0.6)
+    async with serving as (runner, port):
+        assert not runner.notice.is_set()
+        before = runner.stats
+        assert before.phase is ShutdownPhase.SERVING, before
+        started = loop.time()
+        cleanup = asyncio.ensure_future(runner.cleanup())
+        await asyncio.sleep(0.2)
+        assert runner.notice.is_set()
+        during = runner.stats
+        assert during.phase is ShutdownPhase.DRAIN_DELAY, during
+        sock = await asyncio.to_thread(socket.create_connection, (HOST, port), 5)
+        with sock:
+            await asyncio.to_thread(sock.sendall, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = await asyncio.to_thread(_read_all, sock)
+        await asyncio.wait_for(cleanup, 20)
+        duration = loop.time() - started
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert b"connection: close" in answer.lower(), answer
+    stats = runner.stats
+    assert stats.phase is ShutdownPhase.DONE, stats
+    assert stats.closed == 1, stats
+    assert stats.active == 0, stats
+    assert stats.shutdown_duration is not None, stats
+    assert 0.6 <= stats.shutdown_duration <= duration, (stats, duration)

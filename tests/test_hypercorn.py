@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
+import http.client
 import socket
 import sys
 import time
@@ -43,12 +45,14 @@ from _util import (
     TCP_CLOSE,
     TCP_ESTABLISHED,
     assert_still_accepts,
+    paced_read,
     recv_until_eof,
     set_linger_zero,
     wait_for_tcp_state,
 )
 
 from aiograceful import CloseOutcome, CloseResult, LingerOptions
+from aiograceful._ending import Ending
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -333,8 +337,7 @@ async def test_hypercorn_send_timeout_ends_a_close_the_client_stopped_reading(
 ) -> None:
     """A client that reads slowly, then stops: stock hypercorn's close waits on it without a
     bound; the drop-in's close lasts while bytes are acknowledged (longer than send_timeout),
-    then ends send_timeout after the client stopped (IDLE_TIMEOUT, bytes left unacked) and
-    lets go: once the client reads again, the kernel's bytes come, then a FIN."""
+    then ends send_timeout after the client stopped (IDLE_TIMEOUT, bytes left unacked, RST)."""
     from hypercorn.asyncio import serve as stock_serve
 
     import aiograceful.hypercorn as graceful_hypercorn
@@ -345,15 +348,15 @@ async def test_hypercorn_send_timeout_ends_a_close_the_client_stopped_reading(
         LingerOptions(send_timeout=_SEND_TIMEOUT, timeout=5.0, idle_timeout=1.0),
     )
     closes: list[tuple[float, asyncio.Future[CloseResult]]] = []
-    real_close = graceful_hypercorn.graceful_close  # type: ignore[attr-defined]  # its import
+    real_close = Ending.close
 
-    def recording_close(writer: asyncio.StreamWriter, **kwargs: Any) -> Any:
-        assert kwargs["send_timeout"] == _SEND_TIMEOUT, kwargs
-        fut = asyncio.ensure_future(real_close(writer, **kwargs))
-        closes.append((time.monotonic(), fut))
-        return fut
+    def recording_close(self: Ending) -> None:
+        if not self.closing:
+            assert self.options.send_timeout == _SEND_TIMEOUT, self.options
+            closes.append((time.monotonic(), self.linger.future()))
+        real_close(self)
 
-    monkeypatch.setattr(graceful_hypercorn, "graceful_close", recording_close)
+    monkeypatch.setattr(Ending, "close", recording_close)
     options: dict[str, Any] = {"app": _download_app, "sndbuf": _SNDBUF, "graceful_timeout": 1.0}
 
     # Stock: once the client stops reading, nothing ends the close.
@@ -384,3 +387,189 @@ async def test_hypercorn_send_timeout_ends_a_close_the_client_stopped_reading(
     assert result.unacked > 0, result
     assert error is None, error  # a FIN, not a RST
     assert rest  # what the client had not acknowledged still came
+
+
+# -- the shared shutdown order: bounds, the quiet window, the operations -----------------
+
+_GRACE = 2.0
+_FORCE = 1.0  # DEFAULT_FORCE_TIMEOUT
+#: What a shutdown may take past grace + force: the loop's short waits.
+_SLACK = 1.0
+
+
+async def _endless_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """GET: a download that never ends (bounded: 64 MiB in 16 KiB sends)."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    chunk = b"x" * (16 << 10)
+    for _ in range((64 << 20) // len(chunk)):
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _servers() -> list[tuple[str, Callable[..., Awaitable[None]]]]:
+    from hypercorn.asyncio import serve as stock_serve
+
+    from aiograceful.hypercorn import serve as dropin_serve
+
+    return [("stock", stock_serve), ("dropin", dropin_serve)]
+
+
+def _get_one(sock: socket.socket) -> None:
+    """GET / on a keep-alive connection and read its answer (headers and ``ok``)."""
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    first = b""
+    for _ in range(10):  # a few segments at most
+        first += sock.recv(65536)
+        if first.endswith(b"ok\n"):
+            break
+    assert first.startswith(b"HTTP/1.1 200"), first
+    assert first.endswith(b"ok\n"), first
+
+
+async def test_hypercorn_serve_idle_connection_fin_within_2s() -> None:
+    """At shutdown an idle keep-alive connection gets its FIN within 2 s (the quiet window),
+    not after hypercorn's keep-alive timeout; stock closes it at once (racing requests lost)."""
+    seen: dict[str, float] = {}
+    for name, serve in _servers():
+        async with hypercorn_serving(serve, keep_alive_timeout=5.0) as (port, stop):
+            sock = await asyncio.to_thread(socket.create_connection, (HOST, port), 5)
+            with sock:
+                sock.settimeout(10)
+                await asyncio.to_thread(_get_one, sock)
+                started = time.monotonic()
+                stop.set()
+                rest, error = await asyncio.to_thread(recv_until_eof, sock)
+                seen[name] = time.monotonic() - started
+                assert rest == b"", rest
+                assert error is None, error  # a FIN
+    assert seen["dropin"] < 2.0, seen
+    assert seen["stock"] < 1.0, seen
+
+
+def _stall(port: int) -> socket.socket:
+    """GET the endless download through a small receive buffer, then read nothing."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+    sock.settimeout(15)
+    sock.connect((HOST, port))
+    sock.sendall(b"GET /endless HTTP/1.1\r\nHost: t\r\n\r\n")
+    return sock
+
+
+async def test_hypercorn_serve_stalled_client_bounded_shutdown() -> None:
+    """A client that stops reading a download: the drop-in's shutdown ends within
+    graceful_timeout + force_timeout (stock hypercorn's
+    cancelled close waits on such a client without a bound: not run here)."""
+    durations: dict[str, float] = {}
+    for name, serve in _servers()[1:]:  # stock: see the docstring
+        serving = hypercorn_serving(
+            serve, app=_endless_app, sndbuf=_SNDBUF, graceful_timeout=_GRACE
+        )
+        async with serving as (port, stop):
+            sock = await asyncio.to_thread(_stall, port)
+            await asyncio.sleep(0.3)  # the buffers fill; the app waits on flow control
+            started = time.monotonic()
+            stop.set()
+        durations[name] = time.monotonic() - started
+        sock.close()
+    assert durations["dropin"] < _GRACE + _FORCE + _SLACK, durations
+
+
+async def test_hypercorn_serve_slow_reader_bounded_shutdown() -> None:
+    """A client reading 1 KiB every 100 ms: the drop-in's shutdown ends within
+    graceful_timeout + force_timeout (stock hypercorn's cancelled close waits on it, and
+    its cancelled task reaches the loop's exception handler: not run here)."""
+    durations: dict[str, float] = {}
+    request = b"GET /endless HTTP/1.1\r\nHost: t\r\n\r\n"
+    for name, serve in _servers()[1:]:  # stock: see the docstring
+        serving = hypercorn_serving(
+            serve, app=_endless_app, sndbuf=_SNDBUF, graceful_timeout=_GRACE
+        )
+        async with serving as (port, stop):
+            # Reads for ~6 s at 10 KiB/s (longer than the bound), then closes.
+            reading = asyncio.ensure_future(
+                asyncio.to_thread(paced_read, port, request, 10 << 10, expect=60 << 10)
+            )
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            stop.set()
+        durations[name] = time.monotonic() - started
+        got, _how = await asyncio.wait_for(reading, 20)
+        assert got > 0, got
+    assert durations["dropin"] < _GRACE + _FORCE + _SLACK, durations
+
+
+def _back_to_back(port: int, until: float) -> int:
+    """GET / back to back on keep-alive connections until ``until``; the answers read."""
+    answered = 0
+    conn: http.client.HTTPConnection | None = None
+    for _ in range(100_000):  # bounded by ``until`` too
+        if time.monotonic() >= until:
+            break
+        if conn is None:
+            conn = http.client.HTTPConnection(HOST, port, timeout=5)
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException):
+            break
+        answered += 1
+        if response.will_close:
+            break
+    if conn is not None:
+        conn.close()
+    return answered
+
+
+async def test_hypercorn_serve_keepalive_load_shutdown_is_prompt() -> None:
+    """Keep-alive clients sending back to back at shutdown: each is answered with
+    Connection: close and the drop-in's shutdown ends at once (no full quiet window)."""
+    from aiograceful.hypercorn import serve
+
+    async with hypercorn_serving(serve) as (port, stop):
+        until = time.monotonic() + 5.0
+        clients = [
+            asyncio.ensure_future(asyncio.to_thread(_back_to_back, port, until)) for _ in range(3)
+        ]
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        stop.set()
+    duration = time.monotonic() - started
+    answered = await asyncio.wait_for(asyncio.gather(*clients), 10)
+    assert all(answered), answered
+    assert duration < 0.6, duration
+
+
+async def test_hypercorn_serve_drain_delay_notice_and_stats() -> None:
+    """``serve(..., drain_delay=, control=)``: the notice is set at once, a new connection
+    is still accepted and answered (Connection: close) during the delay, stats count it."""
+    from aiograceful import ShutdownPhase
+    from aiograceful.hypercorn import Control, serve
+
+    control = Control()
+    dropin = functools.partial(serve, drain_delay=0.6, control=control)
+    async with hypercorn_serving(dropin) as (port, stop):
+        before = control.stats
+        assert not control.notice.is_set()
+        stop.set()
+        await asyncio.sleep(0.2)
+        during = control.stats
+        assert control.notice.is_set()
+        sock = await asyncio.to_thread(socket.create_connection, (HOST, port), 5)
+        with sock:
+            sock.settimeout(10)
+            await asyncio.to_thread(sock.sendall, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer_bytes, _error = await asyncio.to_thread(recv_until_eof, sock)
+    assert before.phase is ShutdownPhase.SERVING, before
+    assert during.phase is ShutdownPhase.DRAIN_DELAY, during
+    assert answer_bytes.startswith(b"HTTP/1.1 200"), answer_bytes
+    assert b"connection: close" in answer_bytes.lower(), answer_bytes
+    after = control.stats
+    assert after.phase is ShutdownPhase.DONE, after
+    assert after.closed == 1, after
+    assert after.active == 0, after
+    assert after.shutdown_duration is not None, after
+    assert after.shutdown_duration >= 0.6, after
