@@ -69,3 +69,6 @@ async def _stream(send: Any) -> None:
     event = b"data: " + b"x" * 1016 + b"\n\n"  # 1 KiB
     for _ in range(10_000_000):  # until cancelled (the bound: the server's grace)
         await send({"type": "http.response.body", "body": event, "more_body": True})
+        # A server may take a send without suspending (once the connection is
+        # closed, say): yield, as an event source waiting for its next event does.
+        await asyncio.sleep(0)

@@ -627,3 +627,57 @@ async def hypercorn_serving(
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
+
+
+def stalled_stream(argv: Sequence[str], kill_after: float = 30.0) -> tuple[int, str, float]:
+    """A client that stops reading an endless stream at SIGTERM and resumes once the server exited.
+
+    A server still running ``kill_after`` seconds after SIGTERM is killed, as
+    a supervisor would. Returns the bytes the client read after it resumed,
+    how the stream ended (``"fin"`` or ``"reset"``) and the seconds from
+    SIGTERM to the server's exit.
+    """
+    with server_process(argv) as (proc, port):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(20)
+            sock.connect((HOST, port))
+            sock.sendall(b"GET /stream HTTP/1.1\r\nHost: test\r\n\r\n")
+            head = b""
+            while len(head) < 8192:
+                head += sock.recv(4096)
+            time.sleep(0.5)  # the server's buffers fill up; the client has stopped reading
+            began = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(kill_after)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            exited = time.monotonic() - began
+            got, end = 0, "fin"
+            try:
+                while chunk := sock.recv(65536):
+                    got += len(chunk)
+            except ConnectionResetError:
+                end = "reset"
+        return got, end, exited
+
+
+def assert_stalled_stream_gets_what_stock_delivers(
+    stock: Sequence[str], dropin: Sequence[str], bound: float, stock_kill_after: float = 30.0
+) -> None:
+    """The drop-in's stalled stream client gets what the stock server's exit leaves it.
+
+    Both end with a FIN; the drop-in's client reads at least 80 % of what the
+    stock one read (the kernel's buffers, which the kernel sizes itself), and
+    the drop-in exits within ``bound`` (its grace and force) plus 3 s. A
+    stock server that waits on the stalled client is killed after
+    ``stock_kill_after`` seconds (the kernel then delivers its buffer all the same).
+    """
+    stock_got, stock_end, _stock_exit = stalled_stream(stock, stock_kill_after)
+    got, end, exited = stalled_stream(dropin)
+    assert (stock_end, end) == ("fin", "fin"), (stock_got, got)
+    assert stock_got > 64 * 1024, stock_got  # the kernel held far more than the 4 KiB window
+    assert got >= stock_got * 0.8, (got, stock_got)
+    assert exited < bound + 3.0, exited

@@ -23,6 +23,7 @@ pytest.importorskip("aiohttp")
 from _dropins import (
     HOST,
     assert_dropin_loses_nothing_in_race,
+    assert_stalled_stream_gets_what_stock_delivers,
     assert_stock_loses_in_race,
     curl_uploads,
     httpclient_uploads,
@@ -388,3 +389,14 @@ async def test_aiohttp_app_runner_drain_delay_notice_and_stats() -> None:
     assert stats.active == 0, stats
     assert stats.shutdown_duration is not None, stats
     assert 0.6 <= stats.shutdown_duration <= duration, (stats, duration)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_aiohttp_stalled_stream_client_gets_what_stock_delivers(loop: str) -> None:
+    """A client that stops reading an event stream at SIGTERM gets, once the server exited,
+    what the stock server's exit leaves it (the kernel's buffer, then a FIN), within bounds."""
+    grace = "1.0"
+    stock = [python(), "tests/_serve_main.py", "aiohttp", "stock", loop, grace]
+    dropin = [python(), "tests/_serve_main.py", "aiohttp", "dropin", loop, grace]
+    # The drop-in's bound: its grace, the force (1 s), and its app cleanup.
+    assert_stalled_stream_gets_what_stock_delivers(stock, dropin, 1.0 + 1.0)

@@ -29,6 +29,7 @@ from _dropins import (
     ab_uploads,
     answer,
     assert_dropin_loses_nothing_in_race,
+    assert_stalled_stream_gets_what_stock_delivers,
     assert_stock_loses_in_race,
     connect_each_iteration,
     curl_uploads,
@@ -573,3 +574,16 @@ async def test_hypercorn_serve_drain_delay_notice_and_stats() -> None:
     assert after.active == 0, after
     assert after.shutdown_duration is not None, after
     assert after.shutdown_duration >= 0.6, after
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_hypercorn_stalled_stream_client_gets_what_stock_delivers(loop: str) -> None:
+    """A client that stops reading an event stream at SIGTERM gets, once the server is gone,
+    what stock hypercorn leaves it when killed (the kernel's buffer, then a FIN), in bounds."""
+    grace = "1.0"
+    stock = [python(), "tests/_serve_main.py", "hypercorn", "stock", loop, grace]
+    dropin = [python(), "tests/_serve_main.py", "hypercorn", "dropin", loop, grace]
+    # Stock hypercorn waits on the stalled client without a bound: a supervisor
+    # kills it (the kernel still delivers what it holds). The drop-in's bound:
+    # its grace and the force (1 s).
+    assert_stalled_stream_gets_what_stock_delivers(stock, dropin, 1.0 + 1.0, stock_kill_after=5)
