@@ -23,12 +23,20 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 HOST = "127.0.0.1"
+
+#: For tests that read the kernel's counters of a socket (SIOCINQ, TCP_INFO).
+linux_only = pytest.mark.skipif(
+    sys.platform != "linux", reason="reads Linux socket counters (SIOCINQ, TCP_INFO)"
+)
 
 #: Linux TCP states (include/net/tcp_states.h), as /proc/net/tcp and TCP_INFO give them.
 TCP_ESTABLISHED = 1
@@ -178,7 +186,7 @@ SMALL_RCVBUF = 64 * 1024
 
 
 def paced_read(
-    port: int,
+    address: int | str,
     request: bytes,
     rate: float,
     *,
@@ -187,22 +195,30 @@ def paced_read(
     timeout: float = 20.0,
     rcvbuf: int = SMALL_RCVBUF,
     resume: threading.Event | None = None,
+    started: threading.Event | None = None,
 ) -> tuple[int, str]:
     """Connect with a small receive buffer, send ``request``, read at ``rate`` bytes/s.
 
+    ``address`` is a port on 127.0.0.1, or the path of a Unix stream socket.
     Returns the bytes read and how the stream ended: ``"FIN"``, or the name of
     the error met (``ConnectionResetError`` for a RST). With ``expect``, stop
     (and close) after that many bytes. ``half_close`` sends our FIN after the
     request. With ``resume``, read nothing until it is set (a reader that
     stalls, its window closed once ``rcvbuf`` is full), at most ``timeout``
-    seconds. Bounded by ``timeout`` seconds of silence.
+    seconds. ``started`` is set once 128 KiB have been read (or the reading
+    ended). Bounded by ``timeout`` seconds of silence.
     """
-    sock = socket.socket()
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        peer: str | tuple[str, int] = address
+    else:
+        sock = socket.socket()
+        peer = (HOST, address)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.settimeout(timeout)
     got = 0
     try:
-        sock.connect((HOST, port))
+        sock.connect(peer)
         sock.sendall(request)
         if half_close:
             sock.shutdown(socket.SHUT_WR)
@@ -213,11 +229,15 @@ def paced_read(
             if not chunk:
                 return got, "FIN"
             got += len(chunk)
+            if started is not None and got > 128 * 1024:
+                started.set()
             time.sleep(len(chunk) / rate)
         return got, "stopped"
     except OSError as exc:
         return got, type(exc).__name__
     finally:
+        if started is not None:
+            started.set()
         sock.close()
 
 

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from _util import assert_still_accepts, connect_outcome, http_post, paced_read
+from _util import assert_still_accepts, connect_outcome, http_post, linux_only, paced_read
 
 import aiograceful
 from aiograceful import (
@@ -709,6 +709,58 @@ async def test_shutdown_force_lets_go_to_the_kernel() -> None:
     assert got["plain"] == (sent["plain"], "FIN")
     assert got["reset"][1] == "ConnectionResetError"
     assert got["reset"][0] < 64 * 1024
+
+
+SHUTDOWN_SIZE = 6 * 1024 * 1024
+SHUTDOWN_RATE = 3 * 1024 * 1024  # ~2 s: still in flight when grace (0.5 s) runs out
+
+
+@linux_only
+async def test_shutdown_force_cancelling_a_unix_close_delivers_everything(
+    sock_dir: pathlib.Path,
+) -> None:
+    """A handler's graceful_close cancelled by the forced end of grace on a Unix socket: all 6 MiB.
+
+    shutdown(grace=0.5, force_timeout=10): at the end of grace the server
+    cancels the handler (and so its close) with 6 MiB still going out;
+    force_timeout is long enough for the rest, which the cancelled close
+    must hand over, not abort. The naive reference: plain asyncio,
+    writer.close() and server.close() mid-download.
+    """
+
+    async def naive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"x" * SHUTDOWN_SIZE)
+        writer.close()
+
+    async def awaiting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"x" * SHUTDOWN_SIZE)
+        await aiograceful.graceful_close(writer)
+
+    async def download(path: str, started: threading.Event) -> tuple[int, str]:
+        return await asyncio.to_thread(
+            paced_read, path, b"GET\n", SHUTDOWN_RATE, timeout=10.0, started=started
+        )
+
+    path = str(sock_dir / "naive")
+    plain = await asyncio.start_unix_server(naive, path)
+    started = threading.Event()
+    client = asyncio.ensure_future(download(path, started))
+    assert await asyncio.to_thread(started.wait, 10)
+    plain.close()
+    await plain.wait_closed()
+    assert await client == (SHUTDOWN_SIZE, "FIN")
+
+    path = str(sock_dir / "graceful")
+    server = await aiograceful.start_unix_server(awaiting, path, grace=0.5, force_timeout=10.0)
+    started = threading.Event()
+    client = asyncio.ensure_future(download(path, started))
+    assert await asyncio.to_thread(started.wait, 10)
+    report = await server.shutdown()
+    got = await client
+    assert report.forced == 1  # grace ran out with the download in flight
+    assert got == (SHUTDOWN_SIZE, "FIN")
 
 
 async def test_async_with_and_serve_forever_on_shutdown() -> None:
