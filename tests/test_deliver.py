@@ -4,8 +4,8 @@ Every case sends a download (or an upload) to a peer that reads slowly
 through a small receive buffer, so that our bytes wait in the kernel as they
 do on a real link, and closes it with linger bounds far shorter than the
 transfer. The naive close delivers everything (the kernel keeps sending after
-``close()``); so must aiograceful, which aiograceful 0.1.0 did not: its timers
-counted our own flush time, and their RST dropped what the kernel still held.
+``close()``); so must aiograceful: its timers must not count our own flush
+time, and a bound that fires must not drop what the kernel still holds.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The lingering closer: H1 reproduced and fixed, the bounds, the options, the timer (issue 3)."""
+"""The lingering closer: H1 and its cure, the bounds, max_discard, the options, the timer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GracefulProtocol over real loopback sockets (issue 2, item 4; H5)."""
+"""GracefulProtocol over real loopback sockets (and H5: a plain abort() that sends a FIN)."""
 
 from __future__ import annotations
 

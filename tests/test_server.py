@@ -48,7 +48,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
         await asyncio.sleep(0.005)
 
 
-# -- seed 002: the simultaneous-shutdown race --------------------------------------------
+# -- the simultaneous-shutdown race -------------------------------------------------------
 
 
 class RaceLineServer(GracefulProtocol):
@@ -290,7 +290,7 @@ async def test_shutdown_1000_connections_counts_are_exact() -> None:
     assert outcome["ignore"] == [b"BYE\n"] * n_ignore
 
 
-# -- the accept queue (seed 003) ----------------------------------------------------------
+# -- the accept queue ---------------------------------------------------------------------
 
 
 def queued_client(port: int, results: list[object]) -> None:
@@ -330,7 +330,7 @@ async def join(threads: list[threading.Thread]) -> None:
 
 
 async def test_shutdown_naive_close_resets_the_accept_queue() -> None:
-    """asyncio's Server.close() with connections in the accept queue resets them (seed 003)."""
+    """asyncio's Server.close() with connections in the accept queue resets them."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(asyncio.Protocol, LOCALHOST, 0, backlog=64)
     results: list[object] = []
@@ -410,7 +410,7 @@ async def test_shutdown_leaves_a_passed_in_listener_unfiltered() -> None:
         await assert_still_accepts(keeper, LOCALHOST, port)
 
 
-# -- rejection at a connection limit (seed 001) -------------------------------------------
+# -- rejection at a connection limit ------------------------------------------------------
 
 REJECTION = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 BODY = b"x" * (4 * 1024 * 1024)
@@ -494,6 +494,64 @@ async def test_reject_default_closes_gracefully_without_writing() -> None:
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
         holder.close()
+
+
+async def test_reject_max_connections_holds_under_a_burst_of_accepts() -> None:
+    """Connections arriving together are counted before connection_made: 1 served, 4 rejected."""
+    served = 0
+    rejected: list[asyncio.Transport] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        served += 1
+        await reader.read()
+
+    server = await start_server(
+        handler, LOCALHOST, 0, max_connections=1, on_reject=rejected.append, grace=0.5
+    )
+    socks = [socket.create_connection((LOCALHOST, port_of(server))) for _ in range(5)]
+    try:
+        await wait_until(lambda: served + len(rejected) == 5)
+        assert (served, len(rejected)) == (1, 4)
+    finally:
+        for sock in socks:
+            sock.close()
+        await server.shutdown()
+
+
+async def test_reject_max_connections_holds_during_drain_delay() -> None:
+    """During drain_delay the server still accepts, and still rejects over max_connections."""
+    release = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+
+    def reject(transport: asyncio.Transport) -> None:
+        transport.write(b"BUSY\n")
+
+    server = await start_server(
+        hold, LOCALHOST, 0, max_connections=1, on_reject=reject, drain_delay=1.0, grace=0.5
+    )
+    first = await asyncio.open_connection(LOCALHOST, port_of(server))
+    await _until(lambda: server.connections == 1)
+    shutting = asyncio.ensure_future(server.shutdown())
+    await _until(server.notice.is_set)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    answer = await asyncio.wait_for(reader.read(), 5)
+    release.set()
+    report = await asyncio.wait_for(shutting, 10)
+    writer.close()
+    first[1].close()
+    assert answer == b"BUSY\n"  # rejected at the limit, during the notice phase
+    assert report.rejected == 1, report
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in 5 s")
 
 
 # -- hooks, handlers, lifecycle -----------------------------------------------------------
@@ -817,7 +875,170 @@ async def test_registry_never_leaks() -> None:
                 w.close()
 
 
-# -- idle timeout ---------------------------------------------------------------------------
+async def test_shutdown_force_timeout_lets_a_lingering_stream_end_clean() -> None:
+    """A connection lingering after its handler returned gets force_timeout to end CLEAN."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello\n")  # return at once: the server lingers for the peer's FIN
+
+    server = await start_server(
+        handler, LOCALHOST, 0, grace=0.2, force_timeout=3.0, linger_idle_timeout=None
+    )
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    assert await reader.readline() == b"hello\n"
+
+    async def finish_late() -> None:
+        await asyncio.sleep(0.6)  # grace is over, the force linger runs
+        writer.write_eof()
+
+    finishing = asyncio.create_task(finish_late())
+    report = await server.shutdown()
+    await finishing
+    assert await reader.read() == b""
+    assert report.forced == 1
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}
+    writer.close()
+
+
+async def test_shutdown_bounds_a_connection_attaching_after_grace(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A TLS client whose handshake ends after grace is notified and closed, not left open."""
+    server_ctx, client_ctx = tls_contexts
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await start_server(handler, LOCALHOST, 0, ssl=server_ctx, grace=0.2, force_timeout=0.3)
+    raw = socket.create_connection((LOCALHOST, port_of(server)))
+    raw.setblocking(False)
+    await asyncio.sleep(0.1)  # accepted; the TLS handshake has not begun
+    await server.shutdown()
+    reader, writer = await asyncio.open_connection(
+        sock=raw, ssl=client_ctx, server_hostname=LOCALHOST
+    )
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    await wait_until(lambda: server.connections == 0)
+    writer.transport.abort()
+
+
+async def test_notice_skipped_after_the_handlers_write_eof(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After the handler's writer.write_eof(), no notice hook: it could not write."""
+    notified: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"all sent\n")
+        writer.write_eof()
+        await reader.read()
+
+    def on_notice(writer: asyncio.StreamWriter) -> None:
+        notified.append(writer)
+        writer.write(b"BYE\n")
+
+    server = await start_server(handler, LOCALHOST, 0, on_notice=on_notice, grace=2)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    assert await reader.read() == b"all sent\n"
+    with caplog.at_level(logging.ERROR, logger="aiograceful"):
+        shutdown = asyncio.create_task(server.shutdown())
+        await asyncio.sleep(0.05)
+        writer.write_eof()  # the peer finishes: both directions closed
+        report = await shutdown
+    assert notified == []
+    assert "raised" not in caplog.text
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}
+    writer.close()
+
+
+_REPLY_413 = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+async def test_handler_own_writer_close_lingers() -> None:
+    """A handler's own ``writer.close(); await writer.wait_closed()`` lingers: the 413 is read."""
+    results: list[aiograceful.CloseResult] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(_REPLY_413)  # the 4 MiB body is still arriving, unread
+        writer.close()
+        await writer.wait_closed()
+        results.append(await aiograceful.graceful_close(writer))
+
+    naive = await asyncio.start_server(handler, LOCALHOST, 0)
+    try:
+        naive_got = [await asyncio.to_thread(http_post, port_of(naive), 4 << 20) for _ in range(3)]
+    finally:
+        naive.close()
+    results.clear()
+    async with await start_server(handler, LOCALHOST, 0) as server:
+        got = [await asyncio.to_thread(http_post, port_of(server), 4 << 20) for _ in range(3)]
+        await _until(lambda: len(results) == 3)
+    assert naive_got.count(413) < 3, naive_got  # asyncio's close() resets the uploading client
+    assert got == [413] * 3, got
+    assert all(r.outcome is CloseOutcome.CLEAN and r.discarded > 0 for r in results), results
+
+
+async def test_registry_frees_closed_connections_without_the_cycle_collector() -> None:
+    """A closed stream connection's record is freed by reference counting alone."""
+    from aiograceful._linger import Linger
+
+    def live() -> int:
+        return sum(1 for obj in gc.get_objects() if type(obj) is Linger)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await start_server(handler, LOCALHOST, 0)
+    gc.collect()
+    gc.disable()
+    try:
+        before = live()
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+            writer.write_eof()
+            assert await reader.read() == b""
+            writer.close()
+            await writer.wait_closed()
+        await wait_until(lambda: server.connections == 0)
+        await asyncio.sleep(0.05)
+        del reader, writer
+        assert live() - before == 0
+    finally:
+        gc.enable()
+        await server.shutdown()
+
+
+async def test_server_phase_and_report_after_serve_forever() -> None:
+    """The phase goes SERVING -> DONE, shows in repr, and the report is kept after the shutdown."""
+    server = await aiograceful.start_server(_line_keepalive, LOCALHOST, 0, grace=1)
+    assert server.phase is aiograceful.ShutdownPhase.SERVING
+    assert server.report is None
+    assert "serving" in repr(server)
+    assert isinstance(server.notice, aiograceful.ShutdownNotice)
+    serving = asyncio.ensure_future(server.serve_forever())
+    await asyncio.sleep(0.05)
+    report = await server.shutdown()
+    await asyncio.wait_for(serving, 5)
+    assert _phase(server) is aiograceful.ShutdownPhase.DONE
+    assert "done" in repr(server)
+    assert _report(server) is report
+    stats = server.stats
+    assert stats.phase is aiograceful.ShutdownPhase.DONE
+    assert stats.shutdown_duration is not None
+    assert stats.shutdown_duration >= report.duration - 0.01
+
+
+def _phase(server: GracefulServer) -> aiograceful.ShutdownPhase:
+    return server.phase
+
+
+def _report(server: GracefulServer) -> ShutdownReport | None:
+    return server.report
+
+
+# -- idle timeout -------------------------------------------------------------------------
 
 
 async def test_idle_timeout_closes_with_fin_not_rst() -> None:
@@ -928,7 +1149,109 @@ async def test_idle_timeout_protocol_uses_kernel_activity() -> None:
         writer.close()
 
 
-# -- SIGTERM -----------------------------------------------------------------------------------
+async def test_idle_timeout_spares_a_busy_unix_protocol_connection(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A Unix socket has no TCP_INFO: idle_timeout never closes a busy protocol connection."""
+
+    class Echo(GracefulProtocol):
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    path = str(tmp_path / "echo.sock")
+    server = await aiograceful.create_unix_server(Echo, path, idle_timeout=0.3)
+    async with server:
+        reader, writer = await asyncio.open_unix_connection(path)
+        for i in range(10):  # 1 s of pings, 0.1 s apart: never 0.3 s without traffic
+            writer.write(b"ping %d\n" % i)
+            assert await asyncio.wait_for(reader.readline(), 2) == b"ping %d\n" % i
+            await asyncio.sleep(0.1)
+        writer.close()
+
+
+# -- the quiet window after the notice ----------------------------------------------------
+
+
+async def _line_keepalive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A keep-alive line server: one answer per line, until the client closes."""
+    while line := await reader.readline():
+        writer.write(b"echo " + line)
+        await writer.drain()
+
+
+def _idle_after_one_answer(port: int, within: float) -> tuple[bytes, float | None]:
+    """Send one line, read its answer, then idle: return the answer and when EOF came (or None)."""
+    with socket.create_connection((LOCALHOST, port), timeout=within) as sock:
+        sock.sendall(b"ping\n")
+        answer = sock.recv(4096)
+        began = time.monotonic()
+        try:
+            while sock.recv(4096):
+                pass
+        except TimeoutError:
+            return answer, None
+        return answer, time.monotonic() - began
+
+
+@pytest.mark.parametrize("graceful", [False, True], ids=["asyncio", "aiograceful"])
+async def test_shutdown_idle_keepalive_connection_gets_fin_after_quiet_window(
+    graceful: bool,
+) -> None:
+    """At shutdown an idle keep-alive client gets its FIN within 2 s (asyncio's never gets one)."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await _line_keepalive(reader, writer)
+
+    if not graceful:
+        stock = await asyncio.start_server(handler, LOCALHOST, 0)
+        client = asyncio.to_thread(_idle_after_one_answer, port_of(stock), 3.0)
+        waiting = asyncio.ensure_future(client)
+        await wait_until(lambda: bool(writers))
+        await asyncio.sleep(0.2)  # the answer is read; the client idles
+        stock.close()  # the stock close leaves the idle connection to its handler
+        answer, fin_after = await waiting
+        for writer in writers:
+            writer.close()
+            await writer.wait_closed()
+        assert answer == b"echo ping\n"
+        assert fin_after is None, "asyncio's Server.close() ended an idle connection"
+        return
+    server = await aiograceful.start_server(handler, LOCALHOST, 0, grace=10)
+    waiting = asyncio.ensure_future(asyncio.to_thread(_idle_after_one_answer, port_of(server), 3.0))
+    await wait_until(lambda: bool(writers))
+    await asyncio.sleep(0.2)
+    shutdown = asyncio.ensure_future(server.shutdown())
+    answer, fin_after = await waiting
+    report = await asyncio.wait_for(shutdown, 10)
+    assert answer == b"echo ping\n"
+    assert fin_after is not None
+    assert fin_after < 2.0, f"FIN {fin_after:.2f} s after the answer"
+    assert report.duration < 3.0, report
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
+    assert server.stats.phase is aiograceful.ShutdownPhase.DONE
+
+
+async def test_shutdown_request_in_quiet_window_is_answered() -> None:
+    """A request that arrives in the quiet window after the notice is answered before the close."""
+    server = await aiograceful.start_server(_line_keepalive, LOCALHOST, 0, grace=10)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    writer.write(b"one\n")
+    assert await reader.readline() == b"echo one\n"
+    shutdown = asyncio.ensure_future(server.shutdown())
+    await asyncio.sleep(0.3)  # inside the quiet window
+    writer.write(b"two\n")
+    assert await reader.readline() == b"echo two\n"
+    assert await reader.read() == b""  # then the server's FIN
+    writer.close()
+    await writer.wait_closed()
+    report = await asyncio.wait_for(shutdown, 10)
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
+    assert report.forced == 0
+
+
+# -- SIGTERM ------------------------------------------------------------------------------
 
 SERVER_SCRIPT = r"""
 import asyncio, sys
@@ -975,7 +1298,7 @@ async def test_sigterm_notifies_clients_and_exits() -> None:
             await proc.wait()
 
 
-# -- bad arguments ----------------------------------------------------------------------------
+# -- bad arguments ------------------------------------------------------------------------
 
 
 async def _noop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -1042,324 +1365,3 @@ def test_tcp_info_layout_matches_the_kernel() -> None:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
         unacked, sacked = struct.unpack_from("II", raw, 8 + 4 * 4)
     assert (unacked, sacked) == (0, 37)
-
-
-# -- regressions from the second-read review ------------------------------------------------
-
-
-async def test_force_gives_a_lingering_stream_its_force_linger_not_a_reset() -> None:
-    """A connection lingering after its handler returned gets force_timeout to end CLEAN."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"hello\n")  # return at once: the server lingers for the peer's FIN
-
-    server = await start_server(
-        handler, LOCALHOST, 0, grace=0.2, force_timeout=3.0, linger_idle_timeout=None
-    )
-    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    assert await reader.readline() == b"hello\n"
-
-    async def finish_late() -> None:
-        await asyncio.sleep(0.6)  # grace is over, the force linger runs
-        writer.write_eof()
-
-    finishing = asyncio.create_task(finish_late())
-    report = await server.shutdown()
-    await finishing
-    assert await reader.read() == b""
-    assert report.forced == 1
-    assert report.outcomes == {CloseOutcome.CLEAN: 1}
-    writer.close()
-
-
-async def test_max_connections_holds_under_a_burst_of_accepts() -> None:
-    """Connections arriving together are counted before connection_made: 1 served, 4 rejected."""
-    served = 0
-    rejected: list[asyncio.Transport] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal served
-        served += 1
-        await reader.read()
-
-    server = await start_server(
-        handler, LOCALHOST, 0, max_connections=1, on_reject=rejected.append, grace=0.5
-    )
-    socks = [socket.create_connection((LOCALHOST, port_of(server))) for _ in range(5)]
-    try:
-        await wait_until(lambda: served + len(rejected) == 5)
-        assert (served, len(rejected)) == (1, 4)
-    finally:
-        for sock in socks:
-            sock.close()
-        await server.shutdown()
-
-
-async def test_stream_writer_write_eof_means_no_notice(caplog: pytest.LogCaptureFixture) -> None:
-    """After the handler's writer.write_eof(), no notice hook: it could not write."""
-    notified: list[asyncio.StreamWriter] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"all sent\n")
-        writer.write_eof()
-        await reader.read()
-
-    def on_notice(writer: asyncio.StreamWriter) -> None:
-        notified.append(writer)
-        writer.write(b"BYE\n")
-
-    server = await start_server(handler, LOCALHOST, 0, on_notice=on_notice, grace=2)
-    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    assert await reader.read() == b"all sent\n"
-    with caplog.at_level(logging.ERROR, logger="aiograceful"):
-        shutdown = asyncio.create_task(server.shutdown())
-        await asyncio.sleep(0.05)
-        writer.write_eof()  # the peer finishes: both directions closed
-        report = await shutdown
-    assert notified == []
-    assert "raised" not in caplog.text
-    assert report.outcomes == {CloseOutcome.CLEAN: 1}
-    writer.close()
-
-
-async def test_closed_connections_are_freed_without_the_cycle_collector() -> None:
-    """A closed stream connection's record is freed by reference counting alone."""
-    from aiograceful._linger import Linger
-
-    def live() -> int:
-        return sum(1 for obj in gc.get_objects() if type(obj) is Linger)
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-
-    server = await start_server(handler, LOCALHOST, 0)
-    gc.collect()
-    gc.disable()
-    try:
-        before = live()
-        for _ in range(10):
-            reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-            writer.write_eof()
-            assert await reader.read() == b""
-            writer.close()
-            await writer.wait_closed()
-        await wait_until(lambda: server.connections == 0)
-        await asyncio.sleep(0.05)
-        del reader, writer
-        assert live() - before == 0
-    finally:
-        gc.enable()
-        await server.shutdown()
-
-
-async def test_connection_attaching_after_grace_is_still_bounded(
-    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
-) -> None:
-    """A TLS client whose handshake ends after grace is notified and closed, not left open."""
-    server_ctx, client_ctx = tls_contexts
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-
-    server = await start_server(handler, LOCALHOST, 0, ssl=server_ctx, grace=0.2, force_timeout=0.3)
-    raw = socket.create_connection((LOCALHOST, port_of(server)))
-    raw.setblocking(False)
-    await asyncio.sleep(0.1)  # accepted; the TLS handshake has not begun
-    await server.shutdown()
-    reader, writer = await asyncio.open_connection(
-        sock=raw, ssl=client_ctx, server_hostname=LOCALHOST
-    )
-    with contextlib.suppress(ConnectionError):
-        assert await asyncio.wait_for(reader.read(), 5) == b""
-    await wait_until(lambda: server.connections == 0)
-    writer.transport.abort()
-
-
-_REPLY_413 = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-
-
-async def test_handler_own_writer_close_is_graceful() -> None:
-    """A handler's own ``writer.close(); await writer.wait_closed()`` lingers: the 413 is read."""
-    results: list[aiograceful.CloseResult] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(_REPLY_413)  # the 4 MiB body is still arriving, unread
-        writer.close()
-        await writer.wait_closed()
-        results.append(await aiograceful.graceful_close(writer))
-
-    naive = await asyncio.start_server(handler, LOCALHOST, 0)
-    try:
-        naive_got = [await asyncio.to_thread(http_post, port_of(naive), 4 << 20) for _ in range(3)]
-    finally:
-        naive.close()
-    results.clear()
-    async with await start_server(handler, LOCALHOST, 0) as server:
-        got = [await asyncio.to_thread(http_post, port_of(server), 4 << 20) for _ in range(3)]
-        await _until(lambda: len(results) == 3)
-    assert naive_got.count(413) < 3, naive_got  # asyncio's close() resets the uploading client
-    assert got == [413] * 3, got
-    assert all(r.outcome is CloseOutcome.CLEAN and r.discarded > 0 for r in results), results
-
-
-async def _until(predicate: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in 5 s")
-
-
-async def test_max_connections_holds_during_drain_delay() -> None:
-    """During drain_delay the server still accepts, and still rejects over max_connections."""
-    release = asyncio.Event()
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await release.wait()
-
-    def reject(transport: asyncio.Transport) -> None:
-        transport.write(b"BUSY\n")
-
-    server = await start_server(
-        hold, LOCALHOST, 0, max_connections=1, on_reject=reject, drain_delay=1.0, grace=0.5
-    )
-    first = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await _until(lambda: server.connections == 1)
-    shutting = asyncio.ensure_future(server.shutdown())
-    await _until(server.notice.is_set)
-    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    answer = await asyncio.wait_for(reader.read(), 5)
-    release.set()
-    report = await asyncio.wait_for(shutting, 10)
-    writer.close()
-    first[1].close()
-    assert answer == b"BUSY\n"  # rejected at the limit, during the notice phase
-    assert report.rejected == 1, report
-
-
-async def test_idle_timeout_spares_a_busy_unix_protocol_connection(
-    tmp_path: pathlib.Path,
-) -> None:
-    """A Unix socket has no TCP_INFO: idle_timeout never closes a busy protocol connection."""
-
-    class Echo(GracefulProtocol):
-        def data_received(self, data: bytes) -> None:
-            self.transport.write(data)
-
-    path = str(tmp_path / "echo.sock")
-    server = await aiograceful.create_unix_server(Echo, path, idle_timeout=0.3)
-    async with server:
-        reader, writer = await asyncio.open_unix_connection(path)
-        for i in range(10):  # 1 s of pings, 0.1 s apart: never 0.3 s without traffic
-            writer.write(b"ping %d\n" % i)
-            assert await asyncio.wait_for(reader.readline(), 2) == b"ping %d\n" % i
-            await asyncio.sleep(0.1)
-        writer.close()
-
-
-async def _line_keepalive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A keep-alive line server: one answer per line, until the client closes."""
-    while line := await reader.readline():
-        writer.write(b"echo " + line)
-        await writer.drain()
-
-
-def _idle_after_one_answer(port: int, within: float) -> tuple[bytes, float | None]:
-    """Send one line, read its answer, then idle: return the answer and when EOF came (or None)."""
-    with socket.create_connection((LOCALHOST, port), timeout=within) as sock:
-        sock.sendall(b"ping\n")
-        answer = sock.recv(4096)
-        began = time.monotonic()
-        try:
-            while sock.recv(4096):
-                pass
-        except TimeoutError:
-            return answer, None
-        return answer, time.monotonic() - began
-
-
-@pytest.mark.parametrize("graceful", [False, True], ids=["asyncio", "aiograceful"])
-async def test_start_server_idle_keepalive_connection_gets_fin_after_quiet_window(
-    graceful: bool,
-) -> None:
-    """At shutdown an idle keep-alive client gets its FIN within 2 s (asyncio's never gets one)."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        await _line_keepalive(reader, writer)
-
-    if not graceful:
-        stock = await asyncio.start_server(handler, LOCALHOST, 0)
-        client = asyncio.to_thread(_idle_after_one_answer, port_of(stock), 3.0)
-        waiting = asyncio.ensure_future(client)
-        await wait_until(lambda: bool(writers))
-        await asyncio.sleep(0.2)  # the answer is read; the client idles
-        stock.close()  # the stock close leaves the idle connection to its handler
-        answer, fin_after = await waiting
-        for writer in writers:
-            writer.close()
-            await writer.wait_closed()
-        assert answer == b"echo ping\n"
-        assert fin_after is None, "asyncio's Server.close() ended an idle connection"
-        return
-    server = await aiograceful.start_server(handler, LOCALHOST, 0, grace=10)
-    waiting = asyncio.ensure_future(asyncio.to_thread(_idle_after_one_answer, port_of(server), 3.0))
-    await wait_until(lambda: bool(writers))
-    await asyncio.sleep(0.2)
-    shutdown = asyncio.ensure_future(server.shutdown())
-    answer, fin_after = await waiting
-    report = await asyncio.wait_for(shutdown, 10)
-    assert answer == b"echo ping\n"
-    assert fin_after is not None
-    assert fin_after < 2.0, f"FIN {fin_after:.2f} s after the answer"
-    assert report.duration < 3.0, report
-    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
-    assert server.stats.phase is aiograceful.ShutdownPhase.DONE
-
-
-async def test_start_server_request_in_quiet_window_is_answered() -> None:
-    """A request that arrives in the quiet window after the notice is answered before the close."""
-    server = await aiograceful.start_server(_line_keepalive, LOCALHOST, 0, grace=10)
-    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    writer.write(b"one\n")
-    assert await reader.readline() == b"echo one\n"
-    shutdown = asyncio.ensure_future(server.shutdown())
-    await asyncio.sleep(0.3)  # inside the quiet window
-    writer.write(b"two\n")
-    assert await reader.readline() == b"echo two\n"
-    assert await reader.read() == b""  # then the server's FIN
-    writer.close()
-    await writer.wait_closed()
-    report = await asyncio.wait_for(shutdown, 10)
-    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
-    assert report.forced == 0
-
-
-async def test_graceful_server_phase_and_report_after_serve_forever() -> None:
-    """The phase goes SERVING -> DONE, shows in repr, and the report is kept after the shutdown."""
-    server = await aiograceful.start_server(_line_keepalive, LOCALHOST, 0, grace=1)
-    assert server.phase is aiograceful.ShutdownPhase.SERVING
-    assert server.report is None
-    assert "serving" in repr(server)
-    assert isinstance(server.notice, aiograceful.ShutdownNotice)
-    serving = asyncio.ensure_future(server.serve_forever())
-    await asyncio.sleep(0.05)
-    report = await server.shutdown()
-    await asyncio.wait_for(serving, 5)
-    assert _phase(server) is aiograceful.ShutdownPhase.DONE
-    assert "done" in repr(server)
-    assert _report(server) is report
-    stats = server.stats
-    assert stats.phase is aiograceful.ShutdownPhase.DONE
-    assert stats.shutdown_duration is not None
-    assert stats.shutdown_duration >= report.duration - 0.01
-
-
-def _phase(server: GracefulServer) -> aiograceful.ShutdownPhase:
-    return server.phase
-
-
-def _report(server: GracefulServer) -> ShutdownReport | None:
-    return server.report

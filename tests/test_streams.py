@@ -1,4 +1,4 @@
-"""graceful_close(writer) and abort() behind asyncio's streams API (issue 3)."""
+"""graceful_close(writer) and abort() behind asyncio's streams API."""
 
 from __future__ import annotations
 
