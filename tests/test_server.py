@@ -20,7 +20,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from _util import assert_still_accepts, connect_outcome, http_post, linux_only, paced_read
+from _util import (
+    assert_still_accepts,
+    connect_outcome,
+    http_post,
+    linux_only,
+    paced_read,
+    port_of,
+    wait_until,
+)
 
 import aiograceful
 from aiograceful import (
@@ -33,19 +41,6 @@ from aiograceful import (
 )
 
 LOCALHOST = "127.0.0.1"
-
-
-def port_of(server: GracefulServer | asyncio.Server) -> int:
-    return int(server.sockets[0].getsockname()[1])
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``predicate`` every few ms; fail the test if it is still false after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.005)
 
 
 # -- the simultaneous-shutdown race -------------------------------------------------------
@@ -168,7 +163,7 @@ async def naive_round(clients: list[RaceClient], delay: float) -> list[tuple[int
         server.close()
         for proto in list(registry):
             proto.shutdown()
-        await wait_until(lambda: not registry)
+        await wait_until(lambda: not registry, 5.0)
 
     results = await asyncio.gather(stop(), *(c(port_of(server)) for c in clients))
     await server.wait_closed()
@@ -449,7 +444,7 @@ async def test_reject_naive_close_loses_the_503() -> None:
 
     server = await asyncio.start_server(handler, LOCALHOST, 0)
     holder = await hold_one_connection(port_of(server))
-    await wait_until(lambda: live == 1)
+    await wait_until(lambda: live == 1, 5.0)
     statuses = [await asyncio.to_thread(post_big_body, port_of(server)) for _ in range(5)]
     holder.close()
     server.close()
@@ -470,7 +465,7 @@ async def test_reject_over_the_limit_delivers_the_503() -> None:
 
     server = await start_server(handler, LOCALHOST, 0, max_connections=1, on_reject=on_reject)
     holder = await hold_one_connection(port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     statuses = [await asyncio.to_thread(post_big_body, port_of(server)) for _ in range(5)]
     assert statuses == [503] * 5
     assert len(rejected) == 5
@@ -488,7 +483,7 @@ async def test_reject_default_closes_gracefully_without_writing() -> None:
 
     async with await start_server(handler, LOCALHOST, 0, max_connections=1) as server:
         holder = await hold_one_connection(port_of(server))
-        await wait_until(lambda: server.connections == 1)
+        await wait_until(lambda: server.connections == 1, 5.0)
         reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
         writer.write(b"hello")
         assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -511,7 +506,7 @@ async def test_reject_max_connections_holds_under_a_burst_of_accepts() -> None:
     )
     socks = [socket.create_connection((LOCALHOST, port_of(server))) for _ in range(5)]
     try:
-        await wait_until(lambda: served + len(rejected) == 5)
+        await wait_until(lambda: served + len(rejected) == 5, 5.0)
         assert (served, len(rejected)) == (1, 4)
     finally:
         for sock in socks:
@@ -533,9 +528,9 @@ async def test_reject_max_connections_holds_during_drain_delay() -> None:
         hold, LOCALHOST, 0, max_connections=1, on_reject=reject, drain_delay=1.0, grace=0.5
     )
     first = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await _until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0, every=0.01)
     shutting = asyncio.ensure_future(server.shutdown())
-    await _until(server.notice.is_set)
+    await wait_until(server.notice.is_set, 5.0, every=0.01)
     reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
     answer = await asyncio.wait_for(reader.read(), 5)
     release.set()
@@ -544,14 +539,6 @@ async def test_reject_max_connections_holds_during_drain_delay() -> None:
     first[1].close()
     assert answer == b"BUSY\n"  # rejected at the limit, during the notice phase
     assert report.rejected == 1, report
-
-
-async def _until(predicate: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in 5 s")
 
 
 # -- hooks, handlers, lifecycle -----------------------------------------------------------
@@ -568,7 +555,7 @@ async def test_notice_hook_that_raises_is_logged_and_shutdown_completes(
 
     server = await create_server(Broken, LOCALHOST, 0, grace=2)
     reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     with caplog.at_level(logging.ERROR, logger="aiograceful"):
         report = await server.shutdown()
     assert "hook failed" in caplog.text
@@ -590,7 +577,7 @@ async def test_stream_notice_hook_that_raises_is_logged(caplog: pytest.LogCaptur
 
     server = await start_server(handler, LOCALHOST, 0, on_notice=on_notice, grace=2)
     reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     with caplog.at_level(logging.ERROR, logger="aiograceful"):
         shutdown = asyncio.create_task(server.shutdown())
         assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -613,7 +600,7 @@ async def test_async_notice_hook_is_awaited() -> None:
 
     server = await start_server(handler, LOCALHOST, 0, on_notice=on_notice, grace=2)
     reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     shutdown = asyncio.create_task(server.shutdown())
     assert await asyncio.wait_for(reader.readline(), 5) == b"GOAWAY\n"
     writer.write_eof()
@@ -639,7 +626,7 @@ async def test_handler_that_raises_is_logged_and_writer_closed_gracefully(
             writer.write(b"request\n" + b"y" * 100_000)  # unread bytes behind the request
             assert await asyncio.wait_for(reader.read(), 5) == b"partial answer\n"
             writer.close()
-            await wait_until(lambda: server.connections == 0)
+            await wait_until(lambda: server.connections == 0, 5.0)
         assert "handler bug" in caplog.text
 
 
@@ -659,7 +646,7 @@ async def test_shutdown_is_idempotent_and_shared() -> None:
     """Concurrent and later shutdown() calls share one shutdown and one report."""
     server = await create_server(ByeProtocol, LOCALHOST, 0, grace=0.5)
     _reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     first, second = await asyncio.gather(server.shutdown(), server.shutdown())
     third = await server.shutdown()
     assert first is second is third
@@ -681,7 +668,7 @@ async def test_shutdown_forces_ignorers_within_bounds() -> None:
     """A peer that ignores the notice and never closes is forced; the report says so."""
     server = await create_server(ByeProtocol, LOCALHOST, 0, grace=0.3, force_timeout=0.2)
     _reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     started = time.monotonic()
     report = await server.shutdown()
     elapsed = time.monotonic() - started
@@ -740,7 +727,7 @@ async def test_shutdown_force_lets_go_to_the_kernel() -> None:
         )
     )
     try:
-        await wait_until(lambda: len(sent) == 3)
+        await wait_until(lambda: len(sent) == 3, 5.0)
         await asyncio.sleep(0.3)  # the answers fill the kernels' send queues; the handlers wait
         # Nothing moves from now on (the clients read nothing): what was
         # handed to the kernel is what was written less what is still buffered.
@@ -840,7 +827,7 @@ async def test_server_with_sock_and_start_serving_false() -> None:
     assert not server.is_serving()
     await server.start_serving()
     reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     shutdown = asyncio.create_task(server.shutdown())
     assert await asyncio.wait_for(reader.readline(), 5) == b"BYE\n"
     writer.write_eof()
@@ -861,7 +848,7 @@ async def test_registry_never_leaks() -> None:
         for _ in range(20):
             _r, w = await asyncio.open_connection(LOCALHOST, port_of(server))
             writers.append(w)
-        await wait_until(lambda: server.connections == 20)
+        await wait_until(lambda: server.connections == 20, 5.0)
         try:
             for i, w in enumerate(writers):
                 if i % 2:
@@ -869,7 +856,7 @@ async def test_registry_never_leaks() -> None:
                     w.write_eof()
                 else:
                     w.close()  # the client goes away first
-            await wait_until(lambda: server.connections == 0)
+            await wait_until(lambda: server.connections == 0, 5.0)
         finally:
             for w in writers:
                 w.close()
@@ -919,7 +906,7 @@ async def test_shutdown_bounds_a_connection_attaching_after_grace(
     )
     with contextlib.suppress(ConnectionError):
         assert await asyncio.wait_for(reader.read(), 5) == b""
-    await wait_until(lambda: server.connections == 0)
+    await wait_until(lambda: server.connections == 0, 5.0)
     writer.transport.abort()
 
 
@@ -974,7 +961,7 @@ async def test_handler_own_writer_close_lingers() -> None:
     results.clear()
     async with await start_server(handler, LOCALHOST, 0) as server:
         got = [await asyncio.to_thread(http_post, port_of(server), 4 << 20) for _ in range(3)]
-        await _until(lambda: len(results) == 3)
+        await wait_until(lambda: len(results) == 3, 5.0, every=0.01)
     assert naive_got.count(413) < 3, naive_got  # asyncio's close() resets the uploading client
     assert got == [413] * 3, got
     assert all(r.outcome is CloseOutcome.CLEAN and r.discarded > 0 for r in results), results
@@ -1001,7 +988,7 @@ async def test_registry_frees_closed_connections_without_the_cycle_collector() -
             assert await reader.read() == b""
             writer.close()
             await writer.wait_closed()
-        await wait_until(lambda: server.connections == 0)
+        await wait_until(lambda: server.connections == 0, 5.0)
         await asyncio.sleep(0.05)
         del reader, writer
         assert live() - before == 0
@@ -1056,7 +1043,7 @@ async def test_idle_timeout_closes_with_fin_not_rst() -> None:
         assert await asyncio.wait_for(reader.read(), 5) == b""
         assert time.monotonic() - started >= 0.25
         writer.close()
-        await wait_until(lambda: server.connections == 0)
+        await wait_until(lambda: server.connections == 0, 5.0)
 
 
 async def test_idle_timeout_waits_for_an_unfinished_request() -> None:
@@ -1126,7 +1113,7 @@ async def test_idle_watch_releases_closed_connections() -> None:
             writer.write_eof()
             await _reader.read()
             writer.close()
-        await wait_until(lambda: server.connections == 0)
+        await wait_until(lambda: server.connections == 0, 5.0)
     assert live_lingers() == before
 
 
@@ -1208,7 +1195,7 @@ async def test_shutdown_idle_keepalive_connection_gets_fin_after_quiet_window(
         stock = await asyncio.start_server(handler, LOCALHOST, 0)
         client = asyncio.to_thread(_idle_after_one_answer, port_of(stock), 3.0)
         waiting = asyncio.ensure_future(client)
-        await wait_until(lambda: bool(writers))
+        await wait_until(lambda: bool(writers), 5.0)
         await asyncio.sleep(0.2)  # the answer is read; the client idles
         stock.close()  # the stock close leaves the idle connection to its handler
         answer, fin_after = await waiting
@@ -1220,7 +1207,7 @@ async def test_shutdown_idle_keepalive_connection_gets_fin_after_quiet_window(
         return
     server = await aiograceful.start_server(handler, LOCALHOST, 0, grace=10)
     waiting = asyncio.ensure_future(asyncio.to_thread(_idle_after_one_answer, port_of(server), 3.0))
-    await wait_until(lambda: bool(writers))
+    await wait_until(lambda: bool(writers), 5.0)
     await asyncio.sleep(0.2)
     shutdown = asyncio.ensure_future(server.shutdown())
     answer, fin_after = await waiting

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
-from _util import HOST, REPLY_413, SMALL_RCVBUF, linux_only, wait_until
+from _util import HOST, REPLY_413, SMALL_RCVBUF, linux_only, paced_read, wait_until
 
 import aiograceful
 from aiograceful import CloseOutcome, CloseResult, GracefulProtocol, graceful_close
@@ -150,24 +150,7 @@ TLS_RATE = 3 << 20
 
 def tls_paced_read(port: int, client: ssl.SSLContext) -> tuple[int, str]:
     """Read a TLS download at TLS_RATE through a small receive buffer; bytes and how it ended."""
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
-    raw.settimeout(20)
-    got = 0
-    try:
-        raw.connect((HOST, port))
-        with client.wrap_socket(raw, server_hostname=HOST) as sock:
-            sock.sendall(b"GET\n")
-            while True:
-                chunk = sock.recv(16 * 1024)
-                if not chunk:
-                    return got, "EOF"
-                got += len(chunk)
-                time.sleep(len(chunk) / TLS_RATE)
-    except (OSError, ssl.SSLError) as exc:
-        return got, type(exc).__name__
-    finally:
-        raw.close()
+    return paced_read(port, b"GET\n", TLS_RATE, context=client)
 
 
 async def test_tls_slow_reader_gets_every_byte(tls_contexts: Contexts) -> None:
@@ -203,7 +186,7 @@ async def test_tls_slow_reader_gets_every_byte(tls_contexts: Contexts) -> None:
         port = server.sockets[0].getsockname()[1]
         got = await asyncio.to_thread(tls_paced_read, port, client_ctx)
     assert naive_got[0] < TLS_DOWNLOAD, naive_got
-    assert got == (TLS_DOWNLOAD, "EOF"), got
+    assert got == (TLS_DOWNLOAD, "FIN"), got
 
 
 async def test_tls_write_eof_raises_and_the_reply_still_arrives(tls_contexts: Contexts) -> None:
