@@ -7,6 +7,9 @@ Everything here talks to real sockets on 127.0.0.1; nothing is mocked.
 * :func:`tcp_state`: one socket's own state, from ``TCP_INFO`` (Linux).
 * :func:`stream_server`: an ``asyncio.start_server`` on 127.0.0.1:0 as an
   async context manager yielding the port.
+* :func:`wait_until`: poll a condition no callback announces.
+* :func:`port_of` / :func:`free_port`: a server's port; a port nothing listens on.
+* :func:`paced_read`: a client reading at a set rate (TCP, Unix or TLS).
 * :func:`connect`: a blocking client socket with a timeout; :func:`recv_until_eof`
   reads until the peer's FIN or RST and says which.
 * :func:`http_post`: stdlib ``http.client`` POST of a large body, run in a
@@ -21,14 +24,25 @@ import contextlib
 import http.client
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
+from aiograceful import GracefulServer
+
 HOST = "127.0.0.1"
+
+#: For tests that read the kernel's counters of a socket (SIOCINQ, TCP_INFO).
+linux_only = pytest.mark.skipif(
+    sys.platform != "linux", reason="reads Linux socket counters (SIOCINQ, TCP_INFO)"
+)
 
 #: Linux TCP states (include/net/tcp_states.h), as /proc/net/tcp and TCP_INFO give them.
 TCP_ESTABLISHED = 1
@@ -76,15 +90,30 @@ def tcp_state(sock: socket.socket) -> int:
     return int(info[0])
 
 
-async def wait_until(predicate: Callable[[], bool], within: float = 2.0) -> None:
-    """Poll ``predicate`` every 5 ms until it holds; raise TimeoutError after ``within`` s.
+async def wait_until(
+    predicate: Callable[[], bool],
+    within: float = 2.0,
+    *,
+    what: str = "the condition held",
+    every: float = 0.005,
+    fail: bool = True,
+) -> bool:
+    """Poll ``predicate`` every ``every`` s until it holds (True), for at most ``within`` s.
 
+    Past ``within`` the test fails ("timed out waiting until ``what``"); with
+    ``fail=False`` it returns False instead, for the caller's own assertion.
     For conditions no callback announces: kernel socket states, bytes a
     protocol under test has collected, a server's first accepted connection.
     """
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - nothing to wait on but the condition
-            await asyncio.sleep(0.005)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        if loop.time() > deadline:
+            if fail:
+                pytest.fail(f"timed out after {within} s waiting until {what}")
+            return False
+        await asyncio.sleep(every)
+    return True
 
 
 async def wait_for_tcp_state(sock: socket.socket, state: int, within: float = 2.0) -> int:
@@ -109,6 +138,19 @@ async def stream_server(
     finally:
         server.close()
         await server.wait_closed()
+
+
+def port_of(server: asyncio.Server | GracefulServer) -> int:
+    """The port of ``server``'s first listening socket."""
+    return int(server.sockets[0].getsockname()[1])
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then let go)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def connect(port: int, timeout: float = 5.0) -> socket.socket:
@@ -178,7 +220,7 @@ SMALL_RCVBUF = 64 * 1024
 
 
 def paced_read(
-    port: int,
+    address: int | str,
     request: bytes,
     rate: float,
     *,
@@ -187,37 +229,55 @@ def paced_read(
     timeout: float = 20.0,
     rcvbuf: int = SMALL_RCVBUF,
     resume: threading.Event | None = None,
+    started: threading.Event | None = None,
+    context: ssl.SSLContext | None = None,
+    bufsize: int = 16 * 1024,
 ) -> tuple[int, str]:
     """Connect with a small receive buffer, send ``request``, read at ``rate`` bytes/s.
 
+    ``address`` is a port on 127.0.0.1, or the path of a Unix stream socket.
     Returns the bytes read and how the stream ended: ``"FIN"``, or the name of
     the error met (``ConnectionResetError`` for a RST). With ``expect``, stop
     (and close) after that many bytes. ``half_close`` sends our FIN after the
     request. With ``resume``, read nothing until it is set (a reader that
     stalls, its window closed once ``rcvbuf`` is full), at most ``timeout``
-    seconds. Bounded by ``timeout`` seconds of silence.
+    seconds. ``started`` is set once 128 KiB have been read (or the reading
+    ended). With ``context``, the stream is TLS over the connection. Reads
+    take up to ``bufsize`` bytes at a time; a ``rate`` of ``math.inf`` reads
+    as fast as it can. Bounded by ``timeout`` seconds of silence.
     """
-    sock = socket.socket()
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        peer: str | tuple[str, int] = address
+    else:
+        sock = socket.socket()
+        peer = (HOST, address)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.settimeout(timeout)
     got = 0
     try:
-        sock.connect((HOST, port))
+        sock.connect(peer)
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname=HOST)
         sock.sendall(request)
         if half_close:
             sock.shutdown(socket.SHUT_WR)
         if resume is not None:
             resume.wait(timeout)
         while expect is None or got < expect:
-            chunk = sock.recv(16 * 1024)
+            chunk = sock.recv(bufsize)
             if not chunk:
                 return got, "FIN"
             got += len(chunk)
+            if started is not None and got > 128 * 1024:
+                started.set()
             time.sleep(len(chunk) / rate)
         return got, "stopped"
     except OSError as exc:
         return got, type(exc).__name__
     finally:
+        if started is not None:
+            started.set()
         sock.close()
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,10 @@ def tls_contexts(tls_files: tuple[Path, Path]) -> tuple[ssl.SSLContext, ssl.SSLC
     server.load_cert_chain(cert, key)
     client = ssl.create_default_context(cafile=str(cert))
     return server, client
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short directory for Unix socket paths (tmp_path can exceed sun_path's 108 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="aiog-") as name:
+        yield Path(name)

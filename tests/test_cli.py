@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
 import pytest
+from _util import free_port
 
 from aiograceful._tools import cli as _cli
 from aiograceful._tools import demo as _demo
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.mark.parametrize(
@@ -56,7 +49,7 @@ def test_cli_usage_error_one_line_exit_2(
 def test_cli_unreachable_port_one_line_exit_2() -> None:
     """Probing a loopback port nobody listens on: one line, exit 2, no traceback."""
     proc = subprocess.run(
-        [sys.executable, "-m", "aiograceful", "probe", f"127.0.0.1:{_free_port()}"],
+        [sys.executable, "-m", "aiograceful", "probe", f"127.0.0.1:{free_port()}"],
         capture_output=True,
         text=True,
         timeout=60,

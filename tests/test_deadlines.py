@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import uvloop
+from _util import wait_until
 
 from aiograceful._deadlines import _SLACK, DeadlineTimer, deadlines_of
 
@@ -20,14 +21,6 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.SelectorEventLoop,
     "uvloop": uvloop.new_event_loop,
 }
-
-
-async def _until(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
-    for _ in range(int(seconds / 0.005)):
-        if predicate():
-            return True
-        await asyncio.sleep(0.005)
-    return predicate()
 
 
 class _Owner:
@@ -57,7 +50,7 @@ async def test_deadline_timer_fires_in_deadline_order() -> None:
         timer.at(when)
         timers.append(timer)
     assert all(t.armed for t in timers)
-    assert await _until(lambda: len(seen) == len(offsets))
+    await wait_until(lambda: len(seen) == len(offsets), 5.0)
     assert [w for w, _ in seen] == sorted(now + o for o in offsets)
     assert all(ran >= when - _SLACK for when, ran in seen)
     assert not any(t.armed for t in timers)
@@ -75,7 +68,7 @@ async def test_deadline_timer_cancel_never_runs() -> None:
     cancelled.cancel()
     assert not cancelled.armed
     cancelled.cancel()  # idempotent
-    assert await _until(lambda: fired == ["kept"])
+    await wait_until(lambda: fired == ["kept"], 5.0)
     await asyncio.sleep(0.02)
     assert fired == ["kept"]
     assert deadlines_of(loop).size == 0
@@ -90,7 +83,7 @@ async def test_deadline_timer_rearm_earlier_moves_it() -> None:
     early = loop.time() + 0.01
     timer.at(early)
     assert timer.when == early
-    assert await _until(lambda: owner.fired == 1)
+    await wait_until(lambda: owner.fired == 1, 5.0)
     assert not timer.armed
     assert deadlines_of(loop).live == 0
 
@@ -105,7 +98,7 @@ async def test_deadline_timer_later_deadline_is_lazy() -> None:
     timer.at(first + 60)
     assert timer.when == first
     assert deadlines_of(loop).size == 1
-    assert await _until(lambda: owner.fired == 1)
+    await wait_until(lambda: owner.fired == 1, 5.0)
 
 
 async def test_deadline_timer_many_cancelled_and_fired() -> None:
@@ -127,7 +120,7 @@ async def test_deadline_timer_many_cancelled_and_fired() -> None:
     assert structure.live == 5000
     # Dead entries never outnumber live ones by more than the compaction threshold.
     assert structure.size <= 2 * structure.live + 257
-    assert await _until(lambda: len(seen) == 5000)
+    await wait_until(lambda: len(seen) == 5000, 5.0)
     assert seen == sorted(seen)
     assert structure.live == 0
     assert structure.size == 0
@@ -145,7 +138,7 @@ async def test_deadline_timer_callback_raising_is_logged(caplog: pytest.LogCaptu
     DeadlineTimer(loop, boom).at(when)
     DeadlineTimer(loop, owner.fire).at(when)
     with caplog.at_level(logging.ERROR, logger="aiograceful"):
-        assert await _until(lambda: owner.fired == 1)
+        await wait_until(lambda: owner.fired == 1, 5.0)
     assert any(
         r.name == "aiograceful" and r.exc_info and isinstance(r.exc_info[1], ValueError)
         for r in caplog.records
@@ -165,7 +158,7 @@ async def test_deadline_timer_callback_rearming_in_the_past_ends_its_pass() -> N
 
     timer = DeadlineTimer(loop, again)
     timer.at(loop.time())
-    assert await _until(lambda: len(runs) == 3)
+    await wait_until(lambda: len(runs) == 3, 5.0)
     await asyncio.sleep(0.01)
     assert len(runs) == 3
     assert not timer.armed

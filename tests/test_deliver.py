@@ -4,13 +4,14 @@ Every case sends a download (or an upload) to a peer that reads slowly
 through a small receive buffer, so that our bytes wait in the kernel as they
 do on a real link, and closes it with linger bounds far shorter than the
 transfer. The naive close delivers everything (the kernel keeps sending after
-``close()``); so must aiograceful, which aiograceful 0.1.0 did not: its timers
-counted our own flush time, and their RST dropped what the kernel still held.
+``close()``); so must aiograceful: its timers must not count our own flush
+time, and a bound that fires must not drop what the kernel still holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import struct
 import time
@@ -25,6 +26,7 @@ from _util import (
     paced_sink,
     small_rcvbuf_listener,
     stream_server,
+    wait_until,
 )
 
 import aiograceful
@@ -282,7 +284,7 @@ async def test_deliver_timeout_around_graceful_close_hands_over_to_the_kernel() 
         naive_got = await read_slowly(port)
     async with stream_server(handler) as port:
         got = await read_slowly(port)
-        await asyncio.wait_for(_until(lambda: len(outcomes) == 2), 5)
+        await asyncio.wait_for(wait_until(lambda: len(outcomes) == 2, 10.0, every=0.01), 5)
     assert_delivered(naive_got)
     assert_delivered(got)
     result = outcomes[1]
@@ -291,14 +293,6 @@ async def test_deliver_timeout_around_graceful_close_hands_over_to_the_kernel() 
     # Handed over: the kernel still held some of it when the socket closed,
     # and went on sending it (the reader got it all, with a FIN).
     assert result.outcome is CloseOutcome.ABORTED
-
-
-async def _until(predicate: object) -> None:
-    assert callable(predicate)
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
 
 
 class NaivePump(asyncio.Protocol):
@@ -337,21 +331,7 @@ BIG = 16 << 20
 
 def read_all(port: int) -> tuple[int, str]:
     """Send a request and our FIN, then read as fast as we can through a small buffer."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
-    sock.settimeout(10)
-    got = 0
-    try:
-        sock.connect((HOST, port))
-        sock.sendall(b"GET\n")
-        sock.shutdown(socket.SHUT_WR)
-        while chunk := sock.recv(256 << 10):
-            got += len(chunk)
-        return got, "FIN"
-    except OSError as exc:
-        return got, type(exc).__name__
-    finally:
-        sock.close()
+    return paced_read(port, b"GET\n", math.inf, half_close=True, timeout=10.0, bufsize=256 << 10)
 
 
 async def test_deliver_flow_controlled_answer_after_peer_eof_on_both_loops() -> None:
@@ -400,7 +380,7 @@ async def test_deliver_stalled_reader_is_cut_after_send_timeout() -> None:
         try:
             sock.connect(server.sockets[0].getsockname())
             sock.sendall(b"GET\n")
-            await _until(lambda: bool(writers))
+            await wait_until(lambda: bool(writers), 10.0, every=0.01)
             start = time.monotonic()
             result = await asyncio.wait_for(graceful_close(writers[0]), 5)
             elapsed = time.monotonic() - start
@@ -447,15 +427,17 @@ async def test_deliver_peer_reset_while_flushing_ends_the_close() -> None:
             sock.sendall(b"GET\n")
             sock.shutdown(socket.SHUT_WR)
             await asyncio.to_thread(sock.recv, 16 << 10)
-            await _until(lambda: bool(writers))
+            await wait_until(lambda: bool(writers), 10.0, every=0.01)
             linger = linger_of(writers[0].transport)
             assert linger is not None
-            await _until(lambda: linger.state is HalfCloseState.FLUSHING)
+            await wait_until(
+                lambda: linger.state is HalfCloseState.FLUSHING, 10.0, every=0.01, fail=False
+            )
             assert linger.state is HalfCloseState.FLUSHING, linger
         finally:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()  # a RST, our bytes unread in its receive buffer
-        await _until(lambda: bool(results))
+        await wait_until(lambda: bool(results), 10.0, every=0.01, fail=False)
         assert results, f"the close still waits after the peer's RST: {linger!r}"
     assert results[0].outcome is CloseOutcome.PEER_RESET, results[0]
     assert results[0].unacked, results[0]
@@ -481,7 +463,7 @@ async def test_deliver_quiet_wait_is_bounded_by_send_timeout() -> None:
             sock.connect(server.sockets[0].getsockname())
             sock.sendall(b"GET\n")
             sock.shutdown(socket.SHUT_WR)  # and never reads
-            await _until(lambda: bool(made))
+            await wait_until(lambda: bool(made), 10.0, every=0.01)
             start = time.monotonic()
             result = await asyncio.wait_for(made[0].wait_closed(), 5)
             elapsed = time.monotonic() - start

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from _util import TCP_CLOSE_WAIT, tcp_state
+from _util import TCP_CLOSE_WAIT, port_of, tcp_state
 
 from aiograceful._tools.probe import run_probe
 
@@ -42,11 +42,6 @@ def _load(name: str) -> ModuleType:
 
 http_example = _load("http_server")
 line_example = _load("line_server")
-
-
-def _port(server: object) -> int:
-    port: int = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-    return port
 
 
 @contextlib.contextmanager
@@ -89,7 +84,7 @@ async def test_http_example_keep_alive_requests() -> None:
     async with server:
 
         def two_requests() -> list[bytes]:
-            with _http(_port(server)) as conn:
+            with _http(port_of(server)) as conn:
                 bodies = []
                 for body in (None, b"abc"):
                     conn.request("POST" if body else "GET", "/", body=body)
@@ -104,7 +99,7 @@ async def test_http_example_413_reaches_uploading_client() -> None:
     server = await http_example.serve("127.0.0.1", 0, max_body=64 * 1024)
     async with server:
         status, connection, body = await asyncio.to_thread(
-            _request, _port(server), "POST", b"x" * (4 * 1024 * 1024)
+            _request, port_of(server), "POST", b"x" * (4 * 1024 * 1024)
         )
     assert (status, connection, body) == (413, "close", b"body over the limit\n")
 
@@ -115,7 +110,7 @@ async def test_http_example_chunked_body_over_limit_gets_413() -> None:
     async with server:
 
         def chunked() -> int:
-            with _http(_port(server)) as conn:
+            with _http(port_of(server)) as conn:
                 conn.request("POST", "/", body=iter([b"y" * 16384] * 64), encode_chunked=True)
                 return conn.getresponse().status
 
@@ -126,7 +121,7 @@ async def test_http_example_503_at_connection_limit() -> None:
     """Over max_connections, a client uploading a form reads the 503."""
     server = await http_example.serve("127.0.0.1", 0, max_connections=1)
     async with server:
-        port = _port(server)
+        port = port_of(server)
         holder = socket.create_connection(("127.0.0.1", port))
         try:
             async with asyncio.timeout(5):
@@ -144,7 +139,7 @@ async def test_http_example_503_at_connection_limit() -> None:
 async def test_http_example_shutdown_closes_idle_keep_alive_at_once() -> None:
     """At shutdown an idle keep-alive connection is closed with a FIN, without waiting grace."""
     server = await http_example.serve("127.0.0.1", 0, grace=30.0)
-    port = _port(server)
+    port = port_of(server)
 
     def request_then_stay() -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -174,7 +169,7 @@ async def test_http_example_shutdown_pooled_idle_client_gets_fin_not_rst(
     so it never sends its own FIN; the server must not end that wait with a RST.
     """
     server = await http_example.serve("127.0.0.1", 0, grace=30.0)
-    port = _port(server)
+    port = port_of(server)
 
     def request_then_idle() -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -199,7 +194,7 @@ async def test_http_example_shutdown_pooled_idle_client_gets_fin_not_rst(
 async def test_http_example_shutdown_answers_request_in_progress_with_connection_close() -> None:
     """A request half-received when the shutdown starts is answered, with Connection: close."""
     server = await http_example.serve("127.0.0.1", 0, grace=10.0)
-    port = _port(server)
+    port = port_of(server)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         await asyncio.to_thread(conn.connect)
@@ -229,7 +224,7 @@ async def test_http_example_idle_timeout_closes_with_fin() -> None:
     """A keep-alive connection silent past idle_timeout is closed gracefully (FIN)."""
     server = await http_example.serve("127.0.0.1", 0, idle_timeout=0.5)
     async with server:
-        port = _port(server)
+        port = port_of(server)
 
         def idle() -> tuple[str, float]:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -246,7 +241,7 @@ async def test_http_example_passes_probe() -> None:
     server = await http_example.serve("127.0.0.1", 0, idle_timeout=0.5)
     async with server:
         _, verdicts = await asyncio.to_thread(
-            run_probe, "127.0.0.1", _port(server), http=True, body_size=8 << 20, wait=3, timeout=2
+            run_probe, "127.0.0.1", port_of(server), http=True, body_size=8 << 20, wait=3, timeout=2
         )
     assert [v.status for v in verdicts] == ["pass"] * 5, verdicts  # 3 early-answer variants
 
@@ -258,7 +253,7 @@ async def test_http_example_with_curl(tmp_path: Path) -> None:
     upload.write_bytes(b"z" * (4 * 1024 * 1024))
     server = await http_example.serve("127.0.0.1", 0, max_body=64 * 1024)
     async with server:
-        url = f"http://127.0.0.1:{_port(server)}/"
+        url = f"http://127.0.0.1:{port_of(server)}/"
 
         async def curl(*args: str) -> tuple[int, str]:
             proc = await asyncio.create_subprocess_exec(
@@ -315,7 +310,7 @@ async def test_line_example_commands() -> None:
     """PING, ECHO and an unknown command are answered in order; QUIT ends with BYE and a FIN."""
     server = await line_example.serve("127.0.0.1", 0)
     async with server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", _port(server))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
         writer.write(b"PING\r\nECHO hi there\r\nNOPE\r\nQUIT\r\n")
         data = await asyncio.wait_for(reader.read(), 10)  # to the server's FIN
         writer.close()
@@ -326,7 +321,7 @@ async def test_line_example_commands() -> None:
 async def test_line_example_shutdown_answers_requests_that_raced_the_notice() -> None:
     """After the notice, lines the client sent before its FIN are all answered, then FIN."""
     server = await line_example.serve("127.0.0.1", 0, grace=10.0)
-    reader, writer = await asyncio.open_connection("127.0.0.1", _port(server))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
     writer.write(b"ECHO 0\r\n")
     assert await asyncio.wait_for(reader.readline(), 10) == b"0\r\n"
     shutdown = asyncio.ensure_future(server.shutdown())
@@ -358,7 +353,7 @@ async def test_line_example_long_line_gets_error_not_reset() -> None:
     """A client still sending a 4 MiB line reads ``ERR line too long`` and a FIN."""
     server = await line_example.serve("127.0.0.1", 0)
     async with server:
-        port = _port(server)
+        port = port_of(server)
 
         def send_long_line() -> tuple[bytes, str]:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -381,6 +376,6 @@ async def test_line_example_passes_probe() -> None:
     server = await line_example.serve("127.0.0.1", 0, idle_timeout=0.5)
     async with server:
         _, verdicts = await asyncio.to_thread(
-            run_probe, "127.0.0.1", _port(server), body_size=8 << 20, wait=3, timeout=2
+            run_probe, "127.0.0.1", port_of(server), body_size=8 << 20, wait=3, timeout=2
         )
     assert [v.status for v in verdicts] == ["pass", "pass", "pass"], verdicts

@@ -20,11 +20,12 @@ import contextlib
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
 import pytest
 from _faults import netns_unavailable, reset_socket, veth_namespace
+from _util import wait_until
 
 from aiograceful import CloseOutcome, CloseResult, GracefulProtocol, graceful_close, start_server
 from aiograceful._linger import Linger
@@ -160,16 +161,6 @@ async def connection(
             await asyncio.sleep(0)
 
 
-async def wait_until(condition: Callable[[], bool], what: str, timeout: float = LONG) -> None:
-    """Let the loop run until ``condition()`` holds (polled), or fail after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        if loop.time() > end:
-            pytest.fail(f"timed out waiting until {what}")
-        await asyncio.sleep(0.002)
-
-
 async def read_until_eof(peer: socket.socket) -> bytes:
     """The peer reads until our FIN."""
     loop = asyncio.get_running_loop()
@@ -197,7 +188,9 @@ async def test_close_peer_reset_at_each_step_ends_peer_reset(api: str, step: str
         if step == "open":
             # The reset comes before anyone starts a close.
             reset_socket(peer)
-            await wait_until(ours.transport.is_closing, "our side saw the reset")
+            await wait_until(
+                ours.transport.is_closing, LONG, what="our side saw the reset", every=0.002
+            )
             fut = await ours.start_close(timeout=LONG)
         elif step == "flush":
             # Our reply does not fit the peer's window: still being flushed.
@@ -213,7 +206,12 @@ async def test_close_peer_reset_at_each_step_ends_peer_reset(api: str, step: str
             fut = await ours.start_close(timeout=LONG, idle_timeout=None)
             assert await read_until_eof(peer) == b"reply"
             await loop.sock_sendall(peer, b"d" * 1000)
-            await wait_until(lambda: ours.linger().discarded >= 1000, "the bytes were discarded")
+            await wait_until(
+                lambda: ours.linger().discarded >= 1000,
+                LONG,
+                what="the bytes were discarded",
+                every=0.002,
+            )
             reset_socket(peer)
         else:
             # The peer half-closed first; our long reply is still being

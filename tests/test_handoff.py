@@ -22,15 +22,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from _util import port_of
 
 from aiograceful import GracefulServer, listen_fds, start_server
 from aiograceful._handoff import check_handoff, take_listeners
 
 HOST = "127.0.0.1"
-
-
-def port_of(server: GracefulServer) -> int:
-    return int(server.sockets[0].getsockname()[1])
 
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

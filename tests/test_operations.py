@@ -6,8 +6,7 @@ import asyncio
 import os
 import socket
 import struct
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -167,13 +166,6 @@ async def test_stats_count_outcomes_rejections_and_discarded_bytes() -> None:
 
 
 # -- Unix stream servers ------------------------------------------------------------------
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A short directory for Unix socket paths (tmp_path can exceed sun_path's 108 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="aiog-") as name:
-        yield Path(name)
 
 
 def upload_then_read(path: str) -> tuple[bytes, str | None]:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from _util import free_port
 
 import aiograceful
 from aiograceful import GracefulProtocol, abort, graceful_close, start_server
@@ -298,16 +299,9 @@ async def test_probe_cli_graceful_http_exit_0(serve: Callable[..., object]) -> N
     assert "result: no hazard found: 5 passed" in out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_probe_cli_unreachable_exit_2() -> None:
     """Nothing listening: one line on stderr, exit 2, no traceback."""
-    status, out, err = await _probe_cli(f"127.0.0.1:{_free_port()}", "--timeout", "2")
+    status, out, err = await _probe_cli(f"127.0.0.1:{free_port()}", "--timeout", "2")
     assert status == 2
     assert err.count("\n") == 1, err
     assert "cannot connect" in err
@@ -408,7 +402,7 @@ def nginx() -> object:
     if binary is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light to run this test)")
     with tempfile.TemporaryDirectory(prefix="aiograceful-nginx-") as tmp:
-        port = _free_port()
+        port = free_port()
         Path(tmp, "www").mkdir()
         conf = Path(tmp, "nginx.conf")
         conf.write_text(_NGINX_CONF.format(tmp=tmp, port=port))

@@ -1,4 +1,4 @@
-"""GracefulProtocol over real loopback sockets (issue 2, item 4; H5)."""
+"""GracefulProtocol over real loopback sockets (and H5: a plain abort() that sends a FIN)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import gc
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -17,6 +18,8 @@ from _util import (
     TCP_CLOSE_WAIT,
     close_wait_count,
     connect,
+    linux_only,
+    paced_read,
     recv_until_eof,
     tcp_states,
     wait_for_tcp_state,
@@ -440,3 +443,83 @@ class LateCloser(Recorder):
         loop = asyncio.get_running_loop()
         loop.call_later(0.05, self.transport.resume_reading)
         loop.call_later(0.1, self.close_gracefully)
+
+
+# -- a cancelled close_gracefully() on a Unix socket hands over to the kernel --
+
+UNIX_SIZE = 8 * MIB
+UNIX_RATE = 4 * MIB  # bytes/s of the paced reader
+CANCEL_AFTER = 0.3  # s: the outside bound cancelling a close (the transfer takes ~2 s)
+
+
+class NaiveBulkProtocol(asyncio.Protocol):
+    """On the first data: write UNIX_SIZE bytes, transport.close()."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.answered = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self.answered:
+            self.answered = True
+            self.transport.write(b"x" * UNIX_SIZE)
+            self.transport.close()
+
+
+class CancelledBulkProtocol(GracefulProtocol):
+    """On the first data: write UNIX_SIZE bytes, close_gracefully(), cancel that after 0.3 s."""
+
+    def __init__(self, closes: list[asyncio.Future[CloseResult]], results: list[CloseResult]):
+        self.closes = closes
+        self.results = results
+        self.answered = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self.answered:
+            self.answered = True
+            self.transport.write(b"x" * UNIX_SIZE)
+            close = self.close_gracefully()
+            asyncio.get_running_loop().call_later(CANCEL_AFTER, close.cancel)
+            self.closes.append(close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        result = self.close_result
+        assert result is not None
+        self.results.append(result)
+
+
+async def unix_protocol_download(
+    path: str, factory: Callable[[], asyncio.BaseProtocol]
+) -> tuple[int, str]:
+    """Serve ``factory``'s protocol on ``path``; one paced client's reading."""
+    server = await asyncio.get_running_loop().create_unix_server(factory, path)
+    try:
+        return await asyncio.to_thread(paced_read, path, b"GET\n", UNIX_RATE, timeout=10.0)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@linux_only
+async def test_protocol_unix_cancelled_close_gracefully_delivers_everything(
+    sock_dir: Path,
+) -> None:
+    """The close_gracefully() future cancelled after 0.3 s on a Unix socket: all 8 MiB, then EOF.
+
+    The outcome is ABORTED (grace was given up), but the bytes go out as
+    after transport.close(), the naive reference on the same setup.
+    """
+    naive = await unix_protocol_download(str(sock_dir / "naive"), NaiveBulkProtocol)
+    assert naive == (UNIX_SIZE, "FIN")
+
+    closes: list[asyncio.Future[CloseResult]] = []
+    results: list[CloseResult] = []
+    graceful = await unix_protocol_download(
+        str(sock_dir / "graceful"), lambda: CancelledBulkProtocol(closes, results)
+    )
+    await wait_until(lambda: len(results) == 1, 5)
+    assert len(closes) == 1
+    assert closes[0].cancelled()
+    assert results[0].outcome is CloseOutcome.ABORTED
+    assert graceful == (UNIX_SIZE, "FIN")

@@ -20,7 +20,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from _util import assert_still_accepts, connect_outcome, http_post, paced_read
+from _util import (
+    assert_still_accepts,
+    connect_outcome,
+    http_post,
+    linux_only,
+    paced_read,
+    port_of,
+    wait_until,
+)
 
 import aiograceful
 from aiograceful import (
@@ -35,20 +43,7 @@ from aiograceful import (
 LOCALHOST = "127.0.0.1"
 
 
-def port_of(server: GracefulServer | asyncio.Server) -> int:
-    return int(server.sockets[0].getsockname()[1])
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``predicate`` every few ms; fail the test if it is still false after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.005)
-
-
-# -- seed 002: the simultaneous-shutdown race --------------------------------------------
+# -- the simultaneous-shutdown race -------------------------------------------------------
 
 
 class RaceLineServer(GracefulProtocol):
@@ -168,7 +163,7 @@ async def naive_round(clients: list[RaceClient], delay: float) -> list[tuple[int
         server.close()
         for proto in list(registry):
             proto.shutdown()
-        await wait_until(lambda: not registry)
+        await wait_until(lambda: not registry, 5.0)
 
     results = await asyncio.gather(stop(), *(c(port_of(server)) for c in clients))
     await server.wait_closed()
@@ -290,7 +285,7 @@ async def test_shutdown_1000_connections_counts_are_exact() -> None:
     assert outcome["ignore"] == [b"BYE\n"] * n_ignore
 
 
-# -- the accept queue (seed 003) ----------------------------------------------------------
+# -- the accept queue ---------------------------------------------------------------------
 
 
 def queued_client(port: int, results: list[object]) -> None:
@@ -330,7 +325,7 @@ async def join(threads: list[threading.Thread]) -> None:
 
 
 async def test_shutdown_naive_close_resets_the_accept_queue() -> None:
-    """asyncio's Server.close() with connections in the accept queue resets them (seed 003)."""
+    """asyncio's Server.close() with connections in the accept queue resets them."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(asyncio.Protocol, LOCALHOST, 0, backlog=64)
     results: list[object] = []
@@ -410,7 +405,7 @@ async def test_shutdown_leaves_a_passed_in_listener_unfiltered() -> None:
         await assert_still_accepts(keeper, LOCALHOST, port)
 
 
-# -- rejection at a connection limit (seed 001) -------------------------------------------
+# -- rejection at a connection limit ------------------------------------------------------
 
 REJECTION = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 BODY = b"x" * (4 * 1024 * 1024)
@@ -449,7 +444,7 @@ async def test_reject_naive_close_loses_the_503() -> None:
 
     server = await asyncio.start_server(handler, LOCALHOST, 0)
     holder = await hold_one_connection(port_of(server))
-    await wait_until(lambda: live == 1)
+    await wait_until(lambda: live == 1, 5.0)
     statuses = [await asyncio.to_thread(post_big_body, port_of(server)) for _ in range(5)]
     holder.close()
     server.close()
@@ -470,7 +465,7 @@ async def test_reject_over_the_limit_delivers_the_503() -> None:
 
     server = await start_server(handler, LOCALHOST, 0, max_connections=1, on_reject=on_reject)
     holder = await hold_one_connection(port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     statuses = [await asyncio.to_thread(post_big_body, port_of(server)) for _ in range(5)]
     assert statuses == [503] * 5
     assert len(rejected) == 5
@@ -488,12 +483,62 @@ async def test_reject_default_closes_gracefully_without_writing() -> None:
 
     async with await start_server(handler, LOCALHOST, 0, max_connections=1) as server:
         holder = await hold_one_connection(port_of(server))
-        await wait_until(lambda: server.connections == 1)
+        await wait_until(lambda: server.connections == 1, 5.0)
         reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
         writer.write(b"hello")
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
         holder.close()
+
+
+async def test_reject_max_connections_holds_under_a_burst_of_accepts() -> None:
+    """Connections arriving together are counted before connection_made: 1 served, 4 rejected."""
+    served = 0
+    rejected: list[asyncio.Transport] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        served += 1
+        await reader.read()
+
+    server = await start_server(
+        handler, LOCALHOST, 0, max_connections=1, on_reject=rejected.append, grace=0.5
+    )
+    socks = [socket.create_connection((LOCALHOST, port_of(server))) for _ in range(5)]
+    try:
+        await wait_until(lambda: served + len(rejected) == 5, 5.0)
+        assert (served, len(rejected)) == (1, 4)
+    finally:
+        for sock in socks:
+            sock.close()
+        await server.shutdown()
+
+
+async def test_reject_max_connections_holds_during_drain_delay() -> None:
+    """During drain_delay the server still accepts, and still rejects over max_connections."""
+    release = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+
+    def reject(transport: asyncio.Transport) -> None:
+        transport.write(b"BUSY\n")
+
+    server = await start_server(
+        hold, LOCALHOST, 0, max_connections=1, on_reject=reject, drain_delay=1.0, grace=0.5
+    )
+    first = await asyncio.open_connection(LOCALHOST, port_of(server))
+    await wait_until(lambda: server.connections == 1, 5.0, every=0.01)
+    shutting = asyncio.ensure_future(server.shutdown())
+    await wait_until(server.notice.is_set, 5.0, every=0.01)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    answer = await asyncio.wait_for(reader.read(), 5)
+    release.set()
+    report = await asyncio.wait_for(shutting, 10)
+    writer.close()
+    first[1].close()
+    assert answer == b"BUSY\n"  # rejected at the limit, during the notice phase
+    assert report.rejected == 1, report
 
 
 # -- hooks, handlers, lifecycle -----------------------------------------------------------
@@ -510,7 +555,7 @@ async def test_notice_hook_that_raises_is_logged_and_shutdown_completes(
 
     server = await create_server(Broken, LOCALHOST, 0, grace=2)
     reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     with caplog.at_level(logging.ERROR, logger="aiograceful"):
         report = await server.shutdown()
     assert "hook failed" in caplog.text
@@ -532,7 +577,7 @@ async def test_stream_notice_hook_that_raises_is_logged(caplog: pytest.LogCaptur
 
     server = await start_server(handler, LOCALHOST, 0, on_notice=on_notice, grace=2)
     reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     with caplog.at_level(logging.ERROR, logger="aiograceful"):
         shutdown = asyncio.create_task(server.shutdown())
         assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -555,7 +600,7 @@ async def test_async_notice_hook_is_awaited() -> None:
 
     server = await start_server(handler, LOCALHOST, 0, on_notice=on_notice, grace=2)
     reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     shutdown = asyncio.create_task(server.shutdown())
     assert await asyncio.wait_for(reader.readline(), 5) == b"GOAWAY\n"
     writer.write_eof()
@@ -581,7 +626,7 @@ async def test_handler_that_raises_is_logged_and_writer_closed_gracefully(
             writer.write(b"request\n" + b"y" * 100_000)  # unread bytes behind the request
             assert await asyncio.wait_for(reader.read(), 5) == b"partial answer\n"
             writer.close()
-            await wait_until(lambda: server.connections == 0)
+            await wait_until(lambda: server.connections == 0, 5.0)
         assert "handler bug" in caplog.text
 
 
@@ -601,7 +646,7 @@ async def test_shutdown_is_idempotent_and_shared() -> None:
     """Concurrent and later shutdown() calls share one shutdown and one report."""
     server = await create_server(ByeProtocol, LOCALHOST, 0, grace=0.5)
     _reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     first, second = await asyncio.gather(server.shutdown(), server.shutdown())
     third = await server.shutdown()
     assert first is second is third
@@ -623,7 +668,7 @@ async def test_shutdown_forces_ignorers_within_bounds() -> None:
     """A peer that ignores the notice and never closes is forced; the report says so."""
     server = await create_server(ByeProtocol, LOCALHOST, 0, grace=0.3, force_timeout=0.2)
     _reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     started = time.monotonic()
     report = await server.shutdown()
     elapsed = time.monotonic() - started
@@ -682,7 +727,7 @@ async def test_shutdown_force_lets_go_to_the_kernel() -> None:
         )
     )
     try:
-        await wait_until(lambda: len(sent) == 3)
+        await wait_until(lambda: len(sent) == 3, 5.0)
         await asyncio.sleep(0.3)  # the answers fill the kernels' send queues; the handlers wait
         # Nothing moves from now on (the clients read nothing): what was
         # handed to the kernel is what was written less what is still buffered.
@@ -711,6 +756,58 @@ async def test_shutdown_force_lets_go_to_the_kernel() -> None:
     assert got["reset"][0] < 64 * 1024
 
 
+SHUTDOWN_SIZE = 6 * 1024 * 1024
+SHUTDOWN_RATE = 3 * 1024 * 1024  # ~2 s: still in flight when grace (0.5 s) runs out
+
+
+@linux_only
+async def test_shutdown_force_cancelling_a_unix_close_delivers_everything(
+    sock_dir: pathlib.Path,
+) -> None:
+    """A handler's graceful_close cancelled by the forced end of grace on a Unix socket: all 6 MiB.
+
+    shutdown(grace=0.5, force_timeout=10): at the end of grace the server
+    cancels the handler (and so its close) with 6 MiB still going out;
+    force_timeout is long enough for the rest, which the cancelled close
+    must hand over, not abort. The naive reference: plain asyncio,
+    writer.close() and server.close() mid-download.
+    """
+
+    async def naive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"x" * SHUTDOWN_SIZE)
+        writer.close()
+
+    async def awaiting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"x" * SHUTDOWN_SIZE)
+        await aiograceful.graceful_close(writer)
+
+    async def download(path: str, started: threading.Event) -> tuple[int, str]:
+        return await asyncio.to_thread(
+            paced_read, path, b"GET\n", SHUTDOWN_RATE, timeout=10.0, started=started
+        )
+
+    path = str(sock_dir / "naive")
+    plain = await asyncio.start_unix_server(naive, path)
+    started = threading.Event()
+    client = asyncio.ensure_future(download(path, started))
+    assert await asyncio.to_thread(started.wait, 10)
+    plain.close()
+    await plain.wait_closed()
+    assert await client == (SHUTDOWN_SIZE, "FIN")
+
+    path = str(sock_dir / "graceful")
+    server = await aiograceful.start_unix_server(awaiting, path, grace=0.5, force_timeout=10.0)
+    started = threading.Event()
+    client = asyncio.ensure_future(download(path, started))
+    assert await asyncio.to_thread(started.wait, 10)
+    report = await server.shutdown()
+    got = await client
+    assert report.forced == 1  # grace ran out with the download in flight
+    assert got == (SHUTDOWN_SIZE, "FIN")
+
+
 async def test_async_with_and_serve_forever_on_shutdown() -> None:
     """serve_forever() returns once shutdown() has run; async with shuts down on exit."""
     async with await create_server(ByeProtocol, LOCALHOST, 0, grace=0.5) as server:
@@ -730,7 +827,7 @@ async def test_server_with_sock_and_start_serving_false() -> None:
     assert not server.is_serving()
     await server.start_serving()
     reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await wait_until(lambda: server.connections == 1)
+    await wait_until(lambda: server.connections == 1, 5.0)
     shutdown = asyncio.create_task(server.shutdown())
     assert await asyncio.wait_for(reader.readline(), 5) == b"BYE\n"
     writer.write_eof()
@@ -751,7 +848,7 @@ async def test_registry_never_leaks() -> None:
         for _ in range(20):
             _r, w = await asyncio.open_connection(LOCALHOST, port_of(server))
             writers.append(w)
-        await wait_until(lambda: server.connections == 20)
+        await wait_until(lambda: server.connections == 20, 5.0)
         try:
             for i, w in enumerate(writers):
                 if i % 2:
@@ -759,13 +856,176 @@ async def test_registry_never_leaks() -> None:
                     w.write_eof()
                 else:
                     w.close()  # the client goes away first
-            await wait_until(lambda: server.connections == 0)
+            await wait_until(lambda: server.connections == 0, 5.0)
         finally:
             for w in writers:
                 w.close()
 
 
-# -- idle timeout ---------------------------------------------------------------------------
+async def test_shutdown_force_timeout_lets_a_lingering_stream_end_clean() -> None:
+    """A connection lingering after its handler returned gets force_timeout to end CLEAN."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello\n")  # return at once: the server lingers for the peer's FIN
+
+    server = await start_server(
+        handler, LOCALHOST, 0, grace=0.2, force_timeout=3.0, linger_idle_timeout=None
+    )
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    assert await reader.readline() == b"hello\n"
+
+    async def finish_late() -> None:
+        await asyncio.sleep(0.6)  # grace is over, the force linger runs
+        writer.write_eof()
+
+    finishing = asyncio.create_task(finish_late())
+    report = await server.shutdown()
+    await finishing
+    assert await reader.read() == b""
+    assert report.forced == 1
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}
+    writer.close()
+
+
+async def test_shutdown_bounds_a_connection_attaching_after_grace(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A TLS client whose handshake ends after grace is notified and closed, not left open."""
+    server_ctx, client_ctx = tls_contexts
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await start_server(handler, LOCALHOST, 0, ssl=server_ctx, grace=0.2, force_timeout=0.3)
+    raw = socket.create_connection((LOCALHOST, port_of(server)))
+    raw.setblocking(False)
+    await asyncio.sleep(0.1)  # accepted; the TLS handshake has not begun
+    await server.shutdown()
+    reader, writer = await asyncio.open_connection(
+        sock=raw, ssl=client_ctx, server_hostname=LOCALHOST
+    )
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    await wait_until(lambda: server.connections == 0, 5.0)
+    writer.transport.abort()
+
+
+async def test_notice_skipped_after_the_handlers_write_eof(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After the handler's writer.write_eof(), no notice hook: it could not write."""
+    notified: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"all sent\n")
+        writer.write_eof()
+        await reader.read()
+
+    def on_notice(writer: asyncio.StreamWriter) -> None:
+        notified.append(writer)
+        writer.write(b"BYE\n")
+
+    server = await start_server(handler, LOCALHOST, 0, on_notice=on_notice, grace=2)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    assert await reader.read() == b"all sent\n"
+    with caplog.at_level(logging.ERROR, logger="aiograceful"):
+        shutdown = asyncio.create_task(server.shutdown())
+        await asyncio.sleep(0.05)
+        writer.write_eof()  # the peer finishes: both directions closed
+        report = await shutdown
+    assert notified == []
+    assert "raised" not in caplog.text
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}
+    writer.close()
+
+
+_REPLY_413 = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+async def test_handler_own_writer_close_lingers() -> None:
+    """A handler's own ``writer.close(); await writer.wait_closed()`` lingers: the 413 is read."""
+    results: list[aiograceful.CloseResult] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(_REPLY_413)  # the 4 MiB body is still arriving, unread
+        writer.close()
+        await writer.wait_closed()
+        results.append(await aiograceful.graceful_close(writer))
+
+    naive = await asyncio.start_server(handler, LOCALHOST, 0)
+    try:
+        naive_got = [await asyncio.to_thread(http_post, port_of(naive), 4 << 20) for _ in range(3)]
+    finally:
+        naive.close()
+    results.clear()
+    async with await start_server(handler, LOCALHOST, 0) as server:
+        got = [await asyncio.to_thread(http_post, port_of(server), 4 << 20) for _ in range(3)]
+        await wait_until(lambda: len(results) == 3, 5.0, every=0.01)
+    assert naive_got.count(413) < 3, naive_got  # asyncio's close() resets the uploading client
+    assert got == [413] * 3, got
+    assert all(r.outcome is CloseOutcome.CLEAN and r.discarded > 0 for r in results), results
+
+
+async def test_registry_frees_closed_connections_without_the_cycle_collector() -> None:
+    """A closed stream connection's record is freed by reference counting alone."""
+    from aiograceful._linger import Linger
+
+    def live() -> int:
+        return sum(1 for obj in gc.get_objects() if type(obj) is Linger)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await start_server(handler, LOCALHOST, 0)
+    gc.collect()
+    gc.disable()
+    try:
+        before = live()
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+            writer.write_eof()
+            assert await reader.read() == b""
+            writer.close()
+            await writer.wait_closed()
+        await wait_until(lambda: server.connections == 0, 5.0)
+        await asyncio.sleep(0.05)
+        del reader, writer
+        assert live() - before == 0
+    finally:
+        gc.enable()
+        await server.shutdown()
+
+
+async def test_server_phase_and_report_after_serve_forever() -> None:
+    """The phase goes SERVING -> DONE, shows in repr, and the report is kept after the shutdown."""
+    server = await aiograceful.start_server(_line_keepalive, LOCALHOST, 0, grace=1)
+    assert server.phase is aiograceful.ShutdownPhase.SERVING
+    assert server.report is None
+    assert "serving" in repr(server)
+    assert isinstance(server.notice, aiograceful.ShutdownNotice)
+    serving = asyncio.ensure_future(server.serve_forever())
+    await asyncio.sleep(0.05)
+    report = await server.shutdown()
+    await asyncio.wait_for(serving, 5)
+    assert _phase(server) is aiograceful.ShutdownPhase.DONE
+    assert "done" in repr(server)
+    assert _report(server) is report
+    stats = server.stats
+    assert stats.phase is aiograceful.ShutdownPhase.DONE
+    assert stats.shutdown_duration is not None
+    assert stats.shutdown_duration >= report.duration - 0.01
+
+
+def _phase(server: GracefulServer) -> aiograceful.ShutdownPhase:
+    return server.phase
+
+
+def _report(server: GracefulServer) -> ShutdownReport | None:
+    return server.report
+
+
+# -- idle timeout -------------------------------------------------------------------------
 
 
 async def test_idle_timeout_closes_with_fin_not_rst() -> None:
@@ -783,7 +1043,7 @@ async def test_idle_timeout_closes_with_fin_not_rst() -> None:
         assert await asyncio.wait_for(reader.read(), 5) == b""
         assert time.monotonic() - started >= 0.25
         writer.close()
-        await wait_until(lambda: server.connections == 0)
+        await wait_until(lambda: server.connections == 0, 5.0)
 
 
 async def test_idle_timeout_waits_for_an_unfinished_request() -> None:
@@ -853,7 +1113,7 @@ async def test_idle_watch_releases_closed_connections() -> None:
             writer.write_eof()
             await _reader.read()
             writer.close()
-        await wait_until(lambda: server.connections == 0)
+        await wait_until(lambda: server.connections == 0, 5.0)
     assert live_lingers() == before
 
 
@@ -876,7 +1136,109 @@ async def test_idle_timeout_protocol_uses_kernel_activity() -> None:
         writer.close()
 
 
-# -- SIGTERM -----------------------------------------------------------------------------------
+async def test_idle_timeout_spares_a_busy_unix_protocol_connection(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A Unix socket has no TCP_INFO: idle_timeout never closes a busy protocol connection."""
+
+    class Echo(GracefulProtocol):
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    path = str(tmp_path / "echo.sock")
+    server = await aiograceful.create_unix_server(Echo, path, idle_timeout=0.3)
+    async with server:
+        reader, writer = await asyncio.open_unix_connection(path)
+        for i in range(10):  # 1 s of pings, 0.1 s apart: never 0.3 s without traffic
+            writer.write(b"ping %d\n" % i)
+            assert await asyncio.wait_for(reader.readline(), 2) == b"ping %d\n" % i
+            await asyncio.sleep(0.1)
+        writer.close()
+
+
+# -- the quiet window after the notice ----------------------------------------------------
+
+
+async def _line_keepalive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A keep-alive line server: one answer per line, until the client closes."""
+    while line := await reader.readline():
+        writer.write(b"echo " + line)
+        await writer.drain()
+
+
+def _idle_after_one_answer(port: int, within: float) -> tuple[bytes, float | None]:
+    """Send one line, read its answer, then idle: return the answer and when EOF came (or None)."""
+    with socket.create_connection((LOCALHOST, port), timeout=within) as sock:
+        sock.sendall(b"ping\n")
+        answer = sock.recv(4096)
+        began = time.monotonic()
+        try:
+            while sock.recv(4096):
+                pass
+        except TimeoutError:
+            return answer, None
+        return answer, time.monotonic() - began
+
+
+@pytest.mark.parametrize("graceful", [False, True], ids=["asyncio", "aiograceful"])
+async def test_shutdown_idle_keepalive_connection_gets_fin_after_quiet_window(
+    graceful: bool,
+) -> None:
+    """At shutdown an idle keep-alive client gets its FIN within 2 s (asyncio's never gets one)."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await _line_keepalive(reader, writer)
+
+    if not graceful:
+        stock = await asyncio.start_server(handler, LOCALHOST, 0)
+        client = asyncio.to_thread(_idle_after_one_answer, port_of(stock), 3.0)
+        waiting = asyncio.ensure_future(client)
+        await wait_until(lambda: bool(writers), 5.0)
+        await asyncio.sleep(0.2)  # the answer is read; the client idles
+        stock.close()  # the stock close leaves the idle connection to its handler
+        answer, fin_after = await waiting
+        for writer in writers:
+            writer.close()
+            await writer.wait_closed()
+        assert answer == b"echo ping\n"
+        assert fin_after is None, "asyncio's Server.close() ended an idle connection"
+        return
+    server = await aiograceful.start_server(handler, LOCALHOST, 0, grace=10)
+    waiting = asyncio.ensure_future(asyncio.to_thread(_idle_after_one_answer, port_of(server), 3.0))
+    await wait_until(lambda: bool(writers), 5.0)
+    await asyncio.sleep(0.2)
+    shutdown = asyncio.ensure_future(server.shutdown())
+    answer, fin_after = await waiting
+    report = await asyncio.wait_for(shutdown, 10)
+    assert answer == b"echo ping\n"
+    assert fin_after is not None
+    assert fin_after < 2.0, f"FIN {fin_after:.2f} s after the answer"
+    assert report.duration < 3.0, report
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
+    assert server.stats.phase is aiograceful.ShutdownPhase.DONE
+
+
+async def test_shutdown_request_in_quiet_window_is_answered() -> None:
+    """A request that arrives in the quiet window after the notice is answered before the close."""
+    server = await aiograceful.start_server(_line_keepalive, LOCALHOST, 0, grace=10)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    writer.write(b"one\n")
+    assert await reader.readline() == b"echo one\n"
+    shutdown = asyncio.ensure_future(server.shutdown())
+    await asyncio.sleep(0.3)  # inside the quiet window
+    writer.write(b"two\n")
+    assert await reader.readline() == b"echo two\n"
+    assert await reader.read() == b""  # then the server's FIN
+    writer.close()
+    await writer.wait_closed()
+    report = await asyncio.wait_for(shutdown, 10)
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
+    assert report.forced == 0
+
+
+# -- SIGTERM ------------------------------------------------------------------------------
 
 SERVER_SCRIPT = r"""
 import asyncio, sys
@@ -923,7 +1285,7 @@ async def test_sigterm_notifies_clients_and_exits() -> None:
             await proc.wait()
 
 
-# -- bad arguments ----------------------------------------------------------------------------
+# -- bad arguments ------------------------------------------------------------------------
 
 
 async def _noop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -990,324 +1352,3 @@ def test_tcp_info_layout_matches_the_kernel() -> None:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
         unacked, sacked = struct.unpack_from("II", raw, 8 + 4 * 4)
     assert (unacked, sacked) == (0, 37)
-
-
-# -- regressions from the second-read review ------------------------------------------------
-
-
-async def test_force_gives_a_lingering_stream_its_force_linger_not_a_reset() -> None:
-    """A connection lingering after its handler returned gets force_timeout to end CLEAN."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"hello\n")  # return at once: the server lingers for the peer's FIN
-
-    server = await start_server(
-        handler, LOCALHOST, 0, grace=0.2, force_timeout=3.0, linger_idle_timeout=None
-    )
-    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    assert await reader.readline() == b"hello\n"
-
-    async def finish_late() -> None:
-        await asyncio.sleep(0.6)  # grace is over, the force linger runs
-        writer.write_eof()
-
-    finishing = asyncio.create_task(finish_late())
-    report = await server.shutdown()
-    await finishing
-    assert await reader.read() == b""
-    assert report.forced == 1
-    assert report.outcomes == {CloseOutcome.CLEAN: 1}
-    writer.close()
-
-
-async def test_max_connections_holds_under_a_burst_of_accepts() -> None:
-    """Connections arriving together are counted before connection_made: 1 served, 4 rejected."""
-    served = 0
-    rejected: list[asyncio.Transport] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal served
-        served += 1
-        await reader.read()
-
-    server = await start_server(
-        handler, LOCALHOST, 0, max_connections=1, on_reject=rejected.append, grace=0.5
-    )
-    socks = [socket.create_connection((LOCALHOST, port_of(server))) for _ in range(5)]
-    try:
-        await wait_until(lambda: served + len(rejected) == 5)
-        assert (served, len(rejected)) == (1, 4)
-    finally:
-        for sock in socks:
-            sock.close()
-        await server.shutdown()
-
-
-async def test_stream_writer_write_eof_means_no_notice(caplog: pytest.LogCaptureFixture) -> None:
-    """After the handler's writer.write_eof(), no notice hook: it could not write."""
-    notified: list[asyncio.StreamWriter] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"all sent\n")
-        writer.write_eof()
-        await reader.read()
-
-    def on_notice(writer: asyncio.StreamWriter) -> None:
-        notified.append(writer)
-        writer.write(b"BYE\n")
-
-    server = await start_server(handler, LOCALHOST, 0, on_notice=on_notice, grace=2)
-    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    assert await reader.read() == b"all sent\n"
-    with caplog.at_level(logging.ERROR, logger="aiograceful"):
-        shutdown = asyncio.create_task(server.shutdown())
-        await asyncio.sleep(0.05)
-        writer.write_eof()  # the peer finishes: both directions closed
-        report = await shutdown
-    assert notified == []
-    assert "raised" not in caplog.text
-    assert report.outcomes == {CloseOutcome.CLEAN: 1}
-    writer.close()
-
-
-async def test_closed_connections_are_freed_without_the_cycle_collector() -> None:
-    """A closed stream connection's record is freed by reference counting alone."""
-    from aiograceful._linger import Linger
-
-    def live() -> int:
-        return sum(1 for obj in gc.get_objects() if type(obj) is Linger)
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-
-    server = await start_server(handler, LOCALHOST, 0)
-    gc.collect()
-    gc.disable()
-    try:
-        before = live()
-        for _ in range(10):
-            reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-            writer.write_eof()
-            assert await reader.read() == b""
-            writer.close()
-            await writer.wait_closed()
-        await wait_until(lambda: server.connections == 0)
-        await asyncio.sleep(0.05)
-        del reader, writer
-        assert live() - before == 0
-    finally:
-        gc.enable()
-        await server.shutdown()
-
-
-async def test_connection_attaching_after_grace_is_still_bounded(
-    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
-) -> None:
-    """A TLS client whose handshake ends after grace is notified and closed, not left open."""
-    server_ctx, client_ctx = tls_contexts
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-
-    server = await start_server(handler, LOCALHOST, 0, ssl=server_ctx, grace=0.2, force_timeout=0.3)
-    raw = socket.create_connection((LOCALHOST, port_of(server)))
-    raw.setblocking(False)
-    await asyncio.sleep(0.1)  # accepted; the TLS handshake has not begun
-    await server.shutdown()
-    reader, writer = await asyncio.open_connection(
-        sock=raw, ssl=client_ctx, server_hostname=LOCALHOST
-    )
-    with contextlib.suppress(ConnectionError):
-        assert await asyncio.wait_for(reader.read(), 5) == b""
-    await wait_until(lambda: server.connections == 0)
-    writer.transport.abort()
-
-
-_REPLY_413 = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-
-
-async def test_handler_own_writer_close_is_graceful() -> None:
-    """A handler's own ``writer.close(); await writer.wait_closed()`` lingers: the 413 is read."""
-    results: list[aiograceful.CloseResult] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(_REPLY_413)  # the 4 MiB body is still arriving, unread
-        writer.close()
-        await writer.wait_closed()
-        results.append(await aiograceful.graceful_close(writer))
-
-    naive = await asyncio.start_server(handler, LOCALHOST, 0)
-    try:
-        naive_got = [await asyncio.to_thread(http_post, port_of(naive), 4 << 20) for _ in range(3)]
-    finally:
-        naive.close()
-    results.clear()
-    async with await start_server(handler, LOCALHOST, 0) as server:
-        got = [await asyncio.to_thread(http_post, port_of(server), 4 << 20) for _ in range(3)]
-        await _until(lambda: len(results) == 3)
-    assert naive_got.count(413) < 3, naive_got  # asyncio's close() resets the uploading client
-    assert got == [413] * 3, got
-    assert all(r.outcome is CloseOutcome.CLEAN and r.discarded > 0 for r in results), results
-
-
-async def _until(predicate: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in 5 s")
-
-
-async def test_max_connections_holds_during_drain_delay() -> None:
-    """During drain_delay the server still accepts, and still rejects over max_connections."""
-    release = asyncio.Event()
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await release.wait()
-
-    def reject(transport: asyncio.Transport) -> None:
-        transport.write(b"BUSY\n")
-
-    server = await start_server(
-        hold, LOCALHOST, 0, max_connections=1, on_reject=reject, drain_delay=1.0, grace=0.5
-    )
-    first = await asyncio.open_connection(LOCALHOST, port_of(server))
-    await _until(lambda: server.connections == 1)
-    shutting = asyncio.ensure_future(server.shutdown())
-    await _until(server.notice.is_set)
-    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    answer = await asyncio.wait_for(reader.read(), 5)
-    release.set()
-    report = await asyncio.wait_for(shutting, 10)
-    writer.close()
-    first[1].close()
-    assert answer == b"BUSY\n"  # rejected at the limit, during the notice phase
-    assert report.rejected == 1, report
-
-
-async def test_idle_timeout_spares_a_busy_unix_protocol_connection(
-    tmp_path: pathlib.Path,
-) -> None:
-    """A Unix socket has no TCP_INFO: idle_timeout never closes a busy protocol connection."""
-
-    class Echo(GracefulProtocol):
-        def data_received(self, data: bytes) -> None:
-            self.transport.write(data)
-
-    path = str(tmp_path / "echo.sock")
-    server = await aiograceful.create_unix_server(Echo, path, idle_timeout=0.3)
-    async with server:
-        reader, writer = await asyncio.open_unix_connection(path)
-        for i in range(10):  # 1 s of pings, 0.1 s apart: never 0.3 s without traffic
-            writer.write(b"ping %d\n" % i)
-            assert await asyncio.wait_for(reader.readline(), 2) == b"ping %d\n" % i
-            await asyncio.sleep(0.1)
-        writer.close()
-
-
-async def _line_keepalive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A keep-alive line server: one answer per line, until the client closes."""
-    while line := await reader.readline():
-        writer.write(b"echo " + line)
-        await writer.drain()
-
-
-def _idle_after_one_answer(port: int, within: float) -> tuple[bytes, float | None]:
-    """Send one line, read its answer, then idle: return the answer and when EOF came (or None)."""
-    with socket.create_connection((LOCALHOST, port), timeout=within) as sock:
-        sock.sendall(b"ping\n")
-        answer = sock.recv(4096)
-        began = time.monotonic()
-        try:
-            while sock.recv(4096):
-                pass
-        except TimeoutError:
-            return answer, None
-        return answer, time.monotonic() - began
-
-
-@pytest.mark.parametrize("graceful", [False, True], ids=["asyncio", "aiograceful"])
-async def test_start_server_idle_keepalive_connection_gets_fin_after_quiet_window(
-    graceful: bool,
-) -> None:
-    """At shutdown an idle keep-alive client gets its FIN within 2 s (asyncio's never gets one)."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        await _line_keepalive(reader, writer)
-
-    if not graceful:
-        stock = await asyncio.start_server(handler, LOCALHOST, 0)
-        client = asyncio.to_thread(_idle_after_one_answer, port_of(stock), 3.0)
-        waiting = asyncio.ensure_future(client)
-        await wait_until(lambda: bool(writers))
-        await asyncio.sleep(0.2)  # the answer is read; the client idles
-        stock.close()  # the stock close leaves the idle connection to its handler
-        answer, fin_after = await waiting
-        for writer in writers:
-            writer.close()
-            await writer.wait_closed()
-        assert answer == b"echo ping\n"
-        assert fin_after is None, "asyncio's Server.close() ended an idle connection"
-        return
-    server = await aiograceful.start_server(handler, LOCALHOST, 0, grace=10)
-    waiting = asyncio.ensure_future(asyncio.to_thread(_idle_after_one_answer, port_of(server), 3.0))
-    await wait_until(lambda: bool(writers))
-    await asyncio.sleep(0.2)
-    shutdown = asyncio.ensure_future(server.shutdown())
-    answer, fin_after = await waiting
-    report = await asyncio.wait_for(shutdown, 10)
-    assert answer == b"echo ping\n"
-    assert fin_after is not None
-    assert fin_after < 2.0, f"FIN {fin_after:.2f} s after the answer"
-    assert report.duration < 3.0, report
-    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
-    assert server.stats.phase is aiograceful.ShutdownPhase.DONE
-
-
-async def test_start_server_request_in_quiet_window_is_answered() -> None:
-    """A request that arrives in the quiet window after the notice is answered before the close."""
-    server = await aiograceful.start_server(_line_keepalive, LOCALHOST, 0, grace=10)
-    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
-    writer.write(b"one\n")
-    assert await reader.readline() == b"echo one\n"
-    shutdown = asyncio.ensure_future(server.shutdown())
-    await asyncio.sleep(0.3)  # inside the quiet window
-    writer.write(b"two\n")
-    assert await reader.readline() == b"echo two\n"
-    assert await reader.read() == b""  # then the server's FIN
-    writer.close()
-    await writer.wait_closed()
-    report = await asyncio.wait_for(shutdown, 10)
-    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
-    assert report.forced == 0
-
-
-async def test_graceful_server_phase_and_report_after_serve_forever() -> None:
-    """The phase goes SERVING -> DONE, shows in repr, and the report is kept after the shutdown."""
-    server = await aiograceful.start_server(_line_keepalive, LOCALHOST, 0, grace=1)
-    assert server.phase is aiograceful.ShutdownPhase.SERVING
-    assert server.report is None
-    assert "serving" in repr(server)
-    assert isinstance(server.notice, aiograceful.ShutdownNotice)
-    serving = asyncio.ensure_future(server.serve_forever())
-    await asyncio.sleep(0.05)
-    report = await server.shutdown()
-    await asyncio.wait_for(serving, 5)
-    assert _phase(server) is aiograceful.ShutdownPhase.DONE
-    assert "done" in repr(server)
-    assert _report(server) is report
-    stats = server.stats
-    assert stats.phase is aiograceful.ShutdownPhase.DONE
-    assert stats.shutdown_duration is not None
-    assert stats.shutdown_duration >= report.duration - 0.01
-
-
-def _phase(server: GracefulServer) -> aiograceful.ShutdownPhase:
-    return server.phase
-
-
-def _report(server: GracefulServer) -> ShutdownReport | None:
-    return server.report

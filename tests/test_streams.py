@@ -1,4 +1,4 @@
-"""graceful_close(writer) and abort() behind asyncio's streams API (issue 3)."""
+"""graceful_close(writer) and abort() behind asyncio's streams API."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -18,6 +19,7 @@ from _util import (
     HOST,
     TCP_CLOSE,
     connect,
+    linux_only,
     paced_read,
     recv_until_eof,
     set_linger_zero,
@@ -383,6 +385,61 @@ async def test_streams_half_closed_peer_that_stops_reading_gets_everything() -> 
         unacked = results[how].unacked
         assert unacked is not None
         assert unacked > 0
+
+
+# -- a close cancelled from outside on a Unix socket hands over to the kernel --
+
+MIB = 1024 * 1024
+UNIX_SIZE = 8 * MIB
+UNIX_RATE = 4 * MIB  # bytes/s of the paced reader
+CANCEL_AFTER = 0.3  # s: the outside bound cancelling a close (the transfer takes ~2 s)
+
+
+async def naive_bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read one line, write UNIX_SIZE bytes in one write, writer.close()."""
+    await reader.readline()
+    writer.write(b"x" * UNIX_SIZE)
+    writer.close()
+
+
+async def unix_download(
+    path: str, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+) -> tuple[int, str]:
+    """Serve ``handler`` with plain asyncio on ``path``; one paced client's reading."""
+    server = await asyncio.start_unix_server(handler, path)
+    try:
+        return await asyncio.to_thread(paced_read, path, b"GET\n", UNIX_RATE, timeout=10.0)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@linux_only
+async def test_streams_unix_close_cancelled_by_timeout_delivers_everything(sock_dir: Path) -> None:
+    """graceful_close cancelled by ``asyncio.timeout(0.3)`` on a Unix socket: all 8 MiB, then EOF.
+
+    The client sent nothing more than its line, so nothing is unread: the
+    cancelled close must hand the buffer over as writer.close() does, not
+    abort the transport and drop the loop's buffer. The naive close on the
+    same setup is the reference.
+    """
+    naive = await unix_download(str(sock_dir / "naive"), naive_bulk)
+    assert naive == (UNIX_SIZE, "FIN")
+
+    cut: list[bool] = []
+
+    async def cancelled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"x" * UNIX_SIZE)
+        try:
+            async with asyncio.timeout(CANCEL_AFTER):
+                await graceful_close(writer)
+        except TimeoutError:
+            cut.append(True)
+
+    graceful = await unix_download(str(sock_dir / "graceful"), cancelled)
+    assert cut == [True]  # the close was still under way when it was cancelled
+    assert graceful == (UNIX_SIZE, "FIN")
 
 
 # -- a peer that resets, at every step ---------------------------------------

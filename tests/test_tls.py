@@ -10,15 +10,18 @@ FIN, and only then closes (with close_notify).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import pathlib
 import shutil
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
-from _util import HOST, REPLY_413, SMALL_RCVBUF
+from _util import HOST, REPLY_413, SMALL_RCVBUF, linux_only, paced_read, wait_until
 
 import aiograceful
 from aiograceful import CloseOutcome, CloseResult, GracefulProtocol, graceful_close
@@ -147,24 +150,7 @@ TLS_RATE = 3 << 20
 
 def tls_paced_read(port: int, client: ssl.SSLContext) -> tuple[int, str]:
     """Read a TLS download at TLS_RATE through a small receive buffer; bytes and how it ended."""
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
-    raw.settimeout(20)
-    got = 0
-    try:
-        raw.connect((HOST, port))
-        with client.wrap_socket(raw, server_hostname=HOST) as sock:
-            sock.sendall(b"GET\n")
-            while True:
-                chunk = sock.recv(16 * 1024)
-                if not chunk:
-                    return got, "EOF"
-                got += len(chunk)
-                time.sleep(len(chunk) / TLS_RATE)
-    except (OSError, ssl.SSLError) as exc:
-        return got, type(exc).__name__
-    finally:
-        raw.close()
+    return paced_read(port, b"GET\n", TLS_RATE, context=client)
 
 
 async def test_tls_slow_reader_gets_every_byte(tls_contexts: Contexts) -> None:
@@ -200,7 +186,7 @@ async def test_tls_slow_reader_gets_every_byte(tls_contexts: Contexts) -> None:
         port = server.sockets[0].getsockname()[1]
         got = await asyncio.to_thread(tls_paced_read, port, client_ctx)
     assert naive_got[0] < TLS_DOWNLOAD, naive_got
-    assert got == (TLS_DOWNLOAD, "EOF"), got
+    assert got == (TLS_DOWNLOAD, "FIN"), got
 
 
 async def test_tls_write_eof_raises_and_the_reply_still_arrives(tls_contexts: Contexts) -> None:
@@ -340,3 +326,336 @@ async def test_tls_early_413_node_https_client(
     # (node reads an early answer while it uploads, so a naive close loses
     # it only sometimes here: 1 of 3 in a run on asyncio's loop.)
     assert got == ["413"] * 3, got
+
+
+# -- a busy loop: the TCP transport's buffer under the SSL transport ----------
+
+MIB = 1024 * 1024
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+SLOW_TLS_SIZE = 6 * MIB
+SLOW_TLS_RATE = 2 * MIB  # ~3 s: three times send_timeout
+
+
+def paced_tls_read(port: int, context: ssl.SSLContext, rate: float) -> tuple[int, str]:
+    """Send a line over TLS with a 64 KiB receive buffer; read at ``rate`` until the end."""
+    got = 0
+    raw = socket.create_connection((HOST, port), timeout=10)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+    try:
+        with context.wrap_socket(raw, server_hostname=HOST) as sock:
+            sock.sendall(b"GET\n")
+            start = time.monotonic()
+            for _ in range(100_000):
+                chunk = sock.recv(16 * 1024)
+                if not chunk:
+                    return got, "FIN"
+                got += len(chunk)
+                lag = got / rate - (time.monotonic() - start)
+                if lag > 0:
+                    time.sleep(lag)
+            return got, "stopped"
+    except OSError as exc:
+        return got, type(exc).__name__
+    finally:
+        raw.close()
+
+
+def big_answer(
+    close: str, results: list[CloseResult], *, size: int = SLOW_TLS_SIZE, **options: Any
+) -> Handler:
+    """SO_SNDBUF 64 KiB, read the line, write ``size`` bytes, then close.
+
+    ``close``: "naive" (``writer.close()``), "graceful" (``graceful_close``
+    with ``options``, its result into ``results``), or "server" (return:
+    aiograceful's server closes).
+    """
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        await reader.readline()
+        writer.write(b"x" * size)
+        if close == "naive":
+            writer.close()
+        elif close == "graceful":
+            results.append(await graceful_close(writer, **options))
+
+    return serve
+
+
+BUSY_SIZE = 8 * MIB
+HOG = 0.02  # s of other work per loop iteration
+HOG_LIMIT = 1500  # iterations: at most ~30 s of hogging
+R = TypeVar("R")
+
+
+async def hog(stop: asyncio.Event) -> None:
+    """Stand in for other connections' work: block the loop HOG s per iteration."""
+    for _ in range(HOG_LIMIT):
+        if stop.is_set():
+            return
+        time.sleep(HOG)  # noqa: ASYNC251 - blocking the loop is the point
+        await asyncio.sleep(0)
+
+
+def tls_read(port: int, context: ssl.SSLContext, timeout: float = 10.0) -> tuple[int, str]:
+    """Send a line over TLS and read as fast as possible until the stream ends."""
+    got = 0
+    try:
+        with (
+            socket.create_connection((HOST, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=HOST) as sock,
+        ):
+            sock.sendall(b"GET\n")
+            while True:
+                chunk = sock.recv(64 * 1024)
+                if not chunk:
+                    return got, "FIN"
+                got += len(chunk)
+    except OSError as exc:
+        return got, type(exc).__name__
+
+
+def busy_handler(close: str, results: list[CloseResult]) -> Handler:
+    """big_answer of BUSY_SIZE bytes; the graceful close bounded at 0.5 s / 0.3 s."""
+    return big_answer(close, results, size=BUSY_SIZE, timeout=0.5, idle_timeout=0.3)
+
+
+async def while_hogged(
+    read: Callable[[int, ssl.SSLContext], R], port: int, client: ssl.SSLContext
+) -> R:
+    """``read(port, client)`` in a thread while the loop is hogged; what it returned."""
+    stop = asyncio.Event()
+    hogging = asyncio.ensure_future(hog(stop))
+    try:
+        return await asyncio.to_thread(read, port, client)
+    finally:
+        stop.set()
+        await hogging
+
+
+async def busy_tls_download(
+    server: asyncio.Server | aiograceful.GracefulServer, client: ssl.SSLContext
+) -> tuple[int, str]:
+    """One TLS client's reading from ``server`` while the loop is hogged."""
+    return await while_hogged(tls_read, server.sockets[0].getsockname()[1], client)
+
+
+@linux_only
+async def test_tls_busy_loop_close_is_not_cut_by_timeout(tls_contexts: Contexts) -> None:
+    """TLS, 8 MiB in one write, a loop hogged 20 ms per iteration, timeout=0.5: all 8 MiB.
+
+    The SSL transport reports an empty buffer once its bytes are encrypted
+    into the TCP transport below; the close must not take a drained kernel
+    queue for "all acknowledged" while tcpi_bytes_acked still moves. Covers
+    graceful_close and start_server(linger_timeout=0.5, linger_idle_timeout=0.3).
+    """
+    server_ctx, client_ctx = tls_contexts
+    plain = await asyncio.start_server(busy_handler("naive", []), HOST, 0, ssl=server_ctx)
+    naive = await busy_tls_download(plain, client_ctx)
+    plain.close()
+    await plain.wait_closed()
+    assert naive == (BUSY_SIZE, "FIN")
+
+    results: list[CloseResult] = []
+    plain = await asyncio.start_server(busy_handler("graceful", results), HOST, 0, ssl=server_ctx)
+    graceful = await busy_tls_download(plain, client_ctx)
+    await wait_until(lambda: len(results) == 1, 5)
+    plain.close()
+    await plain.wait_closed()
+    assert graceful == (BUSY_SIZE, "FIN"), results
+    assert results[0].outcome is CloseOutcome.CLEAN, results
+
+    server = await aiograceful.start_server(
+        busy_handler("server", []),
+        HOST,
+        0,
+        ssl=server_ctx,
+        linger_timeout=0.5,
+        linger_idle_timeout=0.3,
+    )
+    served = await busy_tls_download(server, client_ctx)
+    await server.shutdown(grace=1.0)
+    assert served == (BUSY_SIZE, "FIN"), server.stats
+    assert server.stats.outcomes[CloseOutcome.CLEAN] == 1, server.stats
+
+
+# -- send_timeout, max_discard and the shutdown notice watch tcpi_bytes_acked ------
+
+
+@linux_only
+async def test_tls_steady_reader_is_not_cut_by_send_timeout(tls_contexts: Contexts) -> None:
+    """TLS, 6 MiB to a reader at 2 MiB/s, send_timeout=1: all of it, CLEAN.
+
+    Over TLS the megabytes wait in the TCP transport under the SSL transport,
+    and they keep the kernel's send queue at one level: the count the close
+    can see never goes down, though the peer acknowledges 2 MiB/s. Progress
+    is then tcpi_bytes_acked growing.
+    """
+    server_ctx, client_ctx = tls_contexts
+    results: list[CloseResult] = []
+
+    def handler(close: str) -> Handler:
+        return big_answer(close, results, send_timeout=1.0)
+
+    for close in ("naive", "graceful"):
+        server = await asyncio.start_server(handler(close), HOST, 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        got = await asyncio.to_thread(paced_tls_read, port, client_ctx, SLOW_TLS_RATE)
+        if close == "graceful":
+            await wait_until(lambda: len(results) == 1, 5)
+        server.close()
+        await server.wait_closed()
+        assert got == (SLOW_TLS_SIZE, "FIN"), (close, got, results)
+    assert results[0].outcome is CloseOutcome.CLEAN, results
+
+
+TLS_CAP = 64 * 1024
+
+
+def uploading_tls_read(port: int, context: ssl.SSLContext) -> tuple[int, str, int]:
+    """Over TLS: read, and send 16 KiB after each read (512 KiB in all); (got, end, sent)."""
+    got = sent = 0
+    raw = socket.create_connection((HOST, port), timeout=10)
+    try:
+        with context.wrap_socket(raw, server_hostname=HOST) as sock:
+            sock.sendall(b"GET\n")
+            for _ in range(100_000):
+                chunk = sock.recv(64 * 1024)
+                if not chunk:
+                    return got, "FIN", sent
+                got += len(chunk)
+                if sent < 512 * 1024:
+                    sock.sendall(b"u" * 16384)
+                    sent += 16384
+            return got, "stopped", sent
+    except OSError as exc:
+        return got, type(exc).__name__, sent
+    finally:
+        raw.close()
+
+
+@linux_only
+async def test_tls_max_discard_waits_for_the_answer(tls_contexts: Contexts) -> None:
+    """TLS, a 6 MiB answer, max_discard=64 KiB, the peer uploads 512 KiB as it reads: all 6 MiB.
+
+    The loop is hogged (as in test_tls_busy_loop_close_is_not_cut_by_timeout),
+    so the kernel's queue runs dry now and then while megabytes wait in the
+    TCP transport under the SSL transport.
+    The cap is enforced once our bytes are in; over TLS "in" cannot be read
+    from the buffers, so the close waits for tcpi_bytes_acked to stop
+    moving.
+    """
+    server_ctx, client_ctx = tls_contexts
+    results: list[CloseResult] = []
+
+    def handler(close: str) -> Handler:
+        return big_answer(close, results, max_discard=TLS_CAP)
+
+    async def download(close: str) -> tuple[int, str, int]:
+        server = await asyncio.start_server(handler(close), HOST, 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await while_hogged(uploading_tls_read, port, client_ctx)
+        finally:
+            if close != "naive":
+                await wait_until(lambda: len(results) == 1, 5)
+            server.close()
+            await server.wait_closed()
+
+    naive = await download("naive")
+    if not isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop):
+        # uvloop's naive close lets the upload finish and delivers it all
+        # (asyncio's resets the uploading client: H1).
+        assert naive[0] == SLOW_TLS_SIZE, naive
+    got, end, sent = await download("graceful")
+    assert sent > TLS_CAP
+    assert got == SLOW_TLS_SIZE, (got, end, results)
+    # The peer went on uploading past the cap: OVERFLOW once the answer was in.
+    assert results[0].outcome in (CloseOutcome.OVERFLOW, CloseOutcome.CLEAN), results
+
+
+class TLSDownload(GracefulProtocol):
+    """Answers a line with SLOW_TLS_SIZE bytes; the default notice closes it once quiet."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        self.asked = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self.asked and b"\n" in data:
+            self.asked = True
+            self.transport.write(b"x" * SLOW_TLS_SIZE)
+
+
+@linux_only
+async def test_tls_shutdown_notice_waits_for_a_download(tls_contexts: Contexts) -> None:
+    """TLS: shutdown() during a 6 MiB download; the default notice closes once quiet: all of it.
+
+    "Quiet" (nothing buffered or unacknowledged either way) cannot be read
+    from the SSL transport's buffer alone; over TLS it also needs
+    tcpi_bytes_acked to have stopped moving. The shutdown still ends by
+    itself, CLEAN, once the reader has everything. This test passes without
+    that check too (a close begun too early is itself a graceful close, which
+    watches tcpi_bytes_acked); it guards that the check lets the quiet come.
+    """
+    server_ctx, client_ctx = tls_contexts
+    server = await aiograceful.create_server(TLSDownload, HOST, 0, ssl=server_ctx, grace=10.0)
+    port = server.sockets[0].getsockname()[1]
+    client = asyncio.ensure_future(
+        asyncio.to_thread(paced_tls_read, port, client_ctx, SLOW_TLS_RATE)
+    )
+    await wait_until(lambda: server.stats.active >= 1, 5)
+    await asyncio.sleep(0.5)  # the download is under way
+    report = await asyncio.wait_for(server.shutdown(), 20)
+    got = await asyncio.wait_for(client, 20)
+    assert got == (SLOW_TLS_SIZE, "FIN"), (got, report)
+    assert report.outcomes == {CloseOutcome.CLEAN: 1}, report
+    assert report.forced == 0
+
+
+# -- keep_trailing on a TLS client ---------------------------------------------
+
+LATE_TLS_ANSWER = 1 * MIB
+LATE_TLS_DELAY = 0.5  # s the server thinks before answering
+
+
+async def test_tls_client_keep_trailing_waits_for_the_answer(tls_contexts: Contexts) -> None:
+    """A TLS client's graceful_close(keep_trailing=True): the answer sent 0.5 s later is kept.
+
+    The naive client reads to EOF and gets the 1 MiB answer; the close must
+    not send close_notify after a short quiet with the answer still to come.
+    """
+    server_ctx, client_ctx = tls_contexts
+
+    async def answer_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        await asyncio.sleep(LATE_TLS_DELAY)
+        writer.write(b"a" * LATE_TLS_ANSWER)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_late, HOST, 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(HOST, port, ssl=client_ctx)
+            writer.write(b"REQ\n")
+            naive = await reader.read()
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert naive == b"a" * LATE_TLS_ANSWER
+
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(HOST, port, ssl=client_ctx)
+            writer.write(b"REQ\n")
+            result = await graceful_close(writer, keep_trailing=True)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert result.outcome is CloseOutcome.CLEAN, result
+    assert result.trailing == b"a" * LATE_TLS_ANSWER, (len(result.trailing), result)
