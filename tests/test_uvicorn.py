@@ -250,6 +250,36 @@ def test_uvicorn_probe_flags_stock_and_passes_dropin(
     assert [v.status for v in dropin[:4]] == ["pass"] * 4, dropin
 
 
+@pytest.mark.parametrize("parser", PARSERS)
+@pytest.mark.parametrize("path", ["/", "/slow"], ids=["fast-app", "slow-app"])
+def test_uvicorn_probe_half_close_verdict_does_not_depend_on_the_app(
+    servers: Callable[[str, str, bool], int], parser: str, path: str
+) -> None:
+    """The probe's half-close check flags stock uvicorn (on uvloop, its default loop) behind a
+    fast app as behind a slow one (pipelined requests outrun the app), and passes the drop-in."""
+    _need_parser(parser)
+    check = "answer after the client half-closes"
+    verdicts = {}
+    for dropin in (False, True):
+        _, found = run_probe(
+            HOST, servers(parser, "uvloop", dropin), http=True, path=path,
+            body_size=1 << 20, wait=0.1, timeout=3,
+        )  # fmt: skip
+        verdicts[dropin] = next(v for v in found if v.check == check)
+    assert verdicts[False].status == "HAZARD", verdicts[False]
+    assert verdicts[True].status == "pass", verdicts[True]
+
+
+def test_uvicorn_probe_idle_check_concludes() -> None:
+    """Against stock uvicorn the idle check concludes within its wait: the connection serves
+    one request, then uvicorn's keep-alive timeout closes it with a FIN."""
+    with server_process([*_argv("h11", "asyncio"), "--timeout-keep-alive", "1"]) as (_p, port):
+        _, found = run_probe(HOST, port, http=True, body_size=1 << 20, wait=4, timeout=3)
+    idle = next(v for v in found if v.check == "idle (or shutdown) close")
+    assert idle.status == "pass", idle
+    assert "FIN" in idle.evidence, idle
+
+
 # -- aiograceful.uvicorn.Server / run ---------------------------------------------------------
 
 
