@@ -1257,7 +1257,8 @@ CASES: Final[tuple[Case, ...]] = (
     Case(
         "H6",
         "slow reader, plain close",
-        "the bytes of a 1 MiB download a client reading 4 MiB/s read (3 rounds); the plain\n"
+        f"the bytes of a 1 MiB download a client reading 4 MiB/s read ({_H6_ROUNDS} rounds); "
+        "the plain\n"
         "    close keeps sending what the transport holds: the reference, no hazard",
         _h6(timed=False),
         unit="bytes",
