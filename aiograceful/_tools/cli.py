@@ -130,12 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="run each hazard H1-H7 on loopback, naive close vs aiograceful",
+        help="run each hazard H1-H7 on loopback, naive close vs aiograceful, and stock "
+        "uvicorn, hypercorn, aiohttp vs their drop-ins",
         description=(
             "Run each hazard H1-H7 of the design on 127.0.0.1 with real clients, first with "
             "the close real servers do (writer.close(), Server.close(), transport.abort(), a "
             "close timer, a plain restart), then with aiograceful, and print what the clients "
-            "saw, each row in its own unit (replies, bytes, aborts). Then the early 413 (H1) "
+            "saw, each row in its own unit (replies, bytes, aborts, connections). Then the early "
+            "413 (H1) "
             "and the shutdown race (H3) against stock uvicorn, hypercorn and aiohttp, each "
             "beside aiograceful's drop-in, in subprocesses. Exit 0 when aiograceful delivered "
             "everything, 1 otherwise, 2 on a usage error."
