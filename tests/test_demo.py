@@ -106,7 +106,7 @@ def test_demo_naive_loses_aiograceful_delivers() -> None:
     assert all(row.lost == 0 and row.open == 0 for row in graceful), out
     assert all(row.verdict.startswith(f"all {row.unit} delivered") for row in graceful), out
     for case in (*CASES, *drop_ins):
-        mine = [r for r in rows if (r.hazard, r.title, r.server) == case_key(case)]
+        mine = [r for r in rows if (r.hazard, r.title, r.server) == _case_key(case)]
         assert mine, f"{case.label}: no rows\n{out}"
         assert all(r.unit == case.unit for r in mine), mine
         naive = [r for r in mine if r.close == NAIVE]
@@ -140,7 +140,7 @@ def test_demo_naive_loses_aiograceful_delivers() -> None:
     assert status == 0
 
 
-def case_key(case: _demo.Case) -> tuple[str, str, str]:
+def _case_key(case: _demo.Case) -> tuple[str, str, str]:
     return case.hazard, case.title, case.server
 
 

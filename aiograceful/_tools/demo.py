@@ -1271,7 +1271,7 @@ CASES: Final[tuple[Case, ...]] = (
     ),
     Case(
         "H6",
-        "slow reader, timed close",
+        "slow reader, close timed from the close (sanic)",
         "the same download; the naive close aborts what the transport still holds\n"
         f"    {_H6_BOUND:g} s after the close, as sanic does after GRACEFUL_TCP_CLOSE_TIMEOUT "
         "(5 s by default);\n    aiograceful's timeout=0.1 starts once the client has everything",
