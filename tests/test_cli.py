@@ -21,6 +21,8 @@ from aiograceful._tools import demo as _demo
         (["demo", "--rounds", "many"], "not a whole number"),
         (["demo", "--loop", "trio"], "invalid choice"),
         (["demo", "--frobnicate"], "unrecognized arguments"),
+        (["demo", "--servers", "tomcat"], "choose from uvicorn,hypercorn,aiohttp or none"),
+        (["demo", "--servers", ","], "choose from"),
         (["probe"], "required: HOST:PORT"),
         (["probe", "localhost"], "expected HOST:PORT"),
         (["probe", "127.0.0.1:http"], "bad port"),
@@ -85,6 +87,41 @@ def test_cli_uvloop_missing_one_line_exit_2(
     monkeypatch.setattr(_demo, "available_loops", lambda: only_asyncio)
     assert _cli.main(["demo", "--loop", "uvloop"]) == 2
     assert "uvloop is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "servers", "skipped"),
+    [
+        (["demo"], ["uvicorn"], []),
+        (["demo", "--servers", "aiohttp,uvicorn"], ["uvicorn"], ["aiohttp"]),
+        (["demo", "--servers", "none"], [], []),
+    ],
+)
+def test_cli_demo_servers_installed_or_skipped(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], servers: list[str], skipped: list[str]
+) -> None:
+    """``--servers`` picks the drop-in rows' servers; one not installed is passed on as skipped."""
+    seen: dict[str, object] = {}
+
+    def fake_run_demo(loops: object, rounds: object, **kwargs: object) -> list[_demo.Row]:
+        seen.update(kwargs)
+        return []
+
+    monkeypatch.setattr(_demo, "installed_servers", lambda: ["uvicorn"])
+    monkeypatch.setattr(_demo, "run_demo", fake_run_demo)
+    assert _cli.main([*argv, "--loop", "asyncio"]) == 0
+    assert seen["servers"] == servers
+    assert seen["skipped"] == skipped
+
+
+def test_cli_demo_help_lists_what_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo's help names every hazard it runs, and the stock servers."""
+    with pytest.raises(SystemExit):
+        _cli.main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "H1-H7" in text
+    for name in ("uvicorn", "hypercorn", "aiohttp", "--servers"):
+        assert name in text
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["probe", "--help"]])

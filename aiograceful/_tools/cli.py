@@ -102,6 +102,18 @@ def _escaped(text: str) -> bytes:
     return decoded
 
 
+def _servers(text: str) -> list[str]:
+    if text.strip().lower() == "none":
+        return []
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in _demo.SERVERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"choose from {','.join(_demo.SERVERS)} or none, got {text!r}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def _path(text: str) -> str:
     if not text.startswith("/") or any(c in text for c in " \r\n"):
         raise argparse.ArgumentTypeError(f"must start with / and have no spaces: {text!r}")
@@ -118,18 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="run each hazard H1-H5 and H7 on loopback, naive close vs aiograceful",
+        help="run each hazard H1-H7 on loopback, naive close vs aiograceful, and stock "
+        "uvicorn, hypercorn, aiohttp vs their drop-ins",
         description=(
-            "Run each hazard H1-H5 and H7 on 127.0.0.1 with real clients, first with the close a "
-            "typical asyncio server does, then with aiograceful, and print what the clients "
-            "saw. Exit 0 when aiograceful delivered everything, 1 otherwise."
+            "Run each hazard H1-H7 of the design on 127.0.0.1 with real clients, first with "
+            "the close real servers do (writer.close(), Server.close(), transport.abort(), a "
+            "close timer, a plain restart), then with aiograceful, and print what the clients "
+            "saw, each row in its own unit (replies, bytes, aborts, connections). Then the early "
+            "413 (H1) "
+            "and the shutdown race (H3) against stock uvicorn, hypercorn and aiohttp, each "
+            "beside aiograceful's drop-in, in subprocesses. Exit 0 when aiograceful delivered "
+            "everything, 1 otherwise, 2 on a usage error."
         ),
     )
     demo.add_argument(
         "--loop",
         choices=("asyncio", "uvloop", "both"),
         default=None,
-        help="event loop(s) to run on (default: both when uvloop is installed, else asyncio)",
+        help="event loop(s) to run on (default: both when uvloop is installed, else asyncio); "
+        "the drop-in rows run on the last",
     )
     demo.add_argument(
         "--rounds",
@@ -137,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ROUNDS,
         metavar="N",
         help=f"rounds per case, 1..{MAX_ROUNDS} (default {DEFAULT_ROUNDS})",
+    )
+    demo.add_argument(
+        "--servers",
+        type=_servers,
+        default=None,
+        metavar="LIST",
+        help=f"stock servers for the drop-in rows, comma-separated, from {','.join(_demo.SERVERS)}"
+        ", or 'none' (default: those installed); one not installed is skipped with a note",
     )
 
     probe = commands.add_parser(
@@ -197,7 +224,15 @@ def _run_demo(args: argparse.Namespace) -> int:
         if args.loop not in loops:
             raise UsageError(f"--loop {args.loop}: uvloop is not installed")
         names = [args.loop]
-    rows = _demo.run_demo(names, args.rounds, out=lambda line: print(line, flush=True))
+    installed = _demo.installed_servers()
+    wanted = installed if args.servers is None else args.servers
+    rows = _demo.run_demo(
+        names,
+        args.rounds,
+        servers=[name for name in wanted if name in installed],
+        skipped=[name for name in wanted if name not in installed],
+        out=lambda line: print(line, flush=True),
+    )
     ok, line = _demo.summary(rows)
     print(line)
     return EXIT_OK if ok else EXIT_HAZARD
