@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Self
 
 from . import _deadlines
+from ._deadlines import Timed  # by name: a compiled subclass needs its base so
 from ._options import DEFAULT_OPTIONS, CloseOutcome, CloseResult, LingerOptions
 from ._socket import (
     INT_ZERO,
@@ -67,7 +68,7 @@ _ON_LOST: Final = Event.LOST
 _ON_PEER_RESET: Final = Event.PEER_RESET
 
 
-class CloseRecord(_deadlines.Timed):
+class CloseRecord(Timed):
     """One connection's end: state, kernel queues, watches before a close, result.
 
     Subclassed by :class:`~aiograceful._linger.Linger`, which adds the close
