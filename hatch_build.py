@@ -36,11 +36,15 @@ def _load_compiled(root: Path) -> Any:
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    saved = os.environ.pop("AIOGRACEFUL_NO_EXTENSIONS", None)
+    # Set while it runs: alone, it must not look for a build or touch the package.
+    saved = os.environ.get("AIOGRACEFUL_NO_EXTENSIONS")
+    os.environ["AIOGRACEFUL_NO_EXTENSIONS"] = "1"
     try:
         spec.loader.exec_module(module)
     finally:
-        if saved is not None:
+        if saved is None:
+            del os.environ["AIOGRACEFUL_NO_EXTENSIONS"]
+        else:
             os.environ["AIOGRACEFUL_NO_EXTENSIONS"] = saved
     return module
 
