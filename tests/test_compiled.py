@@ -50,7 +50,11 @@ def _slots(path: Path) -> dict[str, set[str]]:
                 and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in stmt.targets)
                 and isinstance(stmt.value, ast.Tuple)
             ):
-                found[node.name] = {e.value for e in stmt.value.elts if isinstance(e, ast.Constant)}
+                found[node.name] = {
+                    e.value
+                    for e in stmt.value.elts
+                    if isinstance(e, ast.Constant) and isinstance(e.value, str)
+                }
     return found
 
 
