@@ -3,6 +3,9 @@
 See the README for the hazards this library exists for and how to use it.
 """
 
+# First: it picks the compiled close path or the Python one (see _compiled),
+# before any module of the close is imported.
+from . import _compiled  # noqa: F401
 from ._accept import DEFAULT_BACKLOG, AcceptQueueStats
 from ._api import create_server, create_unix_server, start_server, start_unix_server
 from ._handoff import listen_fds

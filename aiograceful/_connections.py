@@ -147,9 +147,14 @@ class ServerWriter(asyncio.StreamWriter):
 class StreamConnection(asyncio.StreamReaderProtocol):
     """The server's protocol for ``start_server``: asyncio's streams, plus an Ending."""
 
-    def __init__(self, host: Host, reader: asyncio.StreamReader) -> None:
-        super().__init__(reader)
+    def __init__(
+        self, host: Host, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        # The loop is passed, as asyncio.start_server passes it: on Python 3.11
+        # each get_running_loop() / get_event_loop() is a getpid() system call.
+        super().__init__(reader, loop=loop)
         self._host = host
+        self._conn_loop = loop
         self._conn_reader = reader
         self._conn_writer: asyncio.StreamWriter | None = None
         self._handler_task: asyncio.Task[None] | None = None
@@ -164,7 +169,7 @@ class StreamConnection(asyncio.StreamReaderProtocol):
         if not host.admit():
             host.reject(tr)
             return
-        loop = asyncio.get_running_loop()
+        loop = self._conn_loop
         settings = host.settings
         graceful = self._graceful = Linger(loop, tr, self, settings.linger)
         self.ending = Ending(graceful, self, settings.linger, quiet=settings.quiet)

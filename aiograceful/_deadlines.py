@@ -267,6 +267,11 @@ class Timed:
         # Compared only when two entries have the same deadline: any order will do.
         return False
 
+    def __hash__(self) -> int:
+        # By identity, as any object's (a server's registry keys its records): said
+        # out loud because a compiled class that defines __lt__ does not inherit it.
+        return object.__hash__(self)
+
 
 class DeadlineTimer(Timed):
     """A deadline on its loop's shared structure that calls ``callback`` (see :class:`Timed`)."""

@@ -58,13 +58,32 @@ __all__ = ["CloseWaiter", "Discarder", "Linger"]
 # silent, and keeps being read; one that is silent is waiting for us.
 _TLS_QUIET: Final = 0.2
 
+# Enum members as module constants: Python 3.11's EnumType has a __getattr__, so
+# `HalfCloseState.X` is a slow class attribute lookup (about 850 instructions,
+# callgrind), about 20 of them per connection on the close's path. A global costs one
+# cached dict lookup (and a C variable when compiled).
+_CLOSED: Final = HalfCloseState.CLOSED
+_CLOSING: Final = HalfCloseState.CLOSING
+_FLUSHING: Final = HalfCloseState.FLUSHING
+_LINGERING: Final = HalfCloseState.LINGERING
+_CLEAN: Final = CloseOutcome.CLEAN
+_ABORTED: Final = CloseOutcome.ABORTED
+_IDLE_TIMEOUT: Final = CloseOutcome.IDLE_TIMEOUT
+_OVERFLOW: Final = CloseOutcome.OVERFLOW
+_TIMEOUT: Final = CloseOutcome.TIMEOUT
+_ON_ABORT: Final = Event.ABORT
+_ON_CLOSE: Final = Event.CLOSE
+_ON_EOF_WRITTEN: Final = Event.EOF_WRITTEN
+_ON_FLUSHED: Final = Event.FLUSHED
+_ON_LINGER: Final = Event.LINGER
+_ON_PEER_EOF: Final = Event.PEER_EOF
+_ON_TIMER: Final = Event.TIMER
+
 # The states in which the transport has been told to close (not machine.live).
-_ENDED: Final = frozenset({HalfCloseState.CLOSING, HalfCloseState.CLOSED})
+_ENDED: Final = frozenset({_CLOSING, _CLOSED})
 
 # The states in which a close is under way (its timer may end it).
-_CLOSE_STATES: Final = frozenset(
-    {HalfCloseState.LINGERING, HalfCloseState.FLUSHING, HalfCloseState.CLOSING}
-)
+_CLOSE_STATES: Final = frozenset({_LINGERING, _FLUSHING, _CLOSING})
 
 
 class Discarder(asyncio.Protocol):
@@ -172,8 +191,8 @@ class Linger(CloseRecord):
         """The peer's FIN arrived (``eof_received``)."""
         machine = self.machine
         was = machine.state
-        state = machine.feed(Event.PEER_EOF)
-        if state is HalfCloseState.FLUSHING and was is not HalfCloseState.FLUSHING:
+        state = machine.feed(_ON_PEER_EOF)
+        if state is _FLUSHING and was is not _FLUSHING:
             # Both directions are now done: close once our bytes are acknowledged.
             self._flush()
 
@@ -190,10 +209,7 @@ class Linger(CloseRecord):
             self._peer_reset()
             return False
         was = machine.state
-        if (
-            machine.feed(Event.EOF_WRITTEN) is HalfCloseState.FLUSHING
-            and was is not HalfCloseState.FLUSHING
-        ):
+        if machine.feed(_ON_EOF_WRITTEN) is _FLUSHING and was is not _FLUSHING:
             self._flush()
         return True
 
@@ -231,9 +247,9 @@ class Linger(CloseRecord):
         if keep_trailing:
             self._trailing = bytearray()
         if peer_eof and not machine.peer_eof:
-            machine.feed(Event.PEER_EOF)
+            machine.feed(_ON_PEER_EOF)
         was = machine.state
-        state = machine.feed(Event.LINGER)
+        state = machine.feed(_ON_LINGER)
         transport.set_protocol(Discarder(self, self._forward))
         if unread and self._take(unread):
             return
@@ -241,10 +257,10 @@ class Linger(CloseRecord):
             # Closed (or aborted) under us before the close began: all that is
             # left is connection_lost, still bounded by the timer.
             if machine.live:
-                machine.feed(Event.CLOSE)
+                machine.feed(_ON_CLOSE)
             self._arm()
             return
-        if state is HalfCloseState.LINGERING and not transport.is_reading():
+        if state is _LINGERING and not transport.is_reading():
             # Paused by the previous protocol's flow control (a full
             # StreamReader): discarding must read, or the peer stalls.
             transport.resume_reading()
@@ -255,9 +271,9 @@ class Linger(CloseRecord):
         # FIN, then closes (close_notify after the flush). Closing at once
         # would make asyncio's SSL shutdown treat the client's next record,
         # the upload it is still sending, as an error, and reset it.
-        if state is HalfCloseState.FLUSHING and was is not HalfCloseState.FLUSHING:
+        if state is _FLUSHING and was is not _FLUSHING:
             self._flush()
-        elif self._acked_at is None and machine.state is HalfCloseState.LINGERING:
+        elif self._acked_at is None and machine.state is _LINGERING:
             # _arm() for the common case, inlined: the first sample of the send side.
             poll = self._poll
             self._poll = min(poll * 2, options.poll_cap)
@@ -268,15 +284,15 @@ class Linger(CloseRecord):
     def abort(self) -> None:
         """RST now (outcome ABORTED). A no-op once ``connection_lost`` has run."""
         machine = self.machine
-        if machine.state is HalfCloseState.CLOSED:
+        if machine.state is _CLOSED:
             return
-        if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
-            self.outcome = CloseOutcome.ABORTED
+        if self.outcome is None or self.outcome is _CLEAN:
+            self.outcome = _ABORTED
         self._measure()
-        machine.feed(Event.ABORT)
+        machine.feed(_ON_ABORT)
         reset(self.transport)
 
-    def let_go(self, outcome: CloseOutcome = CloseOutcome.TIMEOUT) -> None:
+    def let_go(self, outcome: CloseOutcome = _TIMEOUT) -> None:
         """Stop waiting now, the way a plain ``close()`` lets go. A no-op once closed.
 
         What the peer has not acknowledged is measured first (``unacked``),
@@ -320,9 +336,9 @@ class Linger(CloseRecord):
         if self.unread():
             self.abort()  # bytes unread: close() would reset it all the same
             return
-        if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
-            self.outcome = CloseOutcome.ABORTED
-        machine.feed(Event.CLOSE)
+        if self.outcome is None or self.outcome is _CLEAN:
+            self.outcome = _ABORTED
+        machine.feed(_ON_CLOSE)
         self._acked_at = None
         self._outstanding = -1  # the next sample starts the count afresh
         self._poll = POLL_FIRST
@@ -358,7 +374,7 @@ class Linger(CloseRecord):
         A server's forced close: unlike the close's own timers, this cuts a
         transfer in progress when it runs out (outcome TIMEOUT).
         """
-        if self.machine.state is HalfCloseState.CLOSED:
+        if self.machine.state is _CLOSED:
             return
         self._hard_deadline = min(self._hard_deadline, self.loop.time() + seconds)
         self.at(self._hard_deadline)
@@ -392,7 +408,7 @@ class Linger(CloseRecord):
             if self.outstanding()[0]:
                 return False  # our answer is still going out: keep discarding
             self._acked_at = self.loop.time()
-        self._fail(CloseOutcome.OVERFLOW)
+        self._fail(_OVERFLOW)
         return True
 
     def _over_cap(self) -> bool:
@@ -429,9 +445,9 @@ class Linger(CloseRecord):
         self._arm()
 
     def _flushed(self, exact: bool) -> None:
-        self.machine.feed(Event.FLUSHED)
+        self.machine.feed(_ON_FLUSHED)
         if self.outcome is None:
-            self.outcome = CloseOutcome.CLEAN
+            self.outcome = _CLEAN
         self.unacked = 0 if exact else None
         # Nothing is unread (the peer is done) and nothing is unsent: close()
         # sends nothing but our FIN if it was not queued yet.
@@ -444,12 +460,12 @@ class Linger(CloseRecord):
 
     def _arm(self) -> None:
         state = self.machine.state
-        if state is HalfCloseState.CLOSED:
+        if state is _CLOSED:
             return
         now = self.loop.time()
         when = self._hard_deadline
-        if self._started is None and state is not HalfCloseState.FLUSHING:
-            if state is HalfCloseState.CLOSING:
+        if self._started is None and state is not _FLUSHING:
+            if state is _CLOSING:
                 when = min(when, self._next_poll(now, POLL_MAX))
             else:
                 idle = self._idle_timeout
@@ -466,7 +482,7 @@ class Linger(CloseRecord):
             when = min(when, self._next_poll(now, options.poll_cap))
         else:
             when = min(when, acked_at + options.timeout)
-            if state is HalfCloseState.LINGERING:
+            if state is _LINGERING:
                 silent = max(self.last_read, acked_at)
                 if options.idle_timeout is not None:
                     when = min(when, silent + options.idle_timeout)
@@ -479,13 +495,13 @@ class Linger(CloseRecord):
 
     def _on_deadline(self) -> None:
         state = self.machine.state
-        if state is HalfCloseState.CLOSED:
+        if state is _CLOSED:
             return
         now = self.loop.time()
         if now >= self._hard_deadline:
-            self._fail(CloseOutcome.TIMEOUT)
+            self._fail(_TIMEOUT)
             return
-        if self._started is None and state not in (HalfCloseState.FLUSHING, HalfCloseState.CLOSING):
+        if self._started is None and state not in (_FLUSHING, _CLOSING):
             self._on_watch_timer(now)
             return
         options = self._opts()
@@ -498,16 +514,12 @@ class Linger(CloseRecord):
                 self._outstanding = 0 if exact else -1
                 if not self.machine.eof_written:
                     self._tls_progress()  # the mark the next samples compare with
-                if state is HalfCloseState.FLUSHING:
+                if state is _FLUSHING:
                     self._flushed(exact)
                     return
-                if (
-                    state is HalfCloseState.LINGERING
-                    and self.machine.eof_written
-                    and self._over_cap()
-                ):
+                if state is _LINGERING and self.machine.eof_written and self._over_cap():
                     # Read past the cap while our answer went out: now it is in.
-                    self._fail(CloseOutcome.OVERFLOW)
+                    self._fail(_OVERFLOW)
                     return
             else:
                 if (
@@ -525,29 +537,29 @@ class Linger(CloseRecord):
                 self._outstanding = total
                 if now - self._progress_at >= options.send_timeout:
                     # The peer stopped reading (a zero window that never reopens).
-                    self._fail(CloseOutcome.IDLE_TIMEOUT)
+                    self._fail(_IDLE_TIMEOUT)
                     return
         else:
             if not self.machine.eof_written and self._tls_progress():
                 # TLS: the peer is still acknowledging bytes of ours that sat
                 # where we cannot see them: not all in yet, so the clock restarts.
                 self._acked_at = now
-            elif state is HalfCloseState.LINGERING and self._over_cap():
-                self._fail(CloseOutcome.OVERFLOW)
+            elif state is _LINGERING and self._over_cap():
+                self._fail(_OVERFLOW)
                 return
             acked_at = self._acked_at
             if now >= acked_at + options.timeout:
-                self._fail(CloseOutcome.TIMEOUT)
+                self._fail(_TIMEOUT)
                 return
-            if state is HalfCloseState.LINGERING:
+            if state is _LINGERING:
                 silent = now - max(self.last_read, acked_at)
                 if not self.machine.eof_written and self._trailing is None and silent >= _TLS_QUIET:
                     # TLS: the peer has everything and is waiting for our close_notify.
-                    self.machine.feed(Event.CLOSE)
+                    self.machine.feed(_ON_CLOSE)
                     self._acked_at = now  # `timeout` now bounds the TLS shutdown
                     self.transport.close()
                 elif options.idle_timeout is not None and silent >= options.idle_timeout:
-                    self._fail(CloseOutcome.IDLE_TIMEOUT)
+                    self._fail(_IDLE_TIMEOUT)
                     return
         self._arm()
 
@@ -578,12 +590,12 @@ class Linger(CloseRecord):
     def _give_up(self, outcome: CloseOutcome) -> bool:
         """Record ``outcome`` and what is unacknowledged; False if the connection is gone."""
         machine = self.machine
-        if machine.state is HalfCloseState.CLOSED:
+        if machine.state is _CLOSED:
             return False
-        if self.outcome is None or self.outcome is CloseOutcome.CLEAN:
+        if self.outcome is None or self.outcome is _CLEAN:
             self.outcome = outcome
         self._measure()
         # TIMER ends a close under way; before one (a quiet wait that
         # stalled, say), giving up on the connection is an abort.
-        machine.feed(Event.TIMER if machine.state in _CLOSE_STATES else Event.ABORT)
+        machine.feed(_ON_TIMER if machine.state in _CLOSE_STATES else _ON_ABORT)
         return True

@@ -13,6 +13,11 @@ from ._state import HalfCloseState
 
 __all__ = ["GracefulProtocol", "merge_options"]
 
+# Enum members as module constants (EnumType's __getattr__ makes `HalfCloseState.X` slow:
+# see _linger).
+_OPEN: Final = HalfCloseState.OPEN
+_PEER_EOF: Final = HalfCloseState.PEER_EOF
+
 
 def merge_options(
     base: LingerOptions,
@@ -138,7 +143,7 @@ class GracefulProtocol(asyncio.Protocol):
             # (asyncio does not): the event has happened already.
             return self.transport.can_write_eof()
         graceful.peer_eof()
-        if graceful.state is HalfCloseState.PEER_EOF:
+        if graceful.state is _PEER_EOF:
             self._run_hook(self.on_peer_eof)
         # True keeps the transport open for writing after the peer's FIN: the
         # answer to what it sent may still be on its way. (asyncio closes the
@@ -199,7 +204,7 @@ class GracefulProtocol(asyncio.Protocol):
     def state(self) -> HalfCloseState:
         """The connection's :class:`HalfCloseState` (``OPEN`` before ``connection_made``)."""
         graceful = self._graceful
-        return HalfCloseState.OPEN if graceful is None else graceful.state
+        return _OPEN if graceful is None else graceful.state
 
     @property
     def peer_eof(self) -> bool:

@@ -117,8 +117,9 @@ class GracefulServer:
         # never rejected: they were accepted by the kernel before it began.
         registry = self._registry
         if self._streams:
-            reader = asyncio.StreamReader(limit=self._settings.stream_limit)
-            return StreamConnection(registry, reader)
+            loop = self._loop
+            reader = asyncio.StreamReader(limit=self._settings.stream_limit, loop=loop)
+            return StreamConnection(registry, reader, loop)
         if registry.max_connections is not None and not registry.draining:
             return ProtocolGate(registry)
         return registry.new_protocol()
