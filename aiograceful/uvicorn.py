@@ -380,6 +380,9 @@ class Server(uvicorn.Server):
         self._phase = ShutdownPhase.SERVING
         self._shutdown_started: float | None = None
         self._shutdown_ended: float | None = None
+        # The shutdown's loop, kept for its clock: ``stats`` is read from other
+        # threads too (a metrics scrape), where no loop is running.
+        self._shutdown_loop: asyncio.AbstractEventLoop | None = None
         _SERVERS[self.server_state] = self
 
     @property
@@ -397,16 +400,17 @@ class Server(uvicorn.Server):
     def stats(self) -> ServerStats:
         """Counts since the server started, with the shutdown's phase (:class:`ServerStats`)."""
         started = self._shutdown_started
+        loop = self._shutdown_loop
         duration = None
-        if started is not None:
+        if started is not None and loop is not None:
             end = self._shutdown_ended
-            duration = (asyncio.get_running_loop().time() if end is None else end) - started
+            duration = (loop.time() if end is None else end) - started
         return self._counters.snapshot(len(self.server_state.connections), self._phase, duration)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """The shared shutdown order (see the class's notes), then the lifespan shutdown."""
         logger.info("Shutting down")
-        loop = asyncio.get_running_loop()
+        loop = self._shutdown_loop = asyncio.get_running_loop()
         self._shutdown_started = loop.time()
         self._notice.set()
         await run_shutdown(
