@@ -43,7 +43,8 @@ side, told apart by their ``attributes`` (Kestrel's are ``server.address``
 and ``server.port``).
 
 A periodic reader collects in its own thread: ``server.stats`` is read
-there, and it is safe to read from another thread than the server's loop.
+there. The core server's and the uvicorn drop-in's are safe to read from
+another thread than their loop's; a drop-in's ``stats`` must be too.
 
 Needs ``opentelemetry-api`` (``pip install 'aiograceful[otel]'``); tested with 1.45.
 """

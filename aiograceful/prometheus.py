@@ -29,8 +29,10 @@ server registered on it: several servers in one process export side by
 side, told apart by their labels (each its own values, the same names).
 
 The scrape runs in prometheus_client's thread (``start_http_server``) or in
-the web framework's handler: ``server.stats`` is read there, and it is safe
-to read from another thread than the server's loop.
+the web framework's handler: ``server.stats`` is read there. The core
+server's and the uvicorn drop-in's are safe to read from another thread than
+their loop's (a snapshot of plain integers; the shutdown's clock is the
+loop's, kept); a drop-in's ``stats`` must be too.
 
 Needs ``prometheus_client`` (``pip install 'aiograceful[prometheus]'``);
 tested with 0.26.

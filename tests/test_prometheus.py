@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import aiograceful
 import aiograceful.prometheus as graceful_prometheus
 from aiograceful import CloseOutcome, ServerStats, ShutdownPhase
+from aiograceful._exports import check_version
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -292,3 +293,10 @@ def test_prometheus_not_imported_by_aiograceful() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]", out
+
+
+def test_prometheus_too_old_a_library_names_the_extra() -> None:
+    """A library older than the exporter's floor is an ImportError naming the extra to install."""
+    with pytest.raises(ImportError, match=r"prometheus_client >= 99\.0.*aiograceful\[prometheus\]"):
+        check_version("aiograceful.prometheus", "prometheus_client", (99, 0), "prometheus")
+    check_version("aiograceful.prometheus", "prometheus_client", (0, 20), "prometheus")
