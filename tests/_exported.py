@@ -22,6 +22,9 @@ from aiograceful import CloseOutcome
 
 #: The shutdown's bound for the connection left open: it is forced after this.
 GRACE = 0.3
+#: A grace long enough for a test to look at the shutdown while it runs, from
+#: another thread, however loaded the machine (a scrape in a thread is not prompt).
+LONG_GRACE = 2.0
 
 
 async def _echo_lines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -59,14 +62,14 @@ def _read_to_end(sock: socket.socket) -> None:
 
 
 @contextlib.asynccontextmanager
-async def server_with_outcomes() -> AsyncIterator[aiograceful.GracefulServer]:
+async def server_with_outcomes(grace: float = GRACE) -> AsyncIterator[aiograceful.GracefulServer]:
     """A server with a clean close, a peer reset and a rejection behind it, one connection open.
 
     On leaving, the server is shut down (if the test did not) and the open
     connection's client has read to its end.
     """
     server = await aiograceful.start_server(
-        _echo_lines, HOST, 0, max_connections=1, grace=GRACE, force_timeout=0.2
+        _echo_lines, HOST, 0, max_connections=1, grace=grace, force_timeout=0.2
     )
     port = server.sockets[0].getsockname()[1]
     holder: socket.socket | None = None

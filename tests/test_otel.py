@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 
 import pytest
-from _exported import GRACE, server_with_outcomes, shut_down, uvicorn_with_a_request
+from _exported import LONG_GRACE, server_with_outcomes, shut_down, uvicorn_with_a_request
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader, Sum
 from opentelemetry.util.types import AttributeValue
@@ -116,10 +116,10 @@ async def test_otel_collect_in_another_thread_during_shutdown() -> None:
     """Collected from another thread while grace runs: status grace is 1, the duration is there."""
     provider, reader = _provider()
     try:
-        async with server_with_outcomes() as server:
+        async with server_with_outcomes(LONG_GRACE) as server:
             graceful_otel.observe(server, meter_provider=provider)
             shutdown = asyncio.ensure_future(server.shutdown())
-            await asyncio.sleep(GRACE / 3)
+            await asyncio.sleep(0.1)
             stats = server.stats
             assert stats.phase is ShutdownPhase.GRACE
             points = await asyncio.to_thread(collected, reader)

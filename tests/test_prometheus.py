@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 
 import prometheus_client
 import pytest
-from _exported import GRACE, server_with_outcomes, shut_down, uvicorn_with_a_request
+from _exported import LONG_GRACE, server_with_outcomes, shut_down, uvicorn_with_a_request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.openmetrics import parser as openmetrics_parser
@@ -114,10 +114,10 @@ async def test_prometheus_scrape_over_http_is_server_stats(
 async def test_prometheus_scrape_during_shutdown_shows_the_phase() -> None:
     """Scraped from another thread while grace runs: phase grace is 1, the duration is there."""
     registry = CollectorRegistry()
-    async with server_with_outcomes() as server:
+    async with server_with_outcomes(LONG_GRACE) as server:
         graceful_prometheus.register(server, registry=registry)
         shutdown = asyncio.ensure_future(server.shutdown())
-        await asyncio.sleep(GRACE / 3)
+        await asyncio.sleep(0.1)
         stats = server.stats
         assert stats.phase is ShutdownPhase.GRACE
         samples = await asyncio.to_thread(rendered, registry)
