@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import contextvars
 import socket
+import time
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
@@ -299,8 +300,7 @@ class Control:
     @property
     def stats(self) -> ServerStats:
         """Counts since ``serve`` started, with the shutdown's phase."""
-        now = asyncio.get_running_loop().time() if self.shutdown_started is not None else 0.0
-        shutdown = (self.shutdown_started, self.shutdown_ended, now)
+        shutdown = (self.shutdown_started, self.shutdown_ended, time.monotonic())
         return self.counters.snapshot(len(self.connections), self.phase, shutdown)
 
 
@@ -336,8 +336,9 @@ class _Worker:
 
     async def _shutdown(self) -> None:
         control = self.control
-        loop = asyncio.get_running_loop()
-        control.shutdown_started = loop.time()
+        # The monotonic clock, not the loop's: stats may be read from a
+        # metrics exporter's thread, where no loop runs.
+        control.shutdown_started = time.monotonic()
         control.notice.set()
         await run_shutdown(
             self,
@@ -346,7 +347,7 @@ class _Worker:
             drain_delay=self.drain_delay,
             on_phase=self._on_phase,
         )
-        control.shutdown_ended = loop.time()
+        control.shutdown_ended = time.monotonic()
 
     def _on_phase(self, phase: ShutdownPhase) -> None:
         control = self.control

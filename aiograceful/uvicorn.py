@@ -381,6 +381,8 @@ class Server(uvicorn.Server):
         self._phase = ShutdownPhase.SERVING
         self._shutdown_started: float | None = None
         self._shutdown_ended: float | None = None
+        # The shutdown's loop, kept for its clock: ``stats`` is read from other
+        # threads too (a metrics scrape), where no loop is running.
         _SERVERS[self.server_state] = self
 
     @property

@@ -8,7 +8,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import generate_latest
+
 import aiograceful
+import aiograceful.otel
+import aiograceful.prometheus
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -67,3 +71,24 @@ async def test_readme_streams_quick_start_works() -> None:
         assert await asyncio.to_thread(post, port, b"hello") == (200, b"hello")
         status, _ = await asyncio.to_thread(post, port, b"x" * (4 << 20))
         assert status == 413
+
+
+def snippet(containing: str) -> str:
+    """The README's python block that contains ``containing``."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    found = [block for block in blocks if containing in block]
+    assert len(found) == 1, containing
+    return str(found[0])
+
+
+async def test_readme_exporter_snippets_work() -> None:
+    """The README's exporter lines export a server (prometheus_client's REGISTRY, global otel)."""
+    server = await aiograceful.start_server(lambda r, w: asyncio.sleep(0), "127.0.0.1", 0)
+    async with server:
+        exec(snippet("aiograceful.prometheus.register"), {"server": server})
+        try:
+            assert 'aiograceful_connections_active{server="api"} 0.0' in generate_latest().decode()
+        finally:
+            aiograceful.prometheus.unregister(server)
+        exec(snippet("aiograceful.otel.observe"), {"server": server})
+        aiograceful.otel.unobserve(server)  # raises if the snippet had not observed it

@@ -49,6 +49,7 @@ from _dropins import (
     shutdown_race,
     wget_uploads,
 )
+from _exported import uvicorn_with_a_request
 
 from aiograceful import CloseOutcome, ShutdownPhase
 from aiograceful import uvicorn as graceful_uvicorn
@@ -633,3 +634,15 @@ async def test_uvicorn_server_force_shortens_a_lingering_close(dropin: bool) -> 
         # The linger's FIN came (it half-closed at once), no RST: it still discards.
         assert state == TCP_CLOSE_WAIT, (state, ended)
         assert ended == "stopped", ended
+
+
+async def test_uvicorn_server_stats_read_from_another_thread() -> None:
+    """server.stats reads from a thread with no loop (a metrics scrape) while the shutdown runs."""
+    async with uvicorn_with_a_request() as (server, _kept):
+        shutdown = asyncio.ensure_future(server.shutdown())
+        await asyncio.sleep(0.2)  # the kept keep-alive connection holds grace (its quiet window)
+        stats = await asyncio.to_thread(lambda: server.stats)
+        assert stats.phase is ShutdownPhase.GRACE, stats
+        assert stats.shutdown_duration is not None, stats
+        assert stats.shutdown_duration > 0, stats
+        await asyncio.wait_for(shutdown, 10)
