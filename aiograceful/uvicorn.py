@@ -91,6 +91,7 @@ __all__ = [
     "SHUTDOWN_QUIET",
     "H11Protocol",
     "Server",
+    "protocol_class",
     "run",
 ]
 
@@ -539,8 +540,13 @@ class _Target:
                 await asyncio.wait_for(listener.wait_closed(), LOST_WAIT)
 
 
-def _protocol_class(http: object) -> object:
-    """uvicorn's ``http=`` argument, with its own protocols replaced by aiograceful's."""
+def protocol_class(http: object) -> object:
+    """uvicorn's ``http=`` argument, with its own protocols replaced by aiograceful's.
+
+    "h11" is :class:`H11Protocol`; "httptools" and "auto" are
+    :class:`HttpToolsProtocol` where httptools is installed ("auto" falls back
+    to :class:`H11Protocol`, as uvicorn's does); anything else is returned as given.
+    """
     if http == "h11":
         return H11Protocol
     if http in ("httptools", "auto"):
@@ -571,7 +577,7 @@ def run(
     """
     check_seconds("force_timeout", force_timeout, allow_none=False)
     check_seconds("drain_delay", drain_delay, allow_none=False)
-    kwargs["http"] = _protocol_class(kwargs.get("http", "auto"))
+    kwargs["http"] = protocol_class(kwargs.get("http", "auto"))
     app_dir = kwargs.pop("app_dir", None)
     if app_dir is not None:
         sys.path.insert(0, app_dir)

@@ -516,13 +516,13 @@ def test_uvicorn_run_serves_and_shuts_down() -> None:
 
 def test_uvicorn_http_names_map_to_the_dropins() -> None:
     """``run(http=...)``: uvicorn's names select aiograceful's protocols; a class is kept."""
-    assert graceful_uvicorn._protocol_class("h11") is graceful_uvicorn.H11Protocol
-    auto = graceful_uvicorn._protocol_class("auto")
+    assert graceful_uvicorn.protocol_class("h11") is graceful_uvicorn.H11Protocol
+    auto = graceful_uvicorn.protocol_class("auto")
     assert auto in (
         graceful_uvicorn.H11Protocol,
         getattr(graceful_uvicorn, "HttpToolsProtocol", None),
     )
-    assert graceful_uvicorn._protocol_class(int) is int
+    assert graceful_uvicorn.protocol_class(int) is int
 
 
 def test_import_aiograceful_does_not_import_uvicorn() -> None:
