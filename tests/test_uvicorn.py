@@ -37,6 +37,7 @@ pytest.importorskip("uvicorn")
 import uvicorn
 from _dropins import (
     HOST,
+    LoadCounts,
     ab_uploads,
     assert_dropin_loses_nothing_in_race,
     assert_stock_loses_in_race,
@@ -47,6 +48,7 @@ from _dropins import (
     python,
     server_process,
     shutdown_race,
+    signal_load,
     wget_uploads,
 )
 
@@ -512,6 +514,41 @@ def test_uvicorn_run_serves_and_shuts_down() -> None:
         assert proc.returncode in (0, -signal.SIGTERM), counts  # uvicorn re-raises it
     assert counts.answered > 0, counts
     assert counts.lost == 0, counts
+
+
+def _workers_load(argv: list[str]) -> LoadCounts:
+    """Keep-alive and new-connection clients; SIGTERM to the supervisor after 1.5 s."""
+    with server_process(argv) as (proc, port):
+        time.sleep(1.0)  # the workers start after the supervisor logs its port
+        counts = signal_load(proc, port, [(1.5, signal.SIGTERM)])
+    assert counts.answered > 100, counts
+    return counts
+
+
+@pytest.mark.slow
+def test_uvicorn_cli_workers_lose_requests_at_sigterm() -> None:
+    """``uvicorn --workers 2`` with the drop-in protocols: the supervisor's exit resets some."""
+    argv = [*_argv(DROPIN["h11"], "asyncio"), "--workers", "2"]
+    seen = []
+    for _ in range(2):
+        counts = _workers_load(argv)
+        seen.append(counts)
+        if counts.lost:
+            return
+    raise AssertionError(f"uvicorn --workers lost nothing: {seen}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", LOOPS)
+def test_uvicorn_run_workers_lose_nothing_at_sigterm(loop: str) -> None:
+    """``run(app, workers=2)``: the listener refuses handshakes, the workers drain it, none lost."""
+    code = (
+        "import aiograceful.uvicorn as u; "
+        f"u.run('_asgi_app:app', host={HOST!r}, port=0, workers=2, loop={loop!r}, "
+        "access_log=False)"
+    )
+    counts = _workers_load([python(), "-c", code])
+    assert counts.failed == 0, counts
 
 
 def test_uvicorn_http_names_map_to_the_dropins() -> None:
