@@ -39,14 +39,16 @@ is deprecated): gunicorn's configuration, logging, TLS options and
 
 The knobs are class attributes (``force_timeout``, ``drain_delay``,
 ``shutdown_margin``); subclass to change them and pass the subclass to
-``-k``. Tested with gunicorn 27.0 and uvicorn-worker 0.4 (the
-``aiograceful[gunicorn]`` extra).
+``-k``. Tested with gunicorn 23.0 and 27.0 and uvicorn-worker 0.4 (the
+``aiograceful[gunicorn]`` extra); an older one fails the import, naming
+it (uvicorn-worker 0.3 cannot start uvicorn 0.54's loop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import math
 import signal
 import socket
@@ -68,7 +70,33 @@ from uvicorn.config import Config
 from . import uvicorn as graceful_uvicorn
 from ._server import DEFAULT_FORCE_TIMEOUT
 
-__all__ = ["SHUTDOWN_MARGIN", "UvicornH11Worker", "UvicornWorker", "shutdown_budget"]
+__all__ = [
+    "MINIMUM_VERSIONS",
+    "SHUTDOWN_MARGIN",
+    "UvicornH11Worker",
+    "UvicornWorker",
+    "shutdown_budget",
+]
+
+#: The oldest versions tested: (distribution, version).
+MINIMUM_VERSIONS: Final = (("gunicorn", (23, 0)), ("uvicorn-worker", (0, 4)))
+
+
+def _check_versions() -> None:
+    for name, oldest in MINIMUM_VERSIONS:
+        try:
+            found = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # importable without metadata (a checkout): nothing to compare
+        parts = tuple(int(p) for p in found.split(".")[:2] if p.isdigit())
+        if parts < oldest:
+            raise ImportError(
+                f"aiograceful.gunicorn needs {name}>={'.'.join(map(str, oldest))} "
+                f"(found {found}): pip install 'aiograceful[gunicorn]'"
+            )
+
+
+_check_versions()
 
 #: Seconds of gunicorn's ``graceful_timeout`` kept for what the shutdown's
 #: phases do not bound: its own short waits (about 4 s at most), the

@@ -130,6 +130,28 @@ def test_gunicorn_budget_fits_graceful_timeout() -> None:
         assert drain + grace + force + graceful_gunicorn.SHUTDOWN_MARGIN <= max(timeout, 5.0)
 
 
+def test_gunicorn_import_refuses_an_untested_old_version() -> None:
+    """uvicorn-worker 0.3 (which cannot start uvicorn 0.54's loop): the ImportError names it."""
+    code = (
+        "import importlib.metadata as m\n"
+        "real = m.version\n"
+        "m.version = lambda name: '0.3.0' if name == 'uvicorn-worker' else real(name)\n"
+        "try:\n"
+        "    import aiograceful.gunicorn\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        timeout=30,
+        check=True,
+        text=True,
+        env=env(),
+    )
+    assert "needs uvicorn-worker>=0.4 (found 0.3.0)" in out.stdout, out
+
+
 def test_gunicorn_workers_serve_through_the_dropin_protocols() -> None:
     """The workers keep uvicorn-worker's names and loops, with aiograceful's protocols."""
     import uvicorn_worker
