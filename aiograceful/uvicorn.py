@@ -557,11 +557,15 @@ class _Multiprocess(Multiprocess):
     refuses new handshakes (every holder is stopping: there is no sibling to
     turn away), and the workers, still serving, accept what is queued. The
     connections they accept meanwhile inherit the filter, which only drops a
-    SYN, for the little time left to them.
+    SYN, for the little time left to them. A listener it was given (``fd=``)
+    is left alone.
     """
 
     def terminate_all(self) -> None:
-        refusing = [sock for sock in self.sockets if refuse_new_handshakes(sock)]
+        # Only a listener it bound itself: one inherited (``fd=``, systemd's)
+        # outlives it, and would keep the filter for whoever holds it next.
+        owned = self.config.fd is None
+        refusing = [sock for sock in self.sockets if owned and refuse_new_handshakes(sock)]
         if refusing:
             time.sleep(HANDSHAKE_SETTLE)  # the handshakes under way join the queue
             deadline = time.monotonic() + _QUEUE_WAIT

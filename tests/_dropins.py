@@ -11,6 +11,9 @@
 * :func:`shutdown_race`: keep-alive clients sending requests back to back
   while the server gets SIGTERM; counts the requests sent on an open
   connection that got no answer.
+* :func:`signal_load`: keep-alive and new-connection clients sending
+  requests back to back while the server gets a plan of signals (reloads,
+  then the stop); counts every request that failed (:class:`LoadCounts`).
 * TLS and in-process servers: :func:`https_uploads` (http.client over TLS),
   :func:`queued_connections` / :func:`answer` (connections the server's
   loop has not accepted yet, then a GET on each, over TLS or not),
@@ -415,6 +418,10 @@ class LoadCounts:
         self.lost = 0
         #: Connects refused while the server was to be serving (before the stop).
         self.refused = 0
+        #: New connections reset before any answer after the stop began: where
+        #: the listener's last close reset its queue, and the client's
+        #: request, if written at all, was never accepted (counted apart).
+        self.unsent = 0
         #: How each failure went (the client's exception), for the report.
         self.failures: list[str] = []
         self._lock = threading.Lock()
@@ -424,18 +431,21 @@ class LoadCounts:
         """Requests lost, and connects refused while the server was to serve."""
         return self.lost + self.refused
 
-    def add(self, sent: int, answered: int, lost: int, refused: int, failures: list[str]) -> None:
+    def add(
+        self, sent: int, answered: int, lost: int, refused: int, unsent: int, failures: list[str]
+    ) -> None:
         with self._lock:
             self.sent += sent
             self.answered += answered
             self.lost += lost
             self.refused += refused
+            self.unsent += unsent
             self.failures += failures
 
     def __repr__(self) -> str:
         return (
             f"<LoadCounts sent={self.sent} answered={self.answered} lost={self.lost} "
-            f"refused={self.refused} failures={self.failures[:10]}>"
+            f"refused={self.refused} unsent={self.unsent} failures={self.failures[:10]}>"
         )
 
 
@@ -447,17 +457,20 @@ def _load_client(
     A keep-alive client opens a new connection after ``Connection: close`` or
     a failure. A request written on an open connection that gets no full
     answer is lost; a refused connect before ``stopping`` is set is a
-    failure, after it the end (the server is gone).
+    failure, after it the end (the server is gone), and so is a new
+    connection reset without an answer after it (counted apart, ``unsent``).
     """
-    sent = answered = lost = refused = 0
+    sent = answered = lost = refused = unsent = 0
     failures: list[str] = []
     conn: http.client.HTTPConnection | None = None
+    used = False  # whether a request was written on ``conn``
     try:
         for _ in range(1_000_000):  # bounded by ``until`` too
             if time.monotonic() >= until:
                 break
             if conn is None:
                 conn = http.client.HTTPConnection(HOST, port, timeout=5)
+                used = False
                 try:
                     conn.connect()
                 except OSError as exc:
@@ -469,11 +482,22 @@ def _load_client(
                     time.sleep(0.01)
                     continue
             try:
+                fresh, wrote = not used, False
+                used = True
                 conn.request("GET", "/", headers={} if keepalive else {"Connection": "close"})
+                wrote = True
                 sent += 1
                 response = conn.getresponse()
                 response.read()
             except (OSError, http.client.HTTPException) as exc:
+                if fresh and stopping.is_set() and isinstance(exc, ConnectionResetError):
+                    # A new connection reset before any answer once the stop
+                    # began: the listener's last close reset its queue (or
+                    # the server reset an accepted one: told apart only by
+                    # the server). Counted apart, and the end, as a refusal.
+                    sent -= wrote
+                    unsent += 1
+                    break
                 lost += 1
                 failures.append(f"{type(exc).__name__} after {answered} answers")
                 conn.close()
@@ -486,7 +510,7 @@ def _load_client(
     finally:
         if conn is not None:
             conn.close()
-        counts.add(sent, answered, lost, refused, failures)
+        counts.add(sent, answered, lost, refused, unsent, failures)
 
 
 def signal_load(

@@ -5,7 +5,9 @@ Each server is ``python -m gunicorn _asgi_app:app`` in a subprocess on
 drop-in's (``-k aiograceful.gunicorn.UvicornWorker``: uvloop and httptools;
 ``UvicornH11Worker``: asyncio's loop and h11). Keep-alive clients and
 clients opening a connection per request keep it busy through SIGHUP
-reloads, ``max_requests`` recycling and the stop.
+reloads, ``max_requests`` recycling and the stop. A request written on an
+open connection that gets no answer is lost; a connect refused before the
+stop is a failure too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from aiograceful import uvicorn as graceful_uvicorn
 #: How gunicorn logs its port.
 LISTENING = re.compile(rb"Listening at: http://[^\s:]+:(\d+)")
 WORKERS = ["UvicornWorker", "UvicornH11Worker"]
+#: New connections the stop may reset unanswered (``LoadCounts.unsent``): the
+#: arbiter closed its copy of the listener first, and one that completes its
+#: handshake between the last worker's final accept() and its close is reset
+#: with the queue (about one stop in 15 on loopback; see the README).
+STOP_WINDOW = 1
 #: Two reloads under load, then the stop.
 RELOADS = [(1.0, signal.SIGHUP), (3.0, signal.SIGHUP), (5.0, signal.SIGTERM)]
 
@@ -56,6 +63,7 @@ def test_gunicorn_worker_loses_nothing_across_reloads_and_stop(worker: str) -> N
     """Two SIGHUP reloads and a SIGTERM under load: every request sent is answered."""
     counts = _load(f"aiograceful.gunicorn.{worker}", RELOADS)
     assert counts.failed == 0, counts
+    assert counts.unsent <= STOP_WINDOW, counts
 
 
 @pytest.mark.slow
@@ -77,6 +85,7 @@ def test_gunicorn_worker_loses_nothing_when_recycled(worker: str) -> None:
     recycle = ("--max-requests", "1500", "--max-requests-jitter", "500")
     counts = _load(f"aiograceful.gunicorn.{worker}", [(5.0, signal.SIGTERM)], *recycle)
     assert counts.failed == 0, counts
+    assert counts.unsent <= STOP_WINDOW, counts
 
 
 def _get(port: int, path: str, got: list[int | str]) -> None:
