@@ -68,8 +68,9 @@ import h11
 import uvicorn
 from uvicorn.config import Config
 from uvicorn.protocols.http import h11_impl
+from uvicorn.supervisors import Multiprocess
 
-from ._accept import close_and_drain
+from ._accept import HANDSHAKE_SETTLE, accept_queue_stats, close_and_drain
 from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
 from ._ending import Ending
 from ._h11 import CloseAwareConnection as _Connection
@@ -77,6 +78,7 @@ from ._linger import Linger
 from ._options import LingerOptions, check_seconds
 from ._server import DEFAULT_FORCE_TIMEOUT, DEFAULT_GRACE
 from ._shutdown import LOST_WAIT, ShutdownNotice, ShutdownPhase, run_shutdown
+from ._socket import refuse_new_handshakes
 from ._stats import Counters, ServerStats
 from ._transport import ClosingView as _Transport
 
@@ -92,6 +94,7 @@ __all__ = [
     "SHUTDOWN_QUIET",
     "H11Protocol",
     "Server",
+    "protocol_class",
     "run",
 ]
 
@@ -105,6 +108,9 @@ _SERVERS: Final[weakref.WeakKeyDictionary[Any, Server]] = weakref.WeakKeyDiction
 _POLL: Final = 0.1
 # How long the force waits for cancelled tasks to write their last answer.
 _CANCEL_WAIT: Final = 1.0
+# How long uvicorn's supervisor waits, at most, for its workers to accept
+# what is queued on their shared listener before it stops them.
+_QUEUE_WAIT: Final = 1.0
 
 
 def _new_end(
@@ -537,8 +543,44 @@ class _Target:
                 await asyncio.wait_for(listener.wait_closed(), LOST_WAIT)
 
 
-def _protocol_class(http: object) -> object:
-    """uvicorn's ``http=`` argument, with its own protocols replaced by aiograceful's."""
+class _Multiprocess(Multiprocess):
+    """uvicorn's supervisor (``workers > 1``), stopping its workers once the listener is quiet.
+
+    The workers share the supervisor's listening socket, and the supervisor
+    holds it until it exits: once the workers stop accepting, connections
+    still complete their handshake into its queue, and the supervisor's exit
+    resets them after their clients sent a request (one per client, each
+    SIGTERM). So before the workers get their SIGTERM, the kernel socket
+    refuses new handshakes (every holder is stopping: there is no sibling to
+    turn away), and the workers, still serving, accept what is queued. The
+    connections they accept meanwhile inherit the filter, which only drops a
+    SYN, for the little time left to them. A listener it was given (``fd=``)
+    is left alone.
+    """
+
+    def terminate_all(self) -> None:
+        # Only a listener it bound itself: one inherited (``fd=``, systemd's)
+        # outlives it, and would keep the filter for whoever holds it next.
+        owned = self.config.fd is None
+        refusing = [sock for sock in self.sockets if owned and refuse_new_handshakes(sock)]
+        if refusing:
+            time.sleep(HANDSHAKE_SETTLE)  # the handshakes under way join the queue
+            deadline = time.monotonic() + _QUEUE_WAIT
+            for _ in range(1000):  # bounded by the deadline too
+                stats = accept_queue_stats(refusing)
+                if stats is None or stats.depth == 0 or time.monotonic() >= deadline:
+                    break
+                time.sleep(_POLL / 10)
+        super().terminate_all()
+
+
+def protocol_class(http: object) -> object:
+    """uvicorn's ``http=`` argument, with its own protocols replaced by aiograceful's.
+
+    "h11" is :class:`H11Protocol`; "httptools" and "auto" are
+    :class:`HttpToolsProtocol` where httptools is installed ("auto" falls back
+    to :class:`H11Protocol`, as uvicorn's does); anything else is returned as given.
+    """
     if http == "h11":
         return H11Protocol
     if http in ("httptools", "auto"):
@@ -565,17 +607,30 @@ def run(
     still open after it; ``drain_delay`` keeps accepting for that long after
     the notice (see :class:`Server`). With ``reload`` or ``workers > 1`` uvicorn's own
     supervisors run the servers: the protocols are aiograceful's, the shutdown
-    order is uvicorn's.
+    order is uvicorn's. With ``workers > 1`` (and ``app`` an import string)
+    the supervisor, before it stops its workers, makes their shared listener
+    refuse new handshakes and lets them accept what is queued: uvicorn's own
+    (``uvicorn --workers``) resets those connections when it exits.
     """
     check_seconds("force_timeout", force_timeout, allow_none=False)
     check_seconds("drain_delay", drain_delay, allow_none=False)
-    kwargs["http"] = _protocol_class(kwargs.get("http", "auto"))
+    kwargs["http"] = protocol_class(kwargs.get("http", "auto"))
     app_dir = kwargs.pop("app_dir", None)
     if app_dir is not None:
         sys.path.insert(0, app_dir)
     config = Config(app, **kwargs)
+    if config.workers > 1 and not config.reload and isinstance(app, str):
+        # uvicorn.run's own steps for its workers, with the supervisor above.
+        try:
+            _Multiprocess(config, sockets=[config.bind_socket()]).run()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if config.uds and os.path.exists(config.uds):
+                os.remove(config.uds)
+        return
     if config.reload or config.workers > 1:
-        uvicorn.run(app, **kwargs)
+        uvicorn.run(app, **kwargs)  # reload; or an app object, which uvicorn refuses
         return
     config.load_app()
     server = Server(config, force_timeout=force_timeout, drain_delay=drain_delay)

@@ -11,6 +11,9 @@
 * :func:`shutdown_race`: keep-alive clients sending requests back to back
   while the server gets SIGTERM; counts the requests sent on an open
   connection that got no answer.
+* :func:`signal_load`: keep-alive and new-connection clients sending
+  requests back to back while the server gets a plan of signals (reloads,
+  then the stop); counts every request that failed (:class:`LoadCounts`).
 * TLS and in-process servers: :func:`https_uploads` (http.client over TLS),
   :func:`queued_connections` / :func:`answer` (connections the server's
   loop has not accepted yet, then a GET on each, over TLS or not),
@@ -94,9 +97,12 @@ def env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def server_process(
-    argv: Sequence[str], *, start_timeout: float = 20.0
+    argv: Sequence[str], *, start_timeout: float = 20.0, port_re: re.Pattern[bytes] = _PORT_RE
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """Run ``argv`` (a server that logs ``Running on http://127.0.0.1:PORT``); yield it and PORT."""
+    """Run ``argv`` (a server that logs ``Running on http://127.0.0.1:PORT``); yield it and PORT.
+
+    ``port_re``: how the server logs its port (group 1), for another server's log line.
+    """
     proc = subprocess.Popen(
         list(argv),
         stdout=subprocess.PIPE,
@@ -119,7 +125,7 @@ def server_process(
                 if not chunk:
                     continue
                 output += chunk
-                match = _PORT_RE.search(output)
+                match = port_re.search(output)
                 if match:
                     port = int(match.group(1))
         # Keep draining its output, so a chatty server never blocks on the pipe.
@@ -397,6 +403,151 @@ def shutdown_race(
     proc.send_signal(signal.SIGTERM)
     for thread in threads:
         thread.join(15)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(20)
+    return counts
+
+
+class LoadCounts:
+    """What the clients of one :func:`signal_load` saw (summed over clients)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.answered = 0
+        #: Requests written on an open connection that got no full answer.
+        self.lost = 0
+        #: Connects refused while the server was to be serving (before the stop).
+        self.refused = 0
+        #: New connections reset before any answer after the stop began: where
+        #: the listener's last close reset its queue, and the client's
+        #: request, if written at all, was never accepted (counted apart).
+        self.unsent = 0
+        #: How each failure went (the client's exception), for the report.
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+
+    @property
+    def failed(self) -> int:
+        """Requests lost, and connects refused while the server was to serve."""
+        return self.lost + self.refused
+
+    def add(
+        self, sent: int, answered: int, lost: int, refused: int, unsent: int, failures: list[str]
+    ) -> None:
+        with self._lock:
+            self.sent += sent
+            self.answered += answered
+            self.lost += lost
+            self.refused += refused
+            self.unsent += unsent
+            self.failures += failures
+
+    def __repr__(self) -> str:
+        return (
+            f"<LoadCounts sent={self.sent} answered={self.answered} lost={self.lost} "
+            f"refused={self.refused} unsent={self.unsent} failures={self.failures[:10]}>"
+        )
+
+
+def _load_client(
+    port: int, until: float, counts: LoadCounts, keepalive: bool, stopping: threading.Event
+) -> None:
+    """GET / back to back until ``until``, on one keep-alive connection or a new one each.
+
+    A keep-alive client opens a new connection after ``Connection: close`` or
+    a failure. A request written on an open connection that gets no full
+    answer is lost; a refused connect before ``stopping`` is set is a
+    failure, after it the end (the server is gone), and so is a new
+    connection reset without an answer after it (counted apart, ``unsent``).
+    """
+    sent = answered = lost = refused = unsent = 0
+    failures: list[str] = []
+    conn: http.client.HTTPConnection | None = None
+    used = False  # whether a request was written on ``conn``
+    try:
+        for _ in range(1_000_000):  # bounded by ``until`` too
+            if time.monotonic() >= until:
+                break
+            if conn is None:
+                conn = http.client.HTTPConnection(HOST, port, timeout=5)
+                used = False
+                try:
+                    conn.connect()
+                except OSError as exc:
+                    conn = None
+                    if stopping.is_set():
+                        break
+                    refused += 1
+                    failures.append(f"connect: {type(exc).__name__}")
+                    time.sleep(0.01)
+                    continue
+            try:
+                fresh, wrote = not used, False
+                used = True
+                conn.request("GET", "/", headers={} if keepalive else {"Connection": "close"})
+                wrote = True
+                sent += 1
+                response = conn.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                if fresh and stopping.is_set() and isinstance(exc, ConnectionResetError):
+                    # A new connection reset before any answer once the stop
+                    # began: the listener's last close reset its queue (or
+                    # the server reset an accepted one: told apart only by
+                    # the server). Counted apart, and the end, as a refusal.
+                    sent -= wrote
+                    unsent += 1
+                    break
+                lost += 1
+                failures.append(f"{type(exc).__name__} after {answered} answers")
+                conn.close()
+                conn = None
+                continue
+            answered += 1
+            if response.will_close or not keepalive:
+                conn.close()
+                conn = None
+    finally:
+        if conn is not None:
+            conn.close()
+        counts.add(sent, answered, lost, refused, unsent, failures)
+
+
+def signal_load(
+    proc: subprocess.Popen[bytes],
+    port: int,
+    plan: Sequence[tuple[float, signal.Signals]],
+    *,
+    keepalive: int = 4,
+    fresh: int = 4,
+    tail: float = 3.0,
+) -> LoadCounts:
+    """Load from ``keepalive`` keep-alive and ``fresh`` new-connection clients while ``plan`` runs.
+
+    ``plan``: (seconds after the load began, signal for ``proc``), in order;
+    a SIGTERM or SIGINT is the stop, after which a refused connect ends a
+    client. The clients run until ``tail`` s after the last signal (at most
+    60 s in all); then the server is waited for (20 s).
+    """
+    counts = LoadCounts()
+    stopping = threading.Event()
+    start = time.monotonic()
+    until = start + min(60.0, (plan[-1][0] if plan else 0.0) + tail)
+    threads = [
+        threading.Thread(
+            target=_load_client, args=(port, until, counts, i < keepalive, stopping), daemon=True
+        )
+        for i in range(keepalive + fresh)
+    ]
+    for thread in threads:
+        thread.start()
+    for at, sig in plan:
+        time.sleep(max(0.0, start + at - time.monotonic()))
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping.set()
+        proc.send_signal(sig)
+    for thread in threads:
+        thread.join(max(1.0, until - time.monotonic() + 10))
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(20)
     return counts
