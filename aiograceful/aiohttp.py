@@ -44,6 +44,20 @@ name to :class:`GracefulAppRunner` while it runs. Tested with aiohttp 3.14 (the
 
 from __future__ import annotations
 
+# The installed aiohttp is checked before anything of it is imported (so an
+# older one fails here, with what to install, not on a missing attribute):
+# the imports below follow that check.
+# ruff: noqa: E402
+from typing import Final
+
+from ._versions import check_server_version
+
+#: The oldest aiohttp this drop-in supports (see the README for why).
+MINIMUM_VERSION: Final = "3.9"
+#: The newest aiohttp its tests ran against; a newer one works with a warning.
+TESTED_UP_TO: Final = "3.14"
+check_server_version(__name__, "aiohttp", MINIMUM_VERSION, TESTED_UP_TO)
+
 import asyncio
 import contextlib
 import functools
@@ -162,7 +176,10 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
 
     def request_active(self) -> bool:
         """A request is being answered, or one is queued for its turn."""
-        return self._answered < self._parsed or self._request_in_progress
+        # aiohttp >= 3.10.6 flags the handler and its answer (_request_in_progress);
+        # 3.9 to 3.10.5 have no such flag, and the parsed/answered counts,
+        # which span the same steps, say it alone.
+        return self._answered < self._parsed or getattr(self, "_request_in_progress", False)
 
     def request_partial(self) -> bool:
         """The request being answered is still receiving its body."""

@@ -46,6 +46,20 @@ Tested with hypercorn 0.18 (the ``aiograceful[hypercorn]`` extra pins it).
 
 from __future__ import annotations
 
+# The installed hypercorn is checked before anything of it is imported (so an
+# older one fails here, with what to install, not on a missing attribute):
+# the imports below follow that check.
+# ruff: noqa: E402
+from typing import Final
+
+from ._versions import check_server_version
+
+#: The oldest hypercorn this drop-in supports (see the README for why).
+MINIMUM_VERSION: Final = "0.16"
+#: The newest hypercorn its tests ran against; a newer one works with a warning.
+TESTED_UP_TO: Final = "0.18"
+check_server_version(__name__, "hypercorn", MINIMUM_VERSION, TESTED_UP_TO)
+
 import asyncio
 import contextlib
 import contextvars
@@ -53,7 +67,7 @@ import socket
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 import h11
 import hypercorn.asyncio
@@ -192,7 +206,7 @@ class GracefulTCPServer(TCPServer):
             # not say Connection: close: the client would send its next
             # request into the close. Keep it, idle, for its quiet window.
             self._busy = False
-            await self.idle_task.restart(self._task_group, self._idle_timeout)
+            await self._restart_idle()
             end.response_done()
             return
         if isinstance(event, Updated) and event.idle and self.reader.at_eof():
@@ -234,7 +248,7 @@ class GracefulTCPServer(TCPServer):
         try:
             await asyncio.shield(end.linger.future())
         finally:
-            await self.idle_task.stop()
+            await self._stop_idle_timer()
 
     async def _initiate_server_close(self) -> None:
         await self.protocol.handle(Closed())
@@ -247,6 +261,28 @@ class GracefulTCPServer(TCPServer):
         await asyncio.wait([gone], timeout=self.config.keep_alive_timeout)
         if not gone.done():
             await asyncio.shield(self._initiate_server_close())
+
+    # hypercorn 0.14 to 0.16 run the keep-alive timer as ``_run_idle``, started
+    # by ``_start_idle`` and stopped by ``_stop_idle``; 0.17 made it
+    # ``_idle_timeout`` in an ``idle_task`` (``AsyncioSingleTask``). Ours is the
+    # same timer under either name, and these two pick the API that exists.
+    _run_idle = _idle_timeout
+
+    async def _restart_idle(self) -> None:
+        idle_task = getattr(self, "idle_task", None)
+        if idle_task is not None:  # hypercorn >= 0.17
+            await idle_task.restart(self._task_group, self._idle_timeout)
+        else:  # hypercorn 0.16
+            legacy: Any = self
+            await legacy._start_idle()
+
+    async def _stop_idle_timer(self) -> None:
+        idle_task = getattr(self, "idle_task", None)
+        if idle_task is not None:  # hypercorn >= 0.17
+            await idle_task.stop()
+        else:  # hypercorn 0.16
+            legacy: Any = self
+            await legacy._stop_idle()
 
     # -- Conversation (what the connection's Ending asks) --------------------------
 

@@ -52,6 +52,20 @@ subclasses use uvicorn's protocol attributes (``cycle``, ``conn``, ``flow``,
 
 from __future__ import annotations
 
+# The installed uvicorn is checked before anything of it is imported (so an
+# older one fails here, with what to install, not on a missing attribute):
+# the imports below follow that check.
+# ruff: noqa: E402
+from typing import Final
+
+from ._versions import check_server_version
+
+#: The oldest uvicorn this drop-in supports (see the README for why).
+MINIMUM_VERSION: Final = "0.30"
+#: The newest uvicorn its tests ran against; a newer one works with a warning.
+TESTED_UP_TO: Final = "0.54"
+check_server_version(__name__, "uvicorn", MINIMUM_VERSION, TESTED_UP_TO)
+
 import asyncio
 import contextlib
 import importlib.util
@@ -62,7 +76,7 @@ import sys
 import time
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import h11
 import uvicorn
@@ -575,7 +589,12 @@ def run(
     if config.reload or config.workers > 1:
         uvicorn.run(app, **kwargs)
         return
-    config.load_app()
+    # uvicorn.run imports the app before the server starts, so that a bad
+    # import string fails at once: with Config.load_app on the uvicorn that
+    # has it (0.54); 0.30 imports it in Config.load, as the server starts.
+    load_app = getattr(config, "load_app", None)
+    if load_app is not None:
+        load_app()
     server = Server(config, force_timeout=force_timeout, drain_delay=drain_delay)
     try:
         server.run()
