@@ -38,8 +38,8 @@ The classes are aiohttp's, subclassed: :class:`GracefulRequestHandler`
 :class:`GracefulAppRunner` (``web.AppRunner``, usable on its own with
 ``TCPSite``). ``web.run_app`` makes its runner by the name
 ``aiohttp.web.AppRunner`` and offers no hook for it: :func:`run_app` sets that
-name to :class:`GracefulAppRunner` while it runs. Tested with aiohttp 3.14 (the
-``aiograceful[aiohttp]`` extra pins it).
+name to :class:`GracefulAppRunner` while it runs. Supports aiohttp 3.9
+(:data:`MINIMUM_VERSION`) to 3.14 (:data:`TESTED_UP_TO`), checked at import.
 """
 
 from __future__ import annotations
@@ -162,15 +162,17 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
             resp.force_close()  # Connection: close
         queued = len(self._messages)
         try:
-            result = await super().finish_response(request, resp, start_time)
+            result: Any = await super().finish_response(request, resp, start_time)
         finally:
             # A declined upgrade's tail is parsed there.
             self._parsed += max(0, len(self._messages) - queued)
             self._answered += 1
+        # aiohttp >= 3.10.6 returns (response, reset); 3.9 to 3.10.5 return reset alone.
+        reset = result[1] if isinstance(result, tuple) else result
         end = self._end
-        if end is not None and resp.keep_alive and not result[1]:
+        if end is not None and resp.keep_alive and not reset:
             end.response_done()  # the connection stays open for the next request
-        return result
+        return cast(tuple[StreamResponse, bool], result)
 
     # -- Conversation (what the connection's Ending asks) --------------------------
 

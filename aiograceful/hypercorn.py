@@ -41,7 +41,8 @@ servers drain at close, while it runs (and puts hypercorn's back when the
 last ``serve`` returns); its listeners' connections are made with asyncio's
 streams protocol, subclassed to report the connection's end. HTTP/2 and
 WebSocket connections get the lingering close but not the header.
-Tested with hypercorn 0.18 (the ``aiograceful[hypercorn]`` extra pins it).
+Supports hypercorn 0.16 (:data:`MINIMUM_VERSION`) to 0.18 (:data:`TESTED_UP_TO`),
+checked at import.
 """
 
 from __future__ import annotations
@@ -96,12 +97,21 @@ class _NoticeConnection(CloseAwareConnection):
     """h11's connection that also says ``Connection: close`` once the worker is terminating."""
 
     terminated: Any = None  # hypercorn's WorkerContext.terminated event
+    protocol: Any = None  # hypercorn's H11Protocol, which counts the connection's requests
 
     def wants_close(self) -> bool:
         if self.close_wanted:
             return True
         terminated = self.terminated
-        return terminated is not None and bool(terminated.is_set())
+        if terminated is not None and terminated.is_set():
+            return True
+        # hypercorn ends a connection after config.keep_alive_max_requests requests.
+        # 0.17 says Connection: close on that last answer itself; 0.16 does not (the
+        # client's next request goes into the close): the drop-in says it on either.
+        protocol = self.protocol
+        return protocol is not None and bool(
+            protocol.keep_alive_requests >= protocol.config.keep_alive_max_requests
+        )
 
 
 class _Stream(asyncio.StreamReaderProtocol):
@@ -184,6 +194,7 @@ class GracefulTCPServer(TCPServer):
                 h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
             )
             conn.terminated = self.context.terminated
+            conn.protocol = inner
             inner.connection = conn
         await super()._read_data()
         if not self._busy:

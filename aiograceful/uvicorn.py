@@ -5,7 +5,10 @@ Use it as::
     uvicorn app:app --http aiograceful.uvicorn:H11Protocol
     uvicorn app:app --http aiograceful.uvicorn:HttpToolsProtocol   # httptools installed
 
-or ``uvicorn.Config(app, http=aiograceful.uvicorn.H11Protocol)``, or
+(uvicorn's CLI takes an import string in ``--http`` from 0.36; before, it
+takes only its own parsers' names), or ``uvicorn.run(app,
+http=aiograceful.uvicorn.H11Protocol)`` / ``uvicorn.Config(app, http=...)``
+(every supported uvicorn), or
 :func:`run` (``uvicorn.run``'s arguments), which adds the drained accept queue
 and the grace/force order to uvicorn's shutdown. The protocols alone (the
 plain CLI, ``uvicorn.Server``) cannot drain the queue: uvicorn's shutdown
@@ -45,9 +48,9 @@ uploading reads the early answer (stock uvicorn's close fails it on asyncio's
 loop); a client that half-closes a TLS connection is closed by asyncio
 itself, as in stock uvicorn.
 
-Tested with uvicorn 0.54 (the ``aiograceful[uvicorn]`` extra pins it); the
-subclasses use uvicorn's protocol attributes (``cycle``, ``conn``, ``flow``,
-``transport``), which a later uvicorn may change.
+Supports uvicorn 0.30 (:data:`MINIMUM_VERSION`) to 0.54 (:data:`TESTED_UP_TO`),
+checked at import; the subclasses use uvicorn's protocol attributes
+(``cycle``, ``conn``, ``flow``, ``transport``), which a later uvicorn may change.
 """
 
 from __future__ import annotations
@@ -289,7 +292,7 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
             elif cycle.keep_alive and _has_body(self.headers):
                 # An answer that starts before the body has arrived says
                 # Connection: close (the rest of the body goes to the closer).
-                cycle.keep_alive = False
+                _keep_alive(cycle, False)
                 self._body_pending = cycle
 
         def on_message_complete(self) -> None:
@@ -299,7 +302,7 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
                 self._body_pending = None
                 end = self._end
                 if not cycle.response_started and not (end.notified or end.peer_eof):
-                    cycle.keep_alive = True
+                    _keep_alive(cycle, True)
 
         # -- Conversation ------------------------------------------------------
 
@@ -324,9 +327,9 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
                 return
             old = self._closing_cycle
             if old is not None and old is not cycle and not old.response_started:
-                old.keep_alive = True
+                _keep_alive(old, True)
             self._body_pending = None
-            cycle.keep_alive = False
+            _keep_alive(cycle, False)
             self._closing_cycle = cycle
 
 else:
@@ -338,6 +341,28 @@ else:
                 "aiograceful.uvicorn.HttpToolsProtocol needs httptools: pip install httptools"
             )
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_CLOSE: Final = (b"connection", b"close")
+
+
+def _keep_alive(cycle: Any, keep_alive: bool) -> None:
+    """Whether the httptools cycle's answer keeps the connection, said in its header too.
+
+    uvicorn's httptools cycle closes the connection after an answer whose
+    ``keep_alive`` is False; from a release after 0.35 it also writes
+    ``Connection: close`` then, but up to 0.35 (0.30 included) it writes no
+    header, and the client learns of the close only from the FIN. The header
+    among the cycle's own default headers is written by every version (and the
+    newer ones, seeing it, add no second one): a copy of the list, which is the
+    server's, shared by every cycle. (A request that said ``Connection: close``
+    gets it back from uvicorn itself.)
+    """
+    cycle.keep_alive = keep_alive
+    headers = [header for header in cycle.default_headers if header != _CLOSE]
+    if not keep_alive and _CLOSE not in cycle.scope["headers"]:
+        headers.append(_CLOSE)
+    cycle.default_headers = headers
 
 
 def _has_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
