@@ -48,7 +48,7 @@ uploading reads the early answer (stock uvicorn's close fails it on asyncio's
 loop); a client that half-closes a TLS connection is closed by asyncio
 itself, as in stock uvicorn.
 
-Supports uvicorn 0.30 (:data:`MINIMUM_VERSION`) to 0.54 (:data:`TESTED_UP_TO`),
+Supports uvicorn 0.22 (:data:`MINIMUM_VERSION`) to 0.54 (:data:`TESTED_UP_TO`),
 checked at import; the subclasses use uvicorn's protocol attributes
 (``cycle``, ``conn``, ``flow``, ``transport``), which a later uvicorn may change.
 """
@@ -64,7 +64,7 @@ from typing import Final
 from ._versions import check_server_version
 
 #: The oldest uvicorn this drop-in supports (see the README for why).
-MINIMUM_VERSION: Final = "0.30"
+MINIMUM_VERSION: Final = "0.22"
 #: The newest uvicorn its tests ran against; a newer one works with a warning.
 TESTED_UP_TO: Final = "0.54"
 check_server_version(__name__, "uvicorn", MINIMUM_VERSION, TESTED_UP_TO)
@@ -351,7 +351,7 @@ def _keep_alive(cycle: Any, keep_alive: bool) -> None:
 
     uvicorn's httptools cycle closes the connection after an answer whose
     ``keep_alive`` is False; from a release after 0.35 it also writes
-    ``Connection: close`` then, but up to 0.35 (0.30 included) it writes no
+    ``Connection: close`` then, but from 0.22 to at least 0.35 it writes no
     header, and the client learns of the close only from the FIN. The header
     among the cycle's own default headers is written by every version (and the
     newer ones, seeing it, add no second one): a copy of the list, which is the
@@ -616,7 +616,7 @@ def run(
         return
     # uvicorn.run imports the app before the server starts, so that a bad
     # import string fails at once: with Config.load_app on the uvicorn that
-    # has it (0.54); 0.30 imports it in Config.load, as the server starts.
+    # has it (0.54); 0.22 to 0.35 import it in Config.load, as the server starts.
     load_app = getattr(config, "load_app", None)
     if load_app is not None:
         load_app()

@@ -21,7 +21,7 @@ from aiograceful import UntestedServerWarning
 
 # (drop-in module, distribution, a release older than its minimum, one newer than tested).
 DROPINS = [
-    ("aiograceful.uvicorn", "uvicorn", "0.29.0", "0.99.0"),
+    ("aiograceful.uvicorn", "uvicorn", "0.21.1", "0.99.0"),
     ("aiograceful.hypercorn", "hypercorn", "0.15.0", "0.99.0"),
     ("aiograceful.aiohttp", "aiohttp", "3.8.6", "3.99.0"),
 ]
