@@ -25,6 +25,7 @@ from ._shutdown import ShutdownNotice, ShutdownPhase
 from ._state import HalfCloseState
 from ._stats import ServerStats, ShutdownReport
 from ._streams import abort, graceful_close
+from ._versions import UntestedServerWarning
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -46,6 +47,7 @@ __all__ = [
     "ShutdownNotice",
     "ShutdownPhase",
     "ShutdownReport",
+    "UntestedServerWarning",
     "abort",
     "create_server",
     "create_unix_server",

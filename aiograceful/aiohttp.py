@@ -38,11 +38,25 @@ The classes are aiohttp's, subclassed: :class:`GracefulRequestHandler`
 :class:`GracefulAppRunner` (``web.AppRunner``, usable on its own with
 ``TCPSite``). ``web.run_app`` makes its runner by the name
 ``aiohttp.web.AppRunner`` and offers no hook for it: :func:`run_app` sets that
-name to :class:`GracefulAppRunner` while it runs. Tested with aiohttp 3.14 (the
-``aiograceful[aiohttp]`` extra pins it).
+name to :class:`GracefulAppRunner` while it runs. Supports aiohttp 3.9
+(:data:`MINIMUM_VERSION`) to 3.14 (:data:`TESTED_UP_TO`), checked at import.
 """
 
 from __future__ import annotations
+
+# The installed aiohttp is checked before anything of it is imported (so an
+# older one fails here, with what to install, not on a missing attribute):
+# the imports below follow that check.
+# ruff: noqa: E402
+from typing import Final
+
+from ._versions import check_server_version
+
+#: The oldest aiohttp this drop-in supports (see the README for why).
+MINIMUM_VERSION: Final = "3.9"
+#: The newest aiohttp its tests ran against; a newer one works with a warning.
+TESTED_UP_TO: Final = "3.14"
+check_server_version(__name__, "aiohttp", MINIMUM_VERSION, TESTED_UP_TO)
 
 import asyncio
 import contextlib
@@ -148,21 +162,26 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
             resp.force_close()  # Connection: close
         queued = len(self._messages)
         try:
-            result = await super().finish_response(request, resp, start_time)
+            result: Any = await super().finish_response(request, resp, start_time)
         finally:
             # A declined upgrade's tail is parsed there.
             self._parsed += max(0, len(self._messages) - queued)
             self._answered += 1
+        # aiohttp >= 3.10.6 returns (response, reset); 3.9 to 3.10.5 return reset alone.
+        reset = result[1] if isinstance(result, tuple) else result
         end = self._end
-        if end is not None and resp.keep_alive and not result[1]:
+        if end is not None and resp.keep_alive and not reset:
             end.response_done()  # the connection stays open for the next request
-        return result
+        return cast(tuple[StreamResponse, bool], result)
 
     # -- Conversation (what the connection's Ending asks) --------------------------
 
     def request_active(self) -> bool:
         """A request is being answered, or one is queued for its turn."""
-        return self._answered < self._parsed or self._request_in_progress
+        # aiohttp >= 3.10.6 flags the handler and its answer (_request_in_progress);
+        # 3.9 to 3.10.5 have no such flag, and the parsed/answered counts,
+        # which span the same steps, say it alone.
+        return self._answered < self._parsed or getattr(self, "_request_in_progress", False)
 
     def request_partial(self) -> bool:
         """The request being answered is still receiving its body."""

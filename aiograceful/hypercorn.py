@@ -41,10 +41,25 @@ servers drain at close, while it runs (and puts hypercorn's back when the
 last ``serve`` returns); its listeners' connections are made with asyncio's
 streams protocol, subclassed to report the connection's end. HTTP/2 and
 WebSocket connections get the lingering close but not the header.
-Tested with hypercorn 0.18 (the ``aiograceful[hypercorn]`` extra pins it).
+Supports hypercorn 0.16 (:data:`MINIMUM_VERSION`) to 0.18 (:data:`TESTED_UP_TO`),
+checked at import.
 """
 
 from __future__ import annotations
+
+# The installed hypercorn is checked before anything of it is imported (so an
+# older one fails here, with what to install, not on a missing attribute):
+# the imports below follow that check.
+# ruff: noqa: E402
+from typing import Final
+
+from ._versions import check_server_version
+
+#: The oldest hypercorn this drop-in supports (see the README for why).
+MINIMUM_VERSION: Final = "0.16"
+#: The newest hypercorn its tests ran against; a newer one works with a warning.
+TESTED_UP_TO: Final = "0.18"
+check_server_version(__name__, "hypercorn", MINIMUM_VERSION, TESTED_UP_TO)
 
 import asyncio
 import contextlib
@@ -54,7 +69,7 @@ import time
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 import h11
 import hypercorn.asyncio
@@ -83,12 +98,21 @@ class _NoticeConnection(CloseAwareConnection):
     """h11's connection that also says ``Connection: close`` once the worker is terminating."""
 
     terminated: Any = None  # hypercorn's WorkerContext.terminated event
+    protocol: Any = None  # hypercorn's H11Protocol, which counts the connection's requests
 
     def wants_close(self) -> bool:
         if self.close_wanted:
             return True
         terminated = self.terminated
-        return terminated is not None and bool(terminated.is_set())
+        if terminated is not None and terminated.is_set():
+            return True
+        # hypercorn ends a connection after config.keep_alive_max_requests requests.
+        # 0.17 says Connection: close on that last answer itself; 0.16 does not (the
+        # client's next request goes into the close): the drop-in says it on either.
+        protocol = self.protocol
+        return protocol is not None and bool(
+            protocol.keep_alive_requests >= protocol.config.keep_alive_max_requests
+        )
 
 
 class _Stream(asyncio.StreamReaderProtocol):
@@ -171,6 +195,7 @@ class GracefulTCPServer(TCPServer):
                 h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
             )
             conn.terminated = self.context.terminated
+            conn.protocol = inner
             inner.connection = conn
         await super()._read_data()
         if not self._busy:
@@ -193,7 +218,7 @@ class GracefulTCPServer(TCPServer):
             # not say Connection: close: the client would send its next
             # request into the close. Keep it, idle, for its quiet window.
             self._busy = False
-            await self.idle_task.restart(self._task_group, self._idle_timeout)
+            await self._restart_idle()
             end.response_done()
             return
         if isinstance(event, Updated) and event.idle and self.reader.at_eof():
@@ -235,7 +260,7 @@ class GracefulTCPServer(TCPServer):
         try:
             await asyncio.shield(end.linger.future())
         finally:
-            await self.idle_task.stop()
+            await self._stop_idle_timer()
 
     async def _initiate_server_close(self) -> None:
         await self.protocol.handle(Closed())
@@ -248,6 +273,28 @@ class GracefulTCPServer(TCPServer):
         await asyncio.wait([gone], timeout=self.config.keep_alive_timeout)
         if not gone.done():
             await asyncio.shield(self._initiate_server_close())
+
+    # hypercorn 0.14 to 0.16 run the keep-alive timer as ``_run_idle``, started
+    # by ``_start_idle`` and stopped by ``_stop_idle``; 0.17 made it
+    # ``_idle_timeout`` in an ``idle_task`` (``AsyncioSingleTask``). Ours is the
+    # same timer under either name, and these two pick the API that exists.
+    _run_idle = _idle_timeout
+
+    async def _restart_idle(self) -> None:
+        idle_task = getattr(self, "idle_task", None)
+        if idle_task is not None:  # hypercorn >= 0.17
+            await idle_task.restart(self._task_group, self._idle_timeout)
+        else:  # hypercorn 0.16
+            legacy: Any = self
+            await legacy._start_idle()
+
+    async def _stop_idle_timer(self) -> None:
+        idle_task = getattr(self, "idle_task", None)
+        if idle_task is not None:  # hypercorn >= 0.17
+            await idle_task.stop()
+        else:  # hypercorn 0.16
+            legacy: Any = self
+            await legacy._stop_idle()
 
     # -- Conversation (what the connection's Ending asks) --------------------------
 

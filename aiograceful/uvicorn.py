@@ -5,7 +5,10 @@ Use it as::
     uvicorn app:app --http aiograceful.uvicorn:H11Protocol
     uvicorn app:app --http aiograceful.uvicorn:HttpToolsProtocol   # httptools installed
 
-or ``uvicorn.Config(app, http=aiograceful.uvicorn.H11Protocol)``, or
+(uvicorn's CLI takes an import string in ``--http`` from 0.36; before, it
+takes only its own parsers' names), or ``uvicorn.run(app,
+http=aiograceful.uvicorn.H11Protocol)`` / ``uvicorn.Config(app, http=...)``
+(every supported uvicorn), or
 :func:`run` (``uvicorn.run``'s arguments), which adds the drained accept queue
 and the grace/force order to uvicorn's shutdown. The protocols alone (the
 plain CLI, ``uvicorn.Server``) cannot drain the queue: uvicorn's shutdown
@@ -45,12 +48,26 @@ uploading reads the early answer (stock uvicorn's close fails it on asyncio's
 loop); a client that half-closes a TLS connection is closed by asyncio
 itself, as in stock uvicorn.
 
-Tested with uvicorn 0.54 (the ``aiograceful[uvicorn]`` extra pins it); the
-subclasses use uvicorn's protocol attributes (``cycle``, ``conn``, ``flow``,
-``transport``), which a later uvicorn may change.
+Supports uvicorn 0.22 (:data:`MINIMUM_VERSION`) to 0.54 (:data:`TESTED_UP_TO`),
+checked at import; the subclasses use uvicorn's protocol attributes
+(``cycle``, ``conn``, ``flow``, ``transport``), which a later uvicorn may change.
 """
 
 from __future__ import annotations
+
+# The installed uvicorn is checked before anything of it is imported (so an
+# older one fails here, with what to install, not on a missing attribute):
+# the imports below follow that check.
+# ruff: noqa: E402
+from typing import Final
+
+from ._versions import check_server_version
+
+#: The oldest uvicorn this drop-in supports (see the README for why).
+MINIMUM_VERSION: Final = "0.22"
+#: The newest uvicorn its tests ran against; a newer one works with a warning.
+TESTED_UP_TO: Final = "0.54"
+check_server_version(__name__, "uvicorn", MINIMUM_VERSION, TESTED_UP_TO)
 
 import asyncio
 import contextlib
@@ -62,7 +79,7 @@ import sys
 import time
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import h11
 import uvicorn
@@ -281,7 +298,7 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
             elif cycle.keep_alive and _has_body(self.headers):
                 # An answer that starts before the body has arrived says
                 # Connection: close (the rest of the body goes to the closer).
-                cycle.keep_alive = False
+                _keep_alive(cycle, False)
                 self._body_pending = cycle
 
         def on_message_complete(self) -> None:
@@ -291,7 +308,7 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
                 self._body_pending = None
                 end = self._end
                 if not cycle.response_started and not (end.notified or end.peer_eof):
-                    cycle.keep_alive = True
+                    _keep_alive(cycle, True)
 
         # -- Conversation ------------------------------------------------------
 
@@ -316,9 +333,9 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
                 return
             old = self._closing_cycle
             if old is not None and old is not cycle and not old.response_started:
-                old.keep_alive = True
+                _keep_alive(old, True)
             self._body_pending = None
-            cycle.keep_alive = False
+            _keep_alive(cycle, False)
             self._closing_cycle = cycle
 
 else:
@@ -330,6 +347,28 @@ else:
                 "aiograceful.uvicorn.HttpToolsProtocol needs httptools: pip install httptools"
             )
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_CLOSE: Final = (b"connection", b"close")
+
+
+def _keep_alive(cycle: Any, keep_alive: bool) -> None:
+    """Whether the httptools cycle's answer keeps the connection, said in its header too.
+
+    uvicorn's httptools cycle closes the connection after an answer whose
+    ``keep_alive`` is False; from a release after 0.35 it also writes
+    ``Connection: close`` then, but from 0.22 to at least 0.35 it writes no
+    header, and the client learns of the close only from the FIN. The header
+    among the cycle's own default headers is written by every version (and the
+    newer ones, seeing it, add no second one): a copy of the list, which is the
+    server's, shared by every cycle. (A request that said ``Connection: close``
+    gets it back from uvicorn itself.)
+    """
+    cycle.keep_alive = keep_alive
+    headers = [header for header in cycle.default_headers if header != _CLOSE]
+    if not keep_alive and _CLOSE not in cycle.scope["headers"]:
+        headers.append(_CLOSE)
+    cycle.default_headers = headers
 
 
 def _has_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -632,7 +671,12 @@ def run(
     if config.reload or config.workers > 1:
         uvicorn.run(app, **kwargs)  # reload; or an app object, which uvicorn refuses
         return
-    config.load_app()
+    # uvicorn.run imports the app before the server starts, so that a bad
+    # import string fails at once: with Config.load_app on the uvicorn that
+    # has it (0.54); 0.22 to 0.35 import it in Config.load, as the server starts.
+    load_app = getattr(config, "load_app", None)
+    if load_app is not None:
+        load_app()
     server = Server(config, force_timeout=force_timeout, drain_delay=drain_delay)
     try:
         server.run()

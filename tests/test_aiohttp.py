@@ -323,9 +323,10 @@ def _read_stream(sock: socket.socket) -> tuple[bytes, OSError | None]:
 
 
 async def test_aiohttp_app_runner_endless_stream_bounded_shutdown() -> None:
-    """An endless event stream open at cleanup: stock takes 2x shutdown_timeout, the drop-in
-    at most shutdown_timeout + force_timeout (and ends the stream with a FIN, not a reset)."""
-    from aiohttp import web
+    """An endless event stream open at cleanup: stock takes 2x shutdown_timeout (1x before
+    aiohttp 3.10.2), the drop-in at most shutdown_timeout + force_timeout (and ends the
+    stream with a FIN, not a reset)."""
+    from aiohttp import web, web_protocol
 
     from aiograceful.aiohttp import GracefulAppRunner
 
@@ -353,7 +354,12 @@ async def test_aiohttp_app_runner_endless_stream_bounded_shutdown() -> None:
                 stats = runner.stats
                 assert stats.forced == 1, stats
                 assert stats.closed == 1, stats
-    assert durations["stock"] >= 2 * grace - 0.1, durations
+    # Stock aiohttp >= 3.10.2 waits shutdown_timeout for the handler, then as long again
+    # for its cancellation (its RequestHandler has a _handler_waiter); 3.9 to 3.10.1
+    # cancel the handler at once and wait shutdown_timeout for it.
+    graceful_wait = hasattr(web_protocol.RequestHandler, "_handler_waiter")
+    stock = 2 * grace if graceful_wait else grace
+    assert durations["stock"] >= stock - 0.1, durations
     assert durations["dropin"] <= grace + force + 0.5, durations
 
 

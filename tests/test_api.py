@@ -30,6 +30,7 @@ PUBLIC = [
     "ShutdownNotice",
     "ShutdownPhase",
     "ShutdownReport",
+    "UntestedServerWarning",
     "abort",
     "create_server",
     "create_unix_server",

@@ -573,7 +573,8 @@ async def test_hypercorn_serve_drain_delay_notice_and_stats() -> None:
     assert after.closed == 1, after
     assert after.active == 0, after
     assert after.shutdown_duration is not None, after
-    assert after.shutdown_duration >= 0.6, after
+    # A difference of two loop.time() readings: 0.6 can come out as 0.59999999999945.
+    assert after.shutdown_duration >= 0.6 - 1e-9, after
 
 
 @pytest.mark.parametrize("loop", LOOPS)

@@ -5,7 +5,9 @@ Each server is ``python -m uvicorn _asgi_app:app`` in a subprocess on
 aiograceful.uvicorn:H11Protocol`` / ``HttpToolsProtocol``), on asyncio's loop
 and on uvloop (``--loop``). The clients are real: http.client, node, wget,
 curl, ab. Every check first shows the stock server losing, then the drop-in
-delivering every time.
+delivering every time. On a uvicorn whose CLI takes no import string in
+``--http`` (before 0.36), the drop-in's servers are ``uvicorn.run(app,
+http=Class)`` instead: the same server with the same protocol.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from _util import (
 
 pytest.importorskip("uvicorn")
 
+import click
 import uvicorn
 from _dropins import (
     HOST,
@@ -66,11 +69,54 @@ DROPIN = {
 }
 
 
+def _cli_takes_import_string() -> bool:
+    """Whether uvicorn's CLI takes ``--http module:Class`` (uvicorn >= 0.36, its #2658).
+
+    Before, ``--http`` is a choice of ``auto``, ``h11``, ``httptools``: a feature
+    check on the option's type, not on the version.
+    """
+    from uvicorn.main import main
+
+    option = next(param for param in main.params if param.name == "http")
+    return not isinstance(option.type, click.Choice)
+
+
+CLI_TAKES_IMPORT_STRING = _cli_takes_import_string()
+NO_CLI_IMPORT_STRING = (
+    f"uvicorn {uvicorn.__version__}'s CLI takes no import string in --http "
+    "(--http module:Class is uvicorn >= 0.36); there the drop-in runs through "
+    "uvicorn.run(http=Class), tested by every other test here"
+)
+
+
 def _argv(http: str, loop: str) -> list[str]:
+    """uvicorn serving ``_asgi_app:app`` with ``http`` (a parser's name, or ``module:Class``).
+
+    A class goes to ``--http`` where the CLI takes an import string, and to
+    ``uvicorn.run(http=Class)`` (``Config(http=Class)``: the same server, the
+    same protocol) on the uvicorn whose CLI does not (before 0.36).
+    """
+    if ":" in http and not CLI_TAKES_IMPORT_STRING:
+        return _uvicorn_run_argv(http, loop)
+    return _cli_argv(http, loop)
+
+
+def _cli_argv(http: str, loop: str) -> list[str]:
     return [
         python(), "-m", "uvicorn", "_asgi_app:app", "--host", HOST, "--port", "0",
         "--http", http, "--loop", loop, "--log-level", "info", "--no-access-log",
     ]  # fmt: skip
+
+
+def _uvicorn_run_argv(http: str, loop: str) -> list[str]:
+    """``uvicorn.run(app, http=Class)`` for ``http`` = ``module:Class`` (any uvicorn)."""
+    module, name = http.split(":")
+    code = (
+        f"import uvicorn; from {module} import {name}; "
+        f"uvicorn.run('_asgi_app:app', host={HOST!r}, port=0, http={name}, loop={loop!r}, "
+        "log_level='info', access_log=False)"
+    )
+    return [python(), "-c", code]
 
 
 def _need_parser(parser: str) -> None:
@@ -205,6 +251,29 @@ def test_uvicorn_half_closed_client_gets_its_answer(
     _need_parser(parser)
     assert _get_then_half_close(servers(parser, loop, False)) == b""
     data = _get_then_half_close(servers(parser, loop, True))
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert data.endswith(b"ok\n"), data
+    assert b"connection: close" in data.lower(), data
+
+
+@pytest.mark.skipif(not CLI_TAKES_IMPORT_STRING, reason=NO_CLI_IMPORT_STRING)
+def test_uvicorn_cli_takes_the_dropin_as_an_import_string() -> None:
+    """``uvicorn app --http aiograceful.uvicorn:H11Protocol`` serves with the drop-in's
+    protocol: a half-closed client gets its answer (stock uvicorn drops it)."""
+    with server_process(_cli_argv(DROPIN["h11"], "asyncio")) as (_proc, port):
+        data = _get_then_half_close(port)
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert data.endswith(b"ok\n"), data
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_uvicorn_run_takes_the_dropin_class(parser: str) -> None:
+    """``uvicorn.run(app, http=aiograceful.uvicorn.H11Protocol)`` (``Config(http=Class)``, which
+    every supported uvicorn takes) serves with the drop-in: a half-closed client gets its
+    answer, with ``Connection: close``."""
+    _need_parser(parser)
+    with server_process(_uvicorn_run_argv(DROPIN[parser], "asyncio")) as (_proc, port):
+        data = _get_then_half_close(port)
     assert data.startswith(b"HTTP/1.1 200"), data
     assert data.endswith(b"ok\n"), data
     assert b"connection: close" in data.lower(), data
