@@ -72,6 +72,7 @@ check_server_version(__name__, "uvicorn", MINIMUM_VERSION, TESTED_UP_TO)
 import asyncio
 import contextlib
 import importlib.util
+import inspect
 import logging
 import os
 import socket
@@ -646,8 +647,8 @@ def run(
     still open after it; ``drain_delay`` keeps accepting for that long after
     the notice (see :class:`Server`). With ``reload`` or ``workers > 1`` uvicorn's own
     supervisors run the servers: the protocols are aiograceful's, the shutdown
-    order is uvicorn's. With ``workers > 1`` (and ``app`` an import string)
-    the supervisor, before it stops its workers, makes their shared listener
+    order is uvicorn's. With ``workers > 1`` (and ``app`` an import string;
+    uvicorn 0.30 and later) the supervisor, before it stops its workers, makes their shared listener
     refuse new handshakes and lets them accept what is queued: uvicorn's own
     (``uvicorn --workers``) resets those connections when it exits.
     """
@@ -658,10 +659,25 @@ def run(
     if app_dir is not None:
         sys.path.insert(0, app_dir)
     config = Config(app, **kwargs)
-    if config.workers > 1 and not config.reload and isinstance(app, str):
-        # uvicorn.run's own steps for its workers, with the supervisor above.
+    if (
+        config.workers > 1
+        and not config.reload
+        and isinstance(app, str)
+        and hasattr(Multiprocess, "terminate_all")
+    ):
+        # uvicorn.run's own steps for its workers, with the supervisor above
+        # (uvicorn 0.30 and later: the supervisor that stops its workers with
+        # terminate_all; before it, uvicorn.run's own below).
+        sockets = [config.bind_socket()]
+        if "target" in inspect.signature(Multiprocess.__init__).parameters:
+            # uvicorn 0.30 to 0.3x: the supervisor is given its workers' entry point.
+            supervisor = _Multiprocess(  # type: ignore[call-arg]
+                config, target=uvicorn.Server(config=config).run, sockets=sockets
+            )
+        else:
+            supervisor = _Multiprocess(config, sockets=sockets)
         try:
-            _Multiprocess(config, sockets=[config.bind_socket()]).run()
+            supervisor.run()
         except KeyboardInterrupt:
             pass
         finally:

@@ -613,6 +613,10 @@ def test_uvicorn_cli_workers_lose_requests_at_sigterm() -> None:
 @pytest.mark.parametrize("loop", LOOPS)
 def test_uvicorn_run_workers_lose_nothing_at_sigterm(loop: str) -> None:
     """``run(app, workers=2)``: the listener refuses handshakes, the workers drain it, none lost."""
+    from uvicorn.supervisors import Multiprocess
+
+    if not hasattr(Multiprocess, "terminate_all"):
+        pytest.skip(f"uvicorn {uvicorn.__version__}: its supervisor is older than 0.30's")
     code = (
         "import aiograceful.uvicorn as u; "
         f"u.run('_asgi_app:app', host={HOST!r}, port=0, workers=2, loop={loop!r}, "
