@@ -286,8 +286,16 @@ async def _steer_away(
     group of one (index 1 past its end) falls back to the hash, that is to
     this listener, whose filter then drops the SYNs as without a group.
 
-    False where it was not done: not a group, no address to probe from, the
-    probe not answered.
+    Two members leaving at once replace (the later attach wins) and then
+    detach each other's program: one of them may be given new connections
+    again for the rest of its settle, which its filter drops (latency, not
+    data). A program of the application's own on the group is replaced for
+    the duration and detached (``STEER_REUSEPORT`` False leaves it alone).
+
+    False where it was not done: not a group (always, elsewhere than Linux:
+    the listener then relies on its filter, or closes after the drain), no
+    address to probe from, the probe not answered; the probe's program is
+    detached then, and if this is cancelled.
     """
     if not reuseport_group(listener):
         return False
@@ -295,25 +303,33 @@ async def _steer_away(
     family = listener.family
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1" if family == socket.AF_INET else "::1"
-    probe = socket.socket(family, socket.SOCK_STREAM)
+    attached = False
+    try:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        return False
     try:
         probe.setblocking(False)
         probe.bind((host, 0, *rest[:2]) if family == socket.AF_INET6 else (host, 0))
         local = probe.getsockname()
-        if not set_reuseport_program(listener, probe_reuseport_program(local[1], 0)):
+        attached = set_reuseport_program(listener, probe_reuseport_program(local[1], 0))
+        if not attached:
             return False
-        try:
-            await asyncio.wait_for(loop.sock_connect(probe, (host, port, *rest)), _PROBE_TIMEOUT)
-        except (OSError, TimeoutError):
-            detach_reuseport_program(listener)
-            return False
+        await asyncio.wait_for(loop.sock_connect(probe, (host, port, *rest)), _PROBE_TIMEOUT)
         mine = await _probe_landed(listener, local, (host, port), accepted)
         if mine is None:
-            detach_reuseport_program(listener)
             return False
-        return set_reuseport_program(listener, steer_reuseport_program(1 if mine else 0))
+        # Replaces the probe's program; close_and_drain detaches it.
+        steering = set_reuseport_program(listener, steer_reuseport_program(1 if mine else 0))
+        attached = not steering
+        return steering
+    except (OSError, TimeoutError):
+        return False
     finally:
         probe.close()
+        if attached:
+            # Failed or cancelled with the probe's program on the group.
+            detach_reuseport_program(listener)
 
 
 async def _probe_landed(

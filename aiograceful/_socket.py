@@ -628,8 +628,11 @@ def connection_made(local: tuple[Any, ...], peer: tuple[Any, ...], family: int) 
 
     Linux sock_diag; None where the kernel does not tell.
     """
-    src = socket.inet_pton(family, local[0]).ljust(16, b"\0")
-    dst = socket.inet_pton(family, peer[0]).ljust(16, b"\0")
+    try:
+        src = socket.inet_pton(family, local[0]).ljust(16, b"\0")
+        dst = socket.inet_pton(family, peer[0]).ljust(16, b"\0")
+    except (OSError, ValueError):  # a scoped IPv6 address ("fe80::1%eth0"), say
+        return None
     sockid = _DIAG_SOCKID.pack(local[1], peer[1], src, dst) + struct.pack(
         "=III", 0, 0xFFFFFFFF, 0xFFFFFFFF
     )

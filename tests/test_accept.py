@@ -152,3 +152,30 @@ async def test_close_and_drain_stops_a_unix_listener_before_the_close(sock_dir: 
     finally:
         queued.close()
         other.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a Linux reuseport program")
+async def test_close_and_drain_cancelled_leaves_no_program_on_the_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled while it settles, steered: the group's program is detached all the same
+    (left on, it would send every new connection to one socket)."""
+    monkeypatch.setattr(aiograceful._accept, "HANDSHAKE_SETTLE_LIMIT", 1.0)
+    leaving = _reuseport_listener(0)
+    port = leaving.getsockname()[1]
+    sibling = _reuseport_listener(port)
+    server = await asyncio.start_server(_discard, sock=leaving, start_serving=False)
+    loop = asyncio.get_running_loop()
+    try:
+        with silent_handshake(HOST, port):
+            await asyncio.sleep(0.05)
+            drain = asyncio.ensure_future(close_and_drain(loop, server, refuse_handshakes=True))
+            await asyncio.sleep(0.3)
+            assert not drain.done()
+            drain.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await drain
+        assert detach_reuseport_program(sibling) is False
+        await server.wait_closed()
+    finally:
+        sibling.close()
