@@ -18,12 +18,13 @@ namespace made for it (test_reuseport.py does: ``ip netns exec``).
   connections back to back; one worker shuts down in the middle. Counted:
   requests failed, by type, over several rounds.
 
-``python tests/_reuseport_probe.py leave ROUNDS`` prints another: ``leave``,
-worker processes (``WORKERS``, each ``python tests/_reuseport_probe.py
-worker``: an aiograceful server with ``reuse_port=True`` spending
-``WORK_S`` of CPU per request) and ``LEAVE_CLIENTS`` client threads making
-a new connection per request; one worker is SIGTERMed in the middle of
-each round. Counted: requests answered, failed (by type), and delayed past
+``python tests/_reuseport_probe.py leave ROUNDS [LEAVERS]`` prints another,
+``leave``: worker processes (``WORKERS``, each ``python
+tests/_reuseport_probe.py worker``: an aiograceful server with
+``reuse_port=True`` spending ``WORK_S`` of CPU per request) and
+``LEAVE_CLIENTS`` client threads making a new connection per request; one
+worker (or ``LEAVERS`` at once) is SIGTERMed in the middle of each round.
+Counted: requests answered, failed (by type), and delayed past
 ``DELAYED_S`` (a SYN dropped and retransmitted a second later), with the
 worker's SYN filter only (``steer`` 0: the fallback) and with its group
 steering new connections to a sibling first (``steer`` 1), rounds
@@ -314,8 +315,9 @@ def _spawn(port: int, steer: bool, loop: str) -> subprocess.Popen[bytes]:
     return proc
 
 
-def leave(rounds: int) -> list[dict[str, Any]]:
-    """Rounds of ``WORKERS`` workers, one SIGTERMed under load; steer off and on, alternating."""
+def leave(rounds: int, leavers: int = 1) -> list[dict[str, Any]]:
+    """Rounds of ``WORKERS`` workers, ``leavers`` SIGTERMed at once under load; steer off and
+    on, alternating."""
     out: list[dict[str, Any]] = []
     loops = list(available_loops())
     for i in range(2 * rounds):
@@ -329,9 +331,11 @@ def leave(rounds: int) -> list[dict[str, Any]]:
         for t in load.threads:
             t.start()
         time.sleep(ROUND_S / 2)
-        leaving = workers[(i // 2) % len(workers)]  # each place in the group in turn
-        leaving.send_signal(signal.SIGTERM)
-        code = leaving.wait(10)
+        first = (i // 2) % len(workers)  # each place in the group in turn
+        leaving = [workers[(first + n) % len(workers)] for n in range(leavers)]
+        for proc in leaving:
+            proc.send_signal(signal.SIGTERM)
+        code = max(abs(proc.wait(10)) for proc in leaving)
         for t in load.threads:
             t.join(10)
         for w in workers:
@@ -368,7 +372,8 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["leave"]:
         _set_migrate(0)
-        print(json.dumps({"leave": leave(int(sys.argv[2]))}))
+        leavers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+        print(json.dumps({"leave": leave(int(sys.argv[2]), leavers)}))
         return
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     out: dict[str, Any] = {"raw": [], "graceful": [], "load": []}
