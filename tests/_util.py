@@ -347,7 +347,7 @@ def silent_handshake(host: str, port: int) -> socket.socket:
     drop_all = struct.pack("HBBI", 0x06, 0, 0, 0)  # ret #0
     buffer = ctypes.create_string_buffer(drop_all, len(drop_all))
     fprog = struct.pack("@HP", 1, ctypes.addressof(buffer))
-    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     client.setsockopt(socket.SOL_SOCKET, 26, fprog)  # SO_ATTACH_FILTER
     client.setblocking(False)
     with contextlib.suppress(BlockingIOError):

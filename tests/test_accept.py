@@ -48,18 +48,20 @@ async def test_close_and_drain_stop_refuses_for_every_holder() -> None:
         other.close()
 
 
-def _reuseport_listener(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _reuseport_listener(port: int, host: str = HOST) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((HOST, port))
+    sock.bind((host, port))
     sock.listen(64)
     return sock
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a Linux reuseport program")
+@pytest.mark.parametrize("host", [HOST, "::1"], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("place", [0, 1], ids=["first", "second"])
 async def test_close_and_drain_steers_new_connections_to_a_sibling(
-    monkeypatch: pytest.MonkeyPatch, place: int
+    monkeypatch: pytest.MonkeyPatch, place: int, host: str
 ) -> None:
     """A listener leaving its group: while it settles, a new client is answered by its sibling
     (not dropped, not queued on it), whichever place it has; the group's program goes with it.
@@ -67,21 +69,21 @@ async def test_close_and_drain_steers_new_connections_to_a_sibling(
     The settle is widened by a handshake under way that never completes.
     """
     monkeypatch.setattr(aiograceful._accept, "HANDSHAKE_SETTLE_LIMIT", 1.0)
-    first = _reuseport_listener(0)
+    first = _reuseport_listener(0, host)
     port = first.getsockname()[1]
-    second = _reuseport_listener(port)
+    second = _reuseport_listener(port, host)
     leaving, sibling = (first, second) if place == 0 else (second, first)
     server = await asyncio.start_server(_discard, sock=leaving, start_serving=False)
     loop = asyncio.get_running_loop()
     sibling.settimeout(5)
     try:
-        with silent_handshake(HOST, port):
+        with silent_handshake(host, port):
             await asyncio.sleep(0.05)
             drain = asyncio.ensure_future(close_and_drain(loop, server, refuse_handshakes=True))
             await asyncio.sleep(0.3)  # steered and filtered; still settling
             assert not drain.done()
             for _ in range(4):
-                outcome = await asyncio.to_thread(connect_outcome, HOST, port, 0.5)
+                outcome = await asyncio.to_thread(connect_outcome, host, port, 0.5)
                 assert outcome == "connected"
             accepted = await drain
         assert accepted == []  # none of them was queued on the leaving listener
