@@ -9,9 +9,12 @@ the calls that would disturb the loop (``recv``, ``close``...).
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 import struct
 import sys
+from collections.abc import Sequence
 from typing import Any, Final
 
 if sys.platform != "win32":
@@ -29,16 +32,26 @@ __all__ = [
     "TCP_CLOSE",
     "TCP_FAMILIES",
     "TCP_FIN_UNACKED",
+    "ForeignFilterError",
     "bytes_acked",
+    "connection_made",
     "detach_filter",
+    "detach_reuseport_program",
+    "foreign_filter",
+    "handshakes_under_way",
     "listen_overflows",
+    "migrate_requests",
     "peer_uid",
+    "probe_reuseport_program",
     "receive_queue",
     "refuse_new_handshakes",
     "reset",
+    "reuseport_group",
     "send_queue",
     "set_linger_zero",
+    "set_reuseport_program",
     "shutdown_error",
+    "steer_reuseport_program",
     "stop_listening",
     "tcp_info_u32",
     "tcp_state",
@@ -274,6 +287,7 @@ def peer_uid(sock: Any) -> int | None:
 # has no names for them.
 _SO_ATTACH_FILTER: Final = 26
 _SO_DETACH_FILTER: Final = 27
+_SO_GET_FILTER: Final = _SO_ATTACH_FILTER
 # A classic BPF program over a TCP segment (offset 0 is the TCP header when
 # the filter of a listening socket runs): drop a segment whose flags carry
 # SYN without ACK, keep everything else. Each instruction is struct
@@ -285,6 +299,61 @@ _REFUSE_SYN_PROGRAM: Final = (
     (0x06, 0, 0, 0),  # drop: ret #0
     (0x06, 0, 0, 0xFFFFFFFF),  # keep: ret #-1 (the whole segment)
 )
+
+
+class ForeignFilterError(RuntimeError):
+    """The listener has a socket filter that is not aiograceful's: it is never replaced."""
+
+
+def _fprog(program: Sequence[tuple[int, int, int, int]]) -> tuple[bytes, Any]:
+    """``struct sock_fprog`` for ``program``, and the buffer it points into (keep it alive)."""
+    import ctypes
+
+    raw = b"".join(struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF) for code, jt, jf, k in program)
+    buffer = ctypes.create_string_buffer(raw, len(raw))
+    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}
+    return struct.pack("@HP", len(program), ctypes.addressof(buffer)), buffer
+
+
+def _attach(sock: socket.socket, option: int, program: Sequence[tuple[int, int, int, int]]) -> bool:
+    fprog, _buffer = _fprog(program)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, fprog)
+    except OSError:
+        return False
+    return True
+
+
+def foreign_filter(sock: socket.socket) -> str | None:
+    """What socket filter ``sock`` has that is not aiograceful's, in words; None if none (or ours).
+
+    Linux ``SO_GET_FILTER`` (the option number of ``SO_ATTACH_FILTER``) reads
+    back a classic program as it was attached: asked with a length of 0 it
+    answers with the program's length in instructions, 0 without a filter;
+    an eBPF program (``SO_ATTACH_BPF``) cannot be read back (EACCES). The
+    length is counted in instructions, not bytes, so Python's
+    ``getsockopt(..., buflen)`` would let the kernel write 8 bytes per byte
+    asked: the call goes through ctypes with a buffer of the right size.
+    None elsewhere (no filter is attached there).
+    """
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    length = ctypes.c_uint(0)
+    fd = sock.fileno()
+    if libc.getsockopt(fd, socket.SOL_SOCKET, _SO_GET_FILTER, None, ctypes.byref(length)) != 0:
+        err = ctypes.get_errno()
+        return "an eBPF socket filter" if err == errno.EACCES else f"unknown ({os.strerror(err)})"
+    if length.value == 0:
+        return None
+    buffer = ctypes.create_string_buffer(8 * length.value)
+    if libc.getsockopt(fd, socket.SOL_SOCKET, _SO_GET_FILTER, buffer, ctypes.byref(length)) != 0:
+        return "a classic BPF socket filter (unreadable)"
+    if buffer.raw[: 8 * length.value] == _fprog(_REFUSE_SYN_PROGRAM)[1].raw:
+        return None
+    return f"a classic BPF socket filter of {length.value} instructions"
 
 
 def refuse_new_handshakes(sock: socket.socket) -> bool:
@@ -300,8 +369,10 @@ def refuse_new_handshakes(sock: socket.socket) -> bool:
     client sent a request on it.
 
     Linux only (a classic BPF socket filter); False where it cannot be
-    attached (another platform, not a TCP socket, the call refused). It
-    applies to the kernel socket, so every descriptor of it: never call it
+    attached (another platform, not a TCP socket, the call refused: a
+    filter locked with ``SO_LOCK_FILTER``). A filter of the socket's own
+    (see :func:`foreign_filter`) is never replaced: :class:`ForeignFilterError`.
+    It applies to the kernel socket, so every descriptor of it: never call it
     on a listener a successor shares. Connections made from the listener
     afterwards inherit it (:func:`detach_filter` takes it off).
     """
@@ -311,17 +382,10 @@ def refuse_new_handshakes(sock: socket.socket) -> bool:
         or sock.type != socket.SOCK_STREAM
     ):
         return False
-    import ctypes
-
-    program = b"".join(struct.pack("HBBI", *ins) for ins in _REFUSE_SYN_PROGRAM)
-    buffer = ctypes.create_string_buffer(program, len(program))
-    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}
-    fprog = struct.pack("@HP", len(_REFUSE_SYN_PROGRAM), ctypes.addressof(buffer))
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
-    except OSError:
-        return False
-    return True
+    found = foreign_filter(sock)
+    if found is not None:
+        raise ForeignFilterError(f"{sock!r} has {found}: aiograceful does not replace it")
+    return _attach(sock, _SO_ATTACH_FILTER, _REFUSE_SYN_PROGRAM)
 
 
 def detach_filter(sock: socket.socket) -> None:
@@ -360,3 +424,219 @@ def stop_listening(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+# -- a SO_REUSEPORT group: steering new connections among its listeners ------------------
+
+# Linux asm-generic/socket.h: SO_ATTACH_REUSEPORT_CBPF is 51; 52 is
+# SO_ATTACH_REUSEPORT_EBPF (it takes a program's fd), and the detach of
+# either, SO_DETACH_REUSEPORT_BPF, is 68 (Linux 5.3). Python has no names.
+_SO_ATTACH_REUSEPORT_CBPF: Final = 51
+_SO_DETACH_REUSEPORT_BPF: Final = 68
+# A classic BPF load at this offset and beyond reads the network header
+# (linux/filter.h): the program of a group runs with the packet's data past
+# the TCP header, so the header's fields are reached from the IP header.
+_SKF_NET_OFF: Final = -0x100000
+#: The index a reuseport program returns to leave the choice to the kernel's
+#: hash: an index past the group's last socket is ignored (run_bpf_filter).
+_HASH: Final = 0xFFFFFFFF
+_MIGRATE_REQ_PATH: Final = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+Program = tuple[tuple[int, int, int, int], ...]
+
+
+def reuseport_group(sock: socket.socket) -> bool:
+    """Whether ``sock`` is a TCP listener with ``SO_REUSEPORT`` (Linux): it may have siblings."""
+    if (
+        sys.platform != "linux"
+        or sock.family not in TCP_FAMILIES
+        or sock.type != socket.SOCK_STREAM
+    ):
+        return False
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+    except (OSError, AttributeError):
+        return False
+
+
+def probe_reuseport_program(source_port: int, index: int) -> Program:
+    """A reuseport program sending the SYN from ``source_port`` to socket ``index`` of the group.
+
+    Every other packet gets the kernel's hash, as without a program: a probe
+    of where socket ``index`` is, which leaves the group's traffic alone.
+    The TCP source port is read through the IP header (IPv4 with its
+    options, IPv6 without extension headers: a Linux client's SYN has none).
+    """
+    return (
+        (0x30, 0, 0, _SKF_NET_OFF),  # ldb [net+0]        version and IHL
+        (0x54, 0, 0, 0xF0),  # and #0xf0
+        (0x15, 0, 2, 0x60),  # jeq #IPv6, v6, v4
+        (0x28, 0, 0, _SKF_NET_OFF + 40),  # v6: ldh [net+40]    source port
+        (0x05, 0, 0, 2),  # ja check
+        (0xB1, 0, 0, _SKF_NET_OFF),  # v4: ldxb 4*([net+0]&0xf)
+        (0x48, 0, 0, _SKF_NET_OFF),  # ldh [x+net+0]      source port
+        (0x15, 0, 1, source_port),  # check: jeq #port, hit, hash
+        (0x06, 0, 0, index),  # hit: ret #index
+        (0x06, 0, 0, _HASH),  # hash: ret #past-the-end
+    )
+
+
+def steer_reuseport_program(index: int) -> Program:
+    """A reuseport program sending every new connection to socket ``index`` of the group.
+
+    Past the group's last socket (the group shrank) the kernel's hash picks.
+    """
+    return ((0x06, 0, 0, index),)
+
+
+def set_reuseport_program(sock: socket.socket, program: Program) -> bool:
+    """Attach ``program`` to the ``SO_REUSEPORT`` group of ``sock``, replacing any (Linux).
+
+    The program is the group's, not the socket's: it picks the listener of
+    every new connection to the group (returning its index; the indexes are
+    the order of joining, and when a socket leaves, the last one takes its
+    place), until it is detached or the group's last socket closes. False
+    where it cannot be attached.
+    """
+    if not reuseport_group(sock):
+        return False
+    return _attach(sock, _SO_ATTACH_REUSEPORT_CBPF, program)
+
+
+def detach_reuseport_program(sock: socket.socket) -> bool:
+    """Detach the reuseport program of the group of ``sock`` (``SO_DETACH_REUSEPORT_BPF``).
+
+    False where none was attached (ENOENT), ``sock`` left the group, or elsewhere than Linux.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_REUSEPORT_BPF, 0)
+    except OSError:
+        return False
+    return True
+
+
+def migrate_requests() -> bool:
+    """Whether ``net.ipv4.tcp_migrate_req`` is on in this network namespace (Linux 5.14).
+
+    Then a listener that leaves its ``SO_REUSEPORT`` group hands its accept
+    queue and its handshakes under way to a sibling instead of resetting
+    them. The operator sets it (``sysctl -w net.ipv4.tcp_migrate_req=1``).
+    """
+    try:
+        with open(_MIGRATE_REQ_PATH) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+# sock_diag (linux/sock_diag.h, linux/inet_diag.h) over a netlink socket.
+_NETLINK_SOCK_DIAG: Final = 4
+_SOCK_DIAG_BY_FAMILY: Final = 20
+_NLM_F_REQUEST: Final = 0x1
+_NLM_F_DUMP: Final = 0x300
+_NLMSG_ERROR: Final = 2
+_NLMSG_DONE: Final = 3
+_NLMSG_HEADER: Final = struct.Struct("=IHHII")
+_DIAG_REQ: Final = struct.Struct("=BBBxI")
+_DIAG_SOCKID: Final = struct.Struct("!HH16s16s")  # then u32 ifindex, u32 cookie[2]
+_DIAG_MSG_HEAD: Final = 4  # family, state, timer, retrans
+#: include/net/tcp_states.h
+TCP_ESTABLISHED: Final = 1
+TCP_SYN_RECV: Final = 3
+_DIAG_MAX_MESSAGES: Final = 100_000
+
+
+def _diag_request(family: int, states: int, sockid: bytes, flags: int) -> bytes:
+    body = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, states) + sockid
+    return (
+        _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, flags, 1, 0) + body
+    )
+
+
+def _diag(request: bytes) -> list[tuple[int, int, int, bytes, int, bytes]] | None:
+    """Send one sock_diag request; the sockets it answers: (family, state, sport, src, dport, dst).
+
+    None where the answer could not be had (not Linux, netlink refused).
+    Bounded: a 1 s timeout per read, ``_DIAG_MAX_MESSAGES`` messages.
+    """
+    if sys.platform != "linux":
+        return None
+    found: list[tuple[int, int, int, bytes, int, bytes]] = []
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(1.0)
+            nl.sendall(request)
+            seen = 0
+            while seen < _DIAG_MAX_MESSAGES:
+                data = nl.recv(65536)
+                offset = 0
+                while offset + _NLMSG_HEADER.size <= len(data):
+                    length, kind, _flags, _seq, _pid = _NLMSG_HEADER.unpack_from(data, offset)
+                    if length < _NLMSG_HEADER.size:
+                        return None
+                    seen += 1
+                    payload = offset + _NLMSG_HEADER.size
+                    if kind == _NLMSG_DONE:
+                        return found
+                    if kind == _NLMSG_ERROR:
+                        code = struct.unpack_from("=i", data, payload)[0]
+                        return found if code in (0, -errno.ENOENT) else None
+                    if kind == _SOCK_DIAG_BY_FAMILY:
+                        fam, state = data[payload], data[payload + 1]
+                        sport, dport, src, dst = _DIAG_SOCKID.unpack_from(
+                            data, payload + _DIAG_MSG_HEAD
+                        )
+                        found.append((fam, state, sport, src, dport, dst))
+                    offset += (length + 3) & ~3
+                if not _is_dump(request):
+                    return found
+    except (OSError, struct.error, AttributeError):
+        return None
+    return None
+
+
+def _is_dump(request: bytes) -> bool:
+    """Whether a sock_diag request asks for a dump (answered until NLMSG_DONE)."""
+    return bool(_NLMSG_HEADER.unpack_from(request)[2] & _NLM_F_DUMP == _NLM_F_DUMP)
+
+
+def handshakes_under_way(port: int) -> frozenset[tuple[int, bytes, int, bytes]] | None:
+    """The TCP handshakes under way (SYN_RECV) to local ``port``: (family, local, peer port, peer).
+
+    Linux sock_diag: the request socks of every listener on the port, the
+    ``SO_REUSEPORT`` siblings' too (nothing says which listener one is for).
+    None where the kernel does not tell.
+    """
+    found: set[tuple[int, bytes, int, bytes]] = set()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        request = _diag_request(family, 1 << TCP_SYN_RECV, bytes(48), _NLM_F_REQUEST | _NLM_F_DUMP)
+        answered = _diag(request)
+        if answered is None:
+            return None
+        found.update(
+            (fam, src, dport, dst)
+            for fam, state, sport, src, dport, dst in answered
+            if sport == port and state == TCP_SYN_RECV
+        )
+    return frozenset(found)
+
+
+def connection_made(local: tuple[Any, ...], peer: tuple[Any, ...], family: int) -> bool | None:
+    """Whether the kernel has an established TCP connection ``local`` <-> ``peer`` (exact lookup).
+
+    Linux sock_diag; None where the kernel does not tell.
+    """
+    try:
+        src = socket.inet_pton(family, local[0]).ljust(16, b"\0")
+        dst = socket.inet_pton(family, peer[0]).ljust(16, b"\0")
+    except (OSError, ValueError):  # a scoped IPv6 address ("fe80::1%eth0"), say
+        return None
+    sockid = _DIAG_SOCKID.pack(local[1], peer[1], src, dst) + struct.pack(
+        "=III", 0, 0xFFFFFFFF, 0xFFFFFFFF
+    )
+    answered = _diag(_diag_request(family, 1 << TCP_ESTABLISHED, sockid, _NLM_F_REQUEST))
+    if answered is None:
+        return None
+    return any(state == TCP_ESTABLISHED for _fam, state, *_rest in answered)

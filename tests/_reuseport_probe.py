@@ -17,6 +17,18 @@ namespace made for it (test_reuseport.py does: ``ip netns exec``).
 * ``load``: two aiograceful workers on one port, clients making new
   connections back to back; one worker shuts down in the middle. Counted:
   requests failed, by type, over several rounds.
+
+``python tests/_reuseport_probe.py leave ROUNDS [LEAVERS]`` prints another,
+``leave``: worker processes (``WORKERS``, each ``python
+tests/_reuseport_probe.py worker``: an aiograceful server with
+``reuse_port=True`` spending ``WORK_S`` of CPU per request) and
+``LEAVE_CLIENTS`` client threads making a new connection per request; one
+worker (or ``LEAVERS`` at once) is SIGTERMed in the middle of each round.
+Counted: requests answered, failed (by type), and delayed past
+``DELAYED_S`` (a SYN dropped and retransmitted a second later), with the
+worker's SYN filter only (``steer`` 0: the fallback) and with its group
+steering new connections to a sibling first (``steer`` 1), rounds
+alternating. tcp_migrate_req is left off.
 """
 
 from __future__ import annotations
@@ -24,7 +36,9 @@ from __future__ import annotations
 import asyncio
 import json
 import select
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -222,7 +236,145 @@ async def _load(migrate: int, rounds: int) -> dict[str, Any]:
     }
 
 
+WORKERS = 3
+WORK_S = 0.002
+LEAVE_CLIENTS = 24
+DELAYED_S = 0.9
+ROUND_S = 1.6
+
+
+async def _worker(port: int, steer: bool) -> None:
+    """One worker: ``200`` after ``WORK_S`` of CPU per request, until SIGTERM."""
+    import aiograceful._accept
+
+    aiograceful._accept.STEER_REUSEPORT = steer
+
+    async def work(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            return
+        until = time.process_time() + WORK_S
+        while time.process_time() < until:
+            pass
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    server = await start_server(work, HOST, port, reuse_port=True, grace=2.0)
+    print("READY", flush=True)
+    await server.serve_forever()
+
+
+class _Timed:
+    """``LEAVE_CLIENTS`` threads, a new connection per request; latencies and failures."""
+
+    def __init__(self, port: int, seconds: float) -> None:
+        self.port = port
+        self.deadline = time.monotonic() + seconds
+        self.lock = threading.Lock()
+        self.ok = 0
+        self.delayed: list[float] = []
+        self.failed: dict[str, int] = {}
+        self.threads = [threading.Thread(target=self._run) for _ in range(LEAVE_CLIENTS)]
+
+    def _run(self) -> None:
+        for _ in range(100_000):
+            if time.monotonic() > self.deadline:
+                return
+            started = time.monotonic()
+            try:
+                with socket.create_connection((HOST, self.port), timeout=5) as c:
+                    c.sendall(REQUEST)
+                    reply = b""
+                    for _n in range(16):
+                        chunk = c.recv(4096)
+                        if not chunk:
+                            break
+                        reply += chunk
+                key = "ok" if reply.endswith(b"ok") else "bad reply"
+            except OSError as exc:
+                key = type(exc).__name__
+            took = time.monotonic() - started
+            with self.lock:
+                if key == "ok":
+                    self.ok += 1
+                    if took > DELAYED_S:
+                        self.delayed.append(round(took, 3))
+                else:
+                    self.failed[key] = self.failed.get(key, 0) + 1
+                    time.sleep(0.001)
+
+
+def _spawn(port: int, steer: bool, loop: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, __file__, "worker", str(port), str(int(steer)), loop]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 10)
+    if not ready or not proc.stdout.readline().startswith(b"READY"):
+        proc.kill()
+        raise RuntimeError("a worker did not start")
+    return proc
+
+
+def leave(rounds: int, leavers: int = 1) -> list[dict[str, Any]]:
+    """Rounds of ``WORKERS`` workers, ``leavers`` SIGTERMed at once under load; steer off and
+    on, alternating."""
+    out: list[dict[str, Any]] = []
+    loops = list(available_loops())
+    for i in range(2 * rounds):
+        steer = bool(i % 2)
+        loop = loops[(i // 2) % len(loops)]
+        reserve = _listener(0)  # holds the port between rounds of workers
+        port = reserve.getsockname()[1]
+        reserve.close()
+        workers = [_spawn(port, steer, loop) for _ in range(WORKERS)]
+        load = _Timed(port, ROUND_S)
+        for t in load.threads:
+            t.start()
+        time.sleep(ROUND_S / 2)
+        first = (i // 2) % len(workers)  # each place in the group in turn
+        leaving = [workers[(first + n) % len(workers)] for n in range(leavers)]
+        for proc in leaving:
+            proc.send_signal(signal.SIGTERM)
+        code = max(abs(proc.wait(10)) for proc in leaving)
+        for t in load.threads:
+            t.join(10)
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(10)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait(5)
+            if w.stdout is not None:
+                w.stdout.close()
+        out.append(
+            {
+                "steer": int(steer),
+                "loop": loop,
+                "exit": code,
+                "ok": load.ok,
+                "failed": load.failed,
+                "delayed": len(load.delayed),
+                "delayed_s": load.delayed[:5],
+            }
+        )
+    return out
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["worker"]:
+        port, steer, loop = int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+        factory = available_loops()[loop]
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(_worker(port, steer))
+        return
+    if sys.argv[1:2] == ["leave"]:
+        _set_migrate(0)
+        leavers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+        print(json.dumps({"leave": leave(int(sys.argv[2]), leavers)}))
+        return
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     out: dict[str, Any] = {"raw": [], "graceful": [], "load": []}
     for migrate in (0, 1):

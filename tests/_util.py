@@ -333,3 +333,23 @@ async def assert_still_accepts(keeper: socket.socket, host: str, port: int) -> N
     keeper.settimeout(5)
     conn, _ = keeper.accept()
     conn.close()
+
+
+def silent_handshake(host: str, port: int) -> socket.socket:
+    """A client that sends its SYN and never answers the SYN-ACK (its filter drops all it gets).
+
+    The listener holds the handshake under way (SYN_RECV) for as long as it
+    retransmits its SYN-ACK, about a minute, as for a client that vanished.
+    Close it to end it (the listener's request sock lives on). Linux.
+    """
+    import ctypes
+
+    drop_all = struct.pack("HBBI", 0x06, 0, 0, 0)  # ret #0
+    buffer = ctypes.create_string_buffer(drop_all, len(drop_all))
+    fprog = struct.pack("@HP", 1, ctypes.addressof(buffer))
+    client = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, 26, fprog)  # SO_ATTACH_FILTER
+    client.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        client.connect((host, port))
+    return client

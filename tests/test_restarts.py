@@ -26,8 +26,8 @@ def test_restart_plain_fails_requests_handoff_fails_none(loop: str) -> None:
     """Under the same load, a plain restart fails requests; a handoff restart fails none.
 
     The new process takes 1 s to listen, longer than a client's first SYN
-    retransmission: the old one's shutdown drops the SYNs that come in its
-    last 10 ms (close_and_drain), and with a successor quicker than that,
+    retransmission: the old one's shutdown drops the SYNs that come while
+    its drain settles (close_and_drain), and with a successor quicker than that,
     those clients would be answered by it, not refused.
     """
     plain = restart_under_load("plain", loop=loop, startup_delay=STARTUP)

@@ -27,6 +27,7 @@ from _util import (
     linux_only,
     paced_read,
     port_of,
+    silent_handshake,
     wait_until,
 )
 
@@ -366,27 +367,54 @@ async def test_shutdown_drains_the_accept_queue(loop_turn_first: bool) -> None:
 async def test_shutdown_refuses_handshakes_while_it_drains(monkeypatch: pytest.MonkeyPatch) -> None:
     """A client connecting while the queue is drained gets no handshake: nothing sent or reset.
 
-    The window between the drain's last accept() and the close is widened
-    (``HANDSHAKE_SETTLE``) so that a client lands in it; the stock case (a
-    connection made there is reset after its request) is
+    The window between the drain's last accept() and the close is widened:
+    a handshake under way that never completes (a client that vanished
+    after its SYN) holds the settle to its bound, 2 s here, so that a
+    client lands in it; the stock case (a connection made there is reset
+    after its request) is
     test_socket_refuse_new_handshakes_closes_the_window_after_a_drain.
     """
-    monkeypatch.setattr(aiograceful._accept, "HANDSHAKE_SETTLE", 2.0)
+    monkeypatch.setattr(aiograceful._accept, "HANDSHAKE_SETTLE_LIMIT", 2.0)
     # (The queue is served once the settle is over: grace outlasts it.)
     server = await create_server(ByeProtocol, LOCALHOST, 0, backlog=64, grace=10)
     port = port_of(server)
     results: list[object] = []
     threads = await fill_accept_queue(port, 5, results)
-    shutdown = asyncio.ensure_future(server.shutdown())
-    await asyncio.sleep(0.2)  # the filter is on, the settle not over
-    late = await asyncio.to_thread(connect_outcome, LOCALHOST, port, 0.3)
-    assert late == "TimeoutError"
-    report = await shutdown
+    with silent_handshake(LOCALHOST, port):
+        await asyncio.sleep(0.05)  # its SYN is in
+        shutdown = asyncio.ensure_future(server.shutdown())
+        await asyncio.sleep(0.2)  # the filter is on, the settle not over
+        late = await asyncio.to_thread(connect_outcome, LOCALHOST, port, 0.3)
+        assert late == "TimeoutError"
+        report = await shutdown
     await join(threads)
     assert results == [b"BYE\n"] * 5
     assert report.outcomes == {CloseOutcome.CLEAN: 5}
     after = await asyncio.to_thread(connect_outcome, LOCALHOST, port, 0.3)
     assert after == "ConnectionRefusedError"
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="Linux sock_diag")
+async def test_shutdown_settles_as_the_kernel_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait for handshakes under way follows the kernel, bounded; not a fixed sleep.
+
+    With none under way the shutdown does not wait the (widened) fixed
+    settle; with one that never completes it waits until the bound.
+    """
+    monkeypatch.setattr(aiograceful._accept, "HANDSHAKE_SETTLE", 2.0)
+    monkeypatch.setattr(aiograceful._accept, "HANDSHAKE_SETTLE_LIMIT", 0.5)
+    loop = asyncio.get_running_loop()
+    server = await create_server(ByeProtocol, LOCALHOST, 0, grace=5)
+    started = loop.time()
+    await server.shutdown()
+    assert loop.time() - started < 0.4
+    server = await create_server(ByeProtocol, LOCALHOST, 0, grace=5)
+    with silent_handshake(LOCALHOST, port_of(server)):
+        await asyncio.sleep(0.05)
+        started = loop.time()
+        await server.shutdown()
+        took = loop.time() - started
+    assert 0.5 <= took < 1.5
 
 
 async def test_shutdown_leaves_a_passed_in_listener_unfiltered() -> None:

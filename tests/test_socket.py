@@ -10,11 +10,19 @@ import socket
 import struct
 import sys
 import termios
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _util import connect_outcome, recv_until_eof, set_linger_zero, stream_server, tcp_state
+from _util import (
+    connect_outcome,
+    recv_until_eof,
+    set_linger_zero,
+    silent_handshake,
+    stream_server,
+    tcp_state,
+)
 
 from aiograceful import GracefulProtocol, _socket
 
@@ -356,3 +364,117 @@ def test_socket_detach_filter_takes_the_filter_off() -> None:
             _socket.detach_filter(conn)
             conn.sendall(b"still a connection")
             assert client.recv(100) == b"still a connection"
+
+
+# -- a socket filter of the user's; a SO_REUSEPORT group's program; sock_diag ---------------
+
+
+def _attach_pass_all(sock: socket.socket) -> None:
+    """A filter of the user's own: keep every packet whole (``ret #-1``)."""
+    import ctypes
+
+    program = struct.pack("HBBI", 0x06, 0, 0, 0xFFFFFFFF)
+    buffer = ctypes.create_string_buffer(program, len(program))
+    sock.setsockopt(socket.SOL_SOCKET, 26, struct.pack("@HP", 1, ctypes.addressof(buffer)))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a Linux socket filter")
+def test_socket_a_filter_of_the_users_is_read_back_and_never_replaced() -> None:
+    """SO_GET_FILTER tells ours from the user's; refuse_new_handshakes will not replace theirs."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        assert _socket.foreign_filter(listener) is None  # none
+        assert _socket.refuse_new_handshakes(listener) is True
+        assert _socket.foreign_filter(listener) is None  # ours
+        assert _socket.refuse_new_handshakes(listener) is True  # ours again: replaced
+        _socket.detach_filter(listener)
+        _attach_pass_all(listener)
+        assert _socket.foreign_filter(listener) == "a classic BPF socket filter of 1 instructions"
+        with pytest.raises(_socket.ForeignFilterError, match="does not replace it"):
+            _socket.refuse_new_handshakes(listener)
+        assert _filter_length(listener) == 1  # still the user's
+        # It keeps every packet: a connection is still made.
+        with socket.create_connection(listener.getsockname()[:2], timeout=5):
+            conn, _ = listener.accept()
+            conn.close()
+
+
+def _group(size: int) -> list[socket.socket]:
+    listeners: list[socket.socket] = []
+    port = 0
+    for _ in range(size):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(16)
+        sock.setblocking(False)
+        port = sock.getsockname()[1]
+        listeners.append(sock)
+    return listeners
+
+
+def _accepted_by(listeners: list[socket.socket]) -> list[list[int]]:
+    """For each listener, the peer ports of the connections it has queued (accepted and closed)."""
+    found: list[list[int]] = []
+    for listener in listeners:
+        ports = []
+        for _ in range(64):
+            try:
+                conn, peer = listener.accept()
+            except BlockingIOError:
+                break
+            conn.close()
+            ports.append(peer[1])
+        found.append(ports)
+    return found
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="SO_REUSEPORT groups")
+@pytest.mark.skipif(sys.platform != "linux", reason="a Linux reuseport program")
+def test_socket_reuseport_programs_pick_the_listener_by_its_place_in_the_group() -> None:
+    """The probe program sends only the probe's SYN to index k; the steering one sends all;
+    detached, the hash picks again. Indexes are the order of joining."""
+    listeners = _group(3)
+    port = listeners[0].getsockname()[1]
+    try:
+        assert all(_socket.reuseport_group(sock) for sock in listeners)
+        for k in range(3):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                probe_port = probe.getsockname()[1]
+                program = _socket.probe_reuseport_program(probe_port, k)
+                assert _socket.set_reuseport_program(listeners[2], program)
+                probe.connect(("127.0.0.1", port))
+                time.sleep(0.05)
+                found = _accepted_by(listeners)
+                assert [probe_port in ports for ports in found] == [i == k for i in range(3)]
+        assert _socket.set_reuseport_program(listeners[0], _socket.steer_reuseport_program(2))
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(6)]
+        time.sleep(0.05)
+        assert [len(ports) for ports in _accepted_by(listeners)] == [0, 0, 6]
+        for client in clients:
+            client.close()
+        assert _socket.detach_reuseport_program(listeners[1]) is True
+        assert _socket.detach_reuseport_program(listeners[1]) is False  # none left
+    finally:
+        for sock in listeners:
+            sock.close()
+    with socket.create_server(("127.0.0.1", 0)) as alone:
+        assert not _socket.reuseport_group(alone)
+        assert _socket.set_reuseport_program(alone, _socket.steer_reuseport_program(0)) is False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux sock_diag")
+def test_socket_sock_diag_sees_handshakes_under_way_and_connections() -> None:
+    """A handshake that never completes is under way (SYN_RECV); a completed one is made."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert _socket.handshakes_under_way(port) == frozenset()
+        with silent_handshake("127.0.0.1", port) as client:
+            time.sleep(0.05)
+            under_way = _socket.handshakes_under_way(port)
+            assert under_way is not None
+            assert {peer_port for _f, _l, peer_port, _p in under_way} == {client.getsockname()[1]}
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as made:
+            local = ("127.0.0.1", port)
+            assert _socket.connection_made(local, made.getsockname(), socket.AF_INET) is True
+            assert _socket.connection_made(local, ("127.0.0.1", 1), socket.AF_INET) is False

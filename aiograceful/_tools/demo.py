@@ -887,7 +887,7 @@ async def _h7(close: Close, rounds: int) -> Tally:
     kind = "plain" if close == NAIVE else "handoff"
     # The new process takes a second to listen, as a real service's start
     # does, and longer than a client's first SYN retransmission: the old
-    # process's shutdown drops the SYNs of its last 10 ms (close_and_drain),
+    # process's shutdown drops the SYNs that come while it settles (close_and_drain),
     # and a successor up before the retransmission would answer those
     # clients, hiding the refusals a plain restart causes.
     result = await asyncio.to_thread(
