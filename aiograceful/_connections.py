@@ -122,12 +122,16 @@ class ServerWriter(asyncio.StreamWriter):
 
     linger: Linger | None = None
     ending: Ending | None = None
+    conn: StreamConnection | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         super().write(data)
         linger = self.linger
         if linger is not None:
-            linger.last_read = linger.loop.time()
+            now = linger.last_read = linger.loop.time()
+            conn = self.conn
+            if conn is not None:
+                conn.sent_at = now
 
     def write_eof(self) -> None:
         linger = self.linger
@@ -161,6 +165,10 @@ class StreamConnection(asyncio.StreamReaderProtocol):
         self._graceful: Linger | None = None
         self.ending: Ending = None  # type: ignore[assignment]  # set in connection_made
         self._handler_returned = False
+        #: When bytes last came from the peer, and when the handler last wrote
+        #: (loop time): bytes after the last answer are a request in progress.
+        self.received_at = 0.0
+        self.sent_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -176,6 +184,7 @@ class StreamConnection(asyncio.StreamReaderProtocol):
         writer = self._conn_writer = ServerWriter(tr, self, self._conn_reader, loop)
         writer.linger = graceful
         writer.ending = self.ending
+        writer.conn = self
         host.attach(self)
         task = self._handler_task = loop.create_task(self._run(writer))
         host.track(task)
@@ -183,7 +192,7 @@ class StreamConnection(asyncio.StreamReaderProtocol):
     def data_received(self, data: bytes) -> None:
         graceful = self._graceful
         if graceful is not None:
-            graceful.last_read = graceful.loop.time()
+            self.received_at = graceful.last_read = graceful.loop.time()
         super().data_received(data)
 
     def eof_received(self) -> bool:
@@ -200,6 +209,9 @@ class StreamConnection(asyncio.StreamReaderProtocol):
             self.ending.lost(exc)
         super().connection_lost(exc)
         # As StreamReaderProtocol drops its _stream_writer: the writer points back here.
+        writer = self._conn_writer
+        if isinstance(writer, ServerWriter):
+            writer.conn = None
         self._conn_writer = None
 
     async def _run(self, writer: asyncio.StreamWriter) -> None:
@@ -227,9 +239,16 @@ class StreamConnection(asyncio.StreamReaderProtocol):
         return not self._handler_returned and not _waiting_for_request(self._conn_reader)
 
     def request_partial(self) -> bool:
-        """The handler waits for more of a request whose first bytes it holds."""
+        """The handler waits for more of a request: it holds its first bytes, or read them.
+
+        A handler reading a body in a loop (``read(n)``) waits with an empty
+        buffer, as one waiting for the next request does; what tells them
+        apart is that the peer sent bytes after the handler's last answer.
+        """
         reader = self._conn_reader
-        return _waiting_for_request(reader) and bool(getattr(reader, "_buffer", None))
+        if not _waiting_for_request(reader):
+            return False
+        return bool(getattr(reader, "_buffer", None)) or self.received_at > self.sent_at
 
     def unread(self) -> bytes:
         """Take what the reader holds unread (the closer counts it among the discarded)."""
@@ -332,22 +351,31 @@ def _waiting_for_request(reader: asyncio.StreamReader) -> bool:
 class ProtocolConnection:
     """Adapts a user's GracefulProtocol to what the server drives.
 
-    Its notice is the protocol's own hook (``on_shutdown_notice``), which
-    decides when the connection ends: the quiet window is the hook's
-    default (:meth:`GracefulProtocol.close_when_quiet`), since only the
-    protocol knows whether a request is in it.
+    Its notice is the protocol's own hook (``on_shutdown_notice``) where the
+    protocol overrides it, which then decides when the connection ends.
+    Where it does not, the quiet window decides: the connection closes
+    gracefully once a whole window (about 1 s) passes with no byte moving
+    either way (TCP_INFO), so a request already on the wire is answered.
     """
 
-    __slots__ = ("ending", "protocol")
+    __slots__ = ("_own_notice", "ending", "protocol")
 
     def __init__(self, protocol: GracefulProtocol, linger: Linger, settings: Settings) -> None:
         self.protocol = protocol
         self.ending = Ending(linger, self, settings.linger, quiet=settings.quiet)
+        # A protocol with a notice of its own decides when it closes; the
+        # default is the quiet window's: once a whole window passes with
+        # nothing moving either way, a graceful close.
+        self._own_notice = (
+            type(protocol).on_shutdown_notice is not GracefulProtocol.on_shutdown_notice
+        )
 
     # -- Conversation --------------------------------------------------------------
 
     def request_active(self) -> bool:
-        return True  # unknown: the protocol's hook decides (see the class's notes)
+        # Unknown to the server: a protocol with a notice of its own closes
+        # itself; the default's connection is judged by its traffic.
+        return self._own_notice
 
     def request_partial(self) -> bool:
         return False
@@ -356,8 +384,9 @@ class ProtocolConnection:
         return b""
 
     def tell(self) -> None:
-        proto = self.protocol
-        proto._run_hook(proto.on_shutdown_notice)
+        if self._own_notice:
+            proto = self.protocol
+            proto._run_hook(proto.on_shutdown_notice)
 
     # -- Connection ------------------------------------------------------------------
 

@@ -37,14 +37,20 @@ from typing import Final, Protocol
 from . import _deadlines
 from ._linger import Linger
 from ._options import LingerOptions, logger
+from ._socket import TCPI_LAST_DATA_RECV, TCPI_LAST_DATA_SENT, tcp_info_u32
 
 __all__ = ["QUIET", "QUIET_RENEWALS", "Conversation", "Ending"]
 
 #: Seconds an idle connection stays open after the shutdown notice, so that a
 #: request already on the wire is answered rather than lost.
 QUIET: Final = 1.0
-#: How many more windows a request half-received when a window ends gets.
+#: How many more windows of silence a request half-received gets before it counts
+#: as a stall. (While bytes move, windows are renewed without a count: the grace
+#: bounds a slow request.)
 QUIET_RENEWALS: Final = 3
+# Traffic in the first moments of a window (the answer that began it) is not
+# traffic during the window.
+_WINDOW_SLACK: Final = 0.1
 
 
 class Conversation(Protocol):
@@ -206,8 +212,9 @@ class Ending(_deadlines.Timed):
         self._tell()
         if self.closing:
             return
-        if not self.conversation.request_active():
-            self._start_window()
+        # Armed busy or not: a connection busy now is looked at again each
+        # window, and closes once a whole window passes with nothing moving.
+        self._start_window()
 
     def force(self, timeout: float) -> None:
         """The grace is over: close within ``timeout`` seconds, a transfer in progress included."""
@@ -273,13 +280,15 @@ class Ending(_deadlines.Timed):
         if self.closing or self.detached or not self.linger.machine.live:
             return
         conversation = self.conversation
-        if conversation.request_active():
-            # Being answered (with Connection: close, once told): its end
-            # closes the connection, or a later window finds it idle.
+        if conversation.request_active() or self._moved():
+            # Being answered (with Connection: close, once told), or bytes
+            # moved either way in the window (a request arriving, however
+            # slowly; an answer going out): never cut; the grace bounds it.
             self._start_window()
             return
-        if conversation.request_partial() or self.linger.last_read > self._window_from:
-            # A request (or part of one) came in during the window.
+        if conversation.request_partial():
+            # A request stopped arriving halfway: a few more windows of
+            # silence, then it is a stall (slowloris), and closes.
             if self.renewals < QUIET_RENEWALS:
                 self.renewals += 1
                 self._start_window()
@@ -288,6 +297,29 @@ class Ending(_deadlines.Timed):
             self._start_window()  # bytes in the kernel's queue, not yet read: a request
             return
         self.close()
+
+    def _moved(self) -> bool:
+        """True if a byte moved either way since the window began.
+
+        What the server's connection recorded (``linger.last_read``: the
+        core's streams count their reads and writes), else what the kernel
+        says (TCP_INFO's time since data was last sent and received, Linux
+        TCP), since a drop-in's reads go through its server's own protocol.
+        """
+        linger = self.linger
+        if linger.last_read > self._window_from:
+            return True
+        info = tcp_info_u32(
+            linger.transport.get_extra_info("socket"), TCPI_LAST_DATA_SENT, TCPI_LAST_DATA_RECV
+        )
+        if info is None:
+            # The kernel cannot tell (a Unix socket, not Linux): something
+            # buffered either way counts as moving.
+            return not linger.quiet()
+        window = linger.loop.time() - self._window_from
+        # (A window that began with an answer written: that answer's segments
+        # left within a few milliseconds of the start, and do not count.)
+        return min(info) / 1000.0 < window - _WINDOW_SLACK
 
     def __repr__(self) -> str:
         parts = []

@@ -183,9 +183,13 @@ class GracefulProtocol(asyncio.Protocol):
         """The server is shutting down: tell the peer in protocol terms.
 
         Called at most once, and only while our write side is open, so it may
-        always write (a GOAWAY, a ``Connection: close``, a BYE line). Default:
-        :meth:`close_when_quiet`: a transfer in progress is never cut by it
-        (the server's grace period bounds it instead).
+        always write (a GOAWAY, a ``Connection: close``, a BYE line); an
+        override decides when the connection closes. Default: the server's
+        quiet window: once about a second passes with no byte moving either
+        way, a graceful close, so that a request already on the wire is
+        answered and a transfer in progress is never cut (the server's grace
+        period bounds it instead). Called directly (``super()`` from an
+        override), the default is :meth:`close_when_quiet`.
         """
         self.close_when_quiet()
 
