@@ -7,6 +7,8 @@
 * ``GET /hang``: never answers (until cancelled: a request the grace runs out on).
 * ``GET /stream``: an endless event stream, 1 KiB events as fast as the client
   reads them (until cancelled).
+* a WebSocket (any path): accepted; sends "0" to "99", then waits for the
+  client's messages until the disconnect.
 * anything else: 200 ``ok``.
 """
 
@@ -29,6 +31,9 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "websocket":
+        await _websocket(receive, send)
+        return
     if scope["type"] != "http":
         return
     if scope["method"] == "POST":
@@ -72,3 +77,14 @@ async def _stream(send: Any) -> None:
         # A server may take a send without suspending (once the connection is
         # closed, say): yield, as an event source waiting for its next event does.
         await asyncio.sleep(0)
+
+
+async def _websocket(receive: Any, send: Any) -> None:
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    for i in range(100):
+        await send({"type": "websocket.send", "text": str(i)})
+    for _ in range(10_000_000):  # until the disconnect
+        if (await receive())["type"] == "websocket.disconnect":
+            return

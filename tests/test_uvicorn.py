@@ -53,6 +53,7 @@ from _dropins import (
     wget_uploads,
 )
 from _exported import uvicorn_with_a_request
+from _websocket import MESSAGES, websocket_shutdown
 
 from aiograceful import CloseOutcome, ShutdownPhase
 from aiograceful import uvicorn as graceful_uvicorn
@@ -687,3 +688,18 @@ async def test_uvicorn_server_stats_read_from_another_thread() -> None:
         assert stats.shutdown_duration is not None, stats
         assert stats.shutdown_duration > 0, stats
         await asyncio.wait_for(shutdown, 10)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("parser", PARSERS)
+def test_uvicorn_websocket_shutdown_goes_away(parser: str, loop: str) -> None:
+    """At shutdown stock uvicorn's WebSocket closes with 1012; the drop-in's with 1001, all sent."""
+    _need_parser(parser)
+    ws = ["--ws", "wsproto"]
+    stock = websocket_shutdown([*_argv(parser, loop), *ws])
+    dropin = websocket_shutdown([*_argv(DROPIN[parser], loop), *ws])
+    assert (stock.code, stock.ended) == (1012, "fin"), stock
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    assert dropin.in_order, dropin
+    assert len(dropin.messages) == MESSAGES, dropin
+    assert dropin.exited < 5.0, dropin
