@@ -33,6 +33,7 @@ from _dropins import (
     wget_uploads,
 )
 from _util import assert_still_accepts, recv_until_eof
+from _websocket import MESSAGES, websocket_shutdown
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -400,3 +401,15 @@ def test_aiohttp_stalled_stream_client_gets_what_stock_delivers(loop: str) -> No
     dropin = [python(), "tests/_serve_main.py", "aiohttp", "dropin", loop, grace]
     # The drop-in's bound: its grace, the force (1 s), and its app cleanup.
     assert_stalled_stream_gets_what_stock_delivers(stock, dropin, 1.0 + 1.0)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_aiohttp_websocket_shutdown_goes_away(loop: str) -> None:
+    """At shutdown stock aiohttp's WebSocket ends with no close frame; the drop-in's with 1001."""
+    stock = websocket_shutdown([*_argv("stock", loop), "2"])
+    dropin = websocket_shutdown([*_argv("dropin", loop), "2"])
+    assert stock.code == 1006, stock  # no close frame: cancelled after shutdown_timeout
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    assert dropin.in_order, dropin
+    assert len(dropin.messages) == MESSAGES, dropin
+    assert dropin.exited < 2.0, dropin  # within the grace, not after it
