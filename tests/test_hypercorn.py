@@ -51,6 +51,7 @@ from _util import (
     set_linger_zero,
     wait_for_tcp_state,
 )
+from _websocket import MESSAGES, websocket_shutdown
 
 from aiograceful import CloseOutcome, CloseResult, LingerOptions
 from aiograceful._ending import Ending
@@ -587,3 +588,15 @@ def test_hypercorn_stalled_stream_client_gets_what_stock_delivers(loop: str) -> 
     # kills it (the kernel still delivers what it holds). The drop-in's bound:
     # its grace and the force (1 s).
     assert_stalled_stream_gets_what_stock_delivers(stock, dropin, 1.0 + 1.0, stock_kill_after=5)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_hypercorn_websocket_shutdown_goes_away(loop: str) -> None:
+    """At shutdown stock hypercorn's WebSocket gets 1011 after the grace; the drop-in's 1001."""
+    stock = websocket_shutdown([*_argv("stock", loop), "2"])
+    dropin = websocket_shutdown([*_argv("dropin", loop), "2"])
+    assert (stock.code, stock.ended) == (1011, "fin"), stock  # the app cancelled: internal error
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    assert dropin.in_order, dropin
+    assert len(dropin.messages) == MESSAGES, dropin
+    assert dropin.exited < 2.0, dropin  # within the grace, not after it
