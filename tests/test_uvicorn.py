@@ -698,7 +698,9 @@ def test_uvicorn_websocket_shutdown_goes_away(parser: str, loop: str) -> None:
     ws = ["--ws", "wsproto"]
     stock = websocket_shutdown([*_argv(parser, loop), *ws])
     dropin = websocket_shutdown([*_argv(DROPIN[parser], loop), *ws])
-    assert (stock.code, stock.ended) == (1012, "fin"), stock
+    # Its close does not wait for the client's close frame: on asyncio's loop
+    # that frame sometimes arrives after the close and the client is reset.
+    assert stock.code == 1012, stock
     assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
     assert dropin.in_order, dropin
     assert len(dropin.messages) == MESSAGES, dropin
