@@ -705,3 +705,87 @@ def test_uvicorn_websocket_shutdown_goes_away(parser: str, loop: str) -> None:
     assert dropin.in_order, dropin
     assert len(dropin.messages) == MESSAGES, dropin
     assert dropin.exited < 5.0, dropin
+
+
+def _event_stream(notice: Callable[[], bool]) -> Any:
+    """An ASGI event stream, an event each 10 ms, that ends itself once ``notice()`` is true."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        start = {"type": "http.response.start", "status": 200}
+        await send({**start, "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(10_000):  # bounded: 100 s of events; the grace ends it sooner
+            if notice():
+                last = b"event: bye\ndata: shutting down\n\n"
+                await send({"type": "http.response.body", "body": last, "more_body": False})
+                return
+            body = f"data: {i}\n\n".encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            await asyncio.sleep(0.01)
+
+    return app
+
+
+def _read_and_close(sock: socket.socket) -> tuple[bytes, OSError | None]:
+    """Read to the stream's last chunk or the server's FIN, then close, as a client does.
+
+    (After a last chunk the connection is an idle keep-alive one: the drop-in
+    would keep it for its quiet window, and the client closes it here.)
+    """
+    got = b""
+    try:
+        for _ in range(100_000):  # bounded by the socket's timeout too
+            chunk = sock.recv(65536)
+            got += chunk
+            if not chunk or got.endswith(b"\r\n0\r\n\r\n"):
+                break
+    except OSError as exc:
+        return got, exc
+    finally:
+        sock.close()
+    return got, None
+
+
+async def _stream_at_shutdown(dropin: bool) -> tuple[bytes, OSError | None, float]:
+    """An event stream's client, the server shut down 0.3 s in: what it read, its error, seconds."""
+    servers: list[graceful_uvicorn.Server] = []
+    config = uvicorn.Config(
+        _event_stream(lambda: bool(servers) and servers[0].notice.is_set()),
+        host=HOST,
+        port=0,
+        lifespan="off",
+        log_level="critical",
+        http=graceful_uvicorn.H11Protocol if dropin else "h11",
+        timeout_graceful_shutdown=1,
+    )
+    server = graceful_uvicorn.Server(config) if dropin else uvicorn.Server(config)
+    if isinstance(server, graceful_uvicorn.Server):
+        servers.append(server)
+    config.load()
+    server.lifespan = config.lifespan_class(config)
+    await server.startup()
+    port = server.servers[0].sockets[0].getsockname()[1]
+    sock = socket.create_connection((HOST, port), timeout=10)
+    with sock:
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: test\r\n\r\n")
+        reading = asyncio.ensure_future(asyncio.to_thread(_read_and_close, sock))
+        await asyncio.sleep(0.3)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await asyncio.wait_for(server.shutdown(), 10)
+        took = loop.time() - began
+        got, error = await asyncio.wait_for(reading, 10)
+    return got, error, took
+
+
+async def test_uvicorn_stream_ends_itself_at_the_notice() -> None:
+    """A stream that reads Server.notice ends itself; stock uvicorn cuts it after the grace."""
+    stock, _stock_error, stock_took = await _stream_at_shutdown(dropin=False)
+    got, error, took = await _stream_at_shutdown(dropin=True)
+    # Stock: no notice to read; the app is cancelled after the grace, its stream cut.
+    assert not stock.endswith(b"0\r\n\r\n"), stock[-64:]
+    assert stock_took >= 1.0, stock_took
+    assert error is None, error
+    assert got.endswith(b"event: bye\ndata: shutting down\n\n\r\n0\r\n\r\n"), got[-64:]
+    assert took < 1.0, took  # at the notice, not after the grace
