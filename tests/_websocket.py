@@ -45,8 +45,13 @@ def _events(conn: wsproto.WSConnection, sock: socket.socket) -> list[ev.Event]:
     return list(conn.events())
 
 
-def websocket_shutdown(argv: Sequence[str], kill_after: float = 20.0) -> WebSocketEnd:
-    """Open ``/ws`` on the server ``argv``, SIGTERM it, and see how the WebSocket ends."""
+def websocket_shutdown(
+    argv: Sequence[str], kill_after: float = 20.0, *, echo: bool = True
+) -> WebSocketEnd:
+    """Open ``/ws`` on the server ``argv``, SIGTERM it, and see how the WebSocket ends.
+
+    ``echo=False``: a client that never answers the server's close frame.
+    """
     with server_process(argv) as (proc, port):
         with socket.create_connection((HOST, port), timeout=10) as sock:
             conn = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
@@ -77,7 +82,7 @@ def websocket_shutdown(argv: Sequence[str], kill_after: float = 20.0) -> WebSock
                             messages.append(event.data)
                         elif isinstance(event, ev.CloseConnection):
                             code = event.code
-                            if conn.state is ConnectionState.REMOTE_CLOSING:
+                            if echo and conn.state is ConnectionState.REMOTE_CLOSING:
                                 sock.sendall(conn.send(event.response()))
             except ConnectionResetError:
                 ended = "reset"

@@ -789,3 +789,16 @@ async def test_uvicorn_stream_ends_itself_at_the_notice() -> None:
     assert error is None, error
     assert got.endswith(b"event: bye\ndata: shutting down\n\n\r\n0\r\n\r\n"), got[-64:]
     assert took < 1.0, took  # at the notice, not after the grace
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_uvicorn_websocket_close_wait_is_bounded(loop: str) -> None:
+    """A client that never answers the close frame holds the drop-in's exit ~2 s, then a FIN."""
+    ws = ["--ws", "wsproto"]
+    stock = websocket_shutdown([*_argv("h11", loop), *ws], echo=False)
+    dropin = websocket_shutdown([*_argv(DROPIN["h11"], loop), *ws], echo=False)
+    assert stock.code == 1012, stock
+    assert stock.exited < 1.0, stock  # stock does not wait for the client's close frame
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    # WEBSOCKET_CLOSE_TIMEOUT, then the lingering close (IDLE_LINGER's idle 0.5 s).
+    assert graceful_uvicorn.WEBSOCKET_CLOSE_TIMEOUT <= dropin.exited < 5.0, dropin
