@@ -29,6 +29,7 @@ from _util import (
     TCP_CLOSE_WAIT,
     UPLOAD_HEAD,
     assert_still_accepts,
+    read_stream_and_close,
     wait_for_tcp_state,
 )
 
@@ -727,26 +728,6 @@ def _event_stream(notice: Callable[[], bool]) -> Any:
     return app
 
 
-def _read_and_close(sock: socket.socket) -> tuple[bytes, OSError | None]:
-    """Read to the stream's last chunk or the server's FIN, then close, as a client does.
-
-    (After a last chunk the connection is an idle keep-alive one: the drop-in
-    would keep it for its quiet window, and the client closes it here.)
-    """
-    got = b""
-    try:
-        for _ in range(100_000):  # bounded by the socket's timeout too
-            chunk = sock.recv(65536)
-            got += chunk
-            if not chunk or got.endswith(b"\r\n0\r\n\r\n"):
-                break
-    except OSError as exc:
-        return got, exc
-    finally:
-        sock.close()
-    return got, None
-
-
 async def _stream_at_shutdown(dropin: bool) -> tuple[bytes, OSError | None, float]:
     """An event stream's client, the server shut down 0.3 s in: what it read, its error, seconds."""
     servers: list[graceful_uvicorn.Server] = []
@@ -769,7 +750,7 @@ async def _stream_at_shutdown(dropin: bool) -> tuple[bytes, OSError | None, floa
     sock = socket.create_connection((HOST, port), timeout=10)
     with sock:
         sock.sendall(b"GET /events HTTP/1.1\r\nHost: test\r\n\r\n")
-        reading = asyncio.ensure_future(asyncio.to_thread(_read_and_close, sock))
+        reading = asyncio.ensure_future(asyncio.to_thread(read_stream_and_close, sock))
         await asyncio.sleep(0.3)
         loop = asyncio.get_running_loop()
         began = loop.time()
