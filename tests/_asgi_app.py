@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 Scope = dict[str, Any]
@@ -88,3 +89,23 @@ async def _websocket(receive: Any, send: Any) -> None:
     for _ in range(10_000_000):  # until the disconnect
         if (await receive())["type"] == "websocket.disconnect":
             return
+
+
+def event_stream(notice: Callable[[], bool]) -> Callable[[Scope, Any, Any], Awaitable[None]]:
+    """An ASGI event stream, an event each 10 ms, that ends itself once ``notice()`` is true."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        start = {"type": "http.response.start", "status": 200}
+        await send({**start, "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(10_000):  # bounded: 100 s of events; the grace ends it sooner
+            if notice():
+                last = b"event: bye\ndata: shutting down\n\n"
+                await send({"type": "http.response.body", "body": last, "more_body": False})
+                return
+            body = f"data: {i}\n\n".encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            await asyncio.sleep(0.01)
+
+    return app

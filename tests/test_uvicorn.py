@@ -36,6 +36,7 @@ from _util import (
 pytest.importorskip("uvicorn")
 
 import uvicorn
+from _asgi_app import event_stream
 from _dropins import (
     HOST,
     LoadCounts,
@@ -708,31 +709,11 @@ def test_uvicorn_websocket_shutdown_goes_away(parser: str, loop: str) -> None:
     assert dropin.exited < 5.0, dropin
 
 
-def _event_stream(notice: Callable[[], bool]) -> Any:
-    """An ASGI event stream, an event each 10 ms, that ends itself once ``notice()`` is true."""
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        start = {"type": "http.response.start", "status": 200}
-        await send({**start, "headers": [(b"content-type", b"text/event-stream")]})
-        for i in range(10_000):  # bounded: 100 s of events; the grace ends it sooner
-            if notice():
-                last = b"event: bye\ndata: shutting down\n\n"
-                await send({"type": "http.response.body", "body": last, "more_body": False})
-                return
-            body = f"data: {i}\n\n".encode()
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-            await asyncio.sleep(0.01)
-
-    return app
-
-
 async def _stream_at_shutdown(dropin: bool) -> tuple[bytes, OSError | None, float]:
     """An event stream's client, the server shut down 0.3 s in: what it read, its error, seconds."""
     servers: list[graceful_uvicorn.Server] = []
     config = uvicorn.Config(
-        _event_stream(lambda: bool(servers) and servers[0].notice.is_set()),
+        event_stream(lambda: bool(servers) and servers[0].notice.is_set()),
         host=HOST,
         port=0,
         lifespan="off",
