@@ -50,8 +50,8 @@ hypercorn offers no hook for its connection class nor its listeners:
 ``asyncio`` that module sees to asyncio with a ``start_server`` whose
 servers drain at close, while it runs (and puts hypercorn's back when the
 last ``serve`` returns); its listeners' connections are made with asyncio's
-streams protocol, subclassed to report the connection's end. HTTP/2 and
-WebSocket connections get the lingering close but not the header.
+streams protocol, subclassed to report the connection's end. HTTP/2
+connections get the lingering close but not the header.
 Tested with hypercorn 0.18 (the ``aiograceful[hypercorn]`` extra pins it).
 """
 
