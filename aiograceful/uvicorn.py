@@ -77,6 +77,7 @@ import h11
 import uvicorn
 from uvicorn.config import Config
 from uvicorn.protocols.http import h11_impl
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.supervisors import Multiprocess
 
 from ._accept import HANDSHAKE_SETTLE, accept_queue_stats, close_and_drain
@@ -409,6 +410,7 @@ def _make_websocket_class(base: Any, owner: type[_Ending]) -> Any:
         __qualname__ = f"{owner.__qualname__}.websocket({base.__qualname__})"
 
         _ws_end: _WebSocketEnd
+        _went_away = False
         close_sent: bool
         handshake_complete: bool
         read_paused: bool
@@ -431,6 +433,13 @@ def _make_websocket_class(base: Any, owner: type[_Ending]) -> Any:
             self._ws_end.linger.lost(exc)
             super().connection_lost(exc)
 
+        async def send(self, message: Any) -> None:
+            if self._went_away and message.get("type") in ("websocket.send", "websocket.close"):
+                # The close frame is out (the shutdown's): a send now is one to
+                # a disconnected client (ASGI: an OSError), not the app's error.
+                raise ClientDisconnected()
+            await super().send(message)
+
         def shutdown(self) -> None:
             if self.close_sent or not self.handshake_complete or self.transport.is_closing():
                 super().shutdown()
@@ -448,6 +457,7 @@ def _make_websocket_class(base: Any, owner: type[_Ending]) -> Any:
                 data = conn.send(CloseConnection(code=code))
             self.transport.write(data)
             self.close_sent = True
+            self._went_away = True
             if self.read_paused:
                 # The client's close frame must be read.
                 self.read_paused = False

@@ -8,7 +8,8 @@
 * ``GET /stream``: an endless event stream, 1 KiB events as fast as the client
   reads them (until cancelled).
 * a WebSocket (any path): accepted; sends "0" to "99", then waits for the
-  client's messages until the disconnect.
+  client's messages until the disconnect (``/chatty``: sends on, every 10 ms,
+  until a send fails).
 * anything else: 200 ``ok``.
 """
 
@@ -33,7 +34,7 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     if scope["type"] == "websocket":
-        await _websocket(receive, send)
+        await _websocket(receive, send, chatty=scope["path"] == "/chatty")
         return
     if scope["type"] != "http":
         return
@@ -80,12 +81,21 @@ async def _stream(send: Any) -> None:
         await asyncio.sleep(0)
 
 
-async def _websocket(receive: Any, send: Any) -> None:
+async def _websocket(receive: Any, send: Any, chatty: bool) -> None:
     if (await receive())["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
     for i in range(100):
         await send({"type": "websocket.send", "text": str(i)})
+    if chatty:
+        # Sends on, every 10 ms, until a send fails (the ASGI spec: an OSError).
+        for i in range(100, 10_100):
+            try:
+                await send({"type": "websocket.send", "text": str(i)})
+            except OSError:
+                return
+            await asyncio.sleep(0.01)
+        return
     for _ in range(10_000_000):  # until the disconnect
         if (await receive())["type"] == "websocket.disconnect":
             return

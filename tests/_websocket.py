@@ -32,6 +32,7 @@ class WebSocketEnd:
     messages: list[str]  # every text message, in order
     ended: str  # "fin" or "reset"
     exited: float  # seconds from SIGTERM to the server's exit
+    log: bytes  # what the server wrote
 
     @property
     def in_order(self) -> bool:
@@ -46,53 +47,56 @@ def _events(conn: wsproto.WSConnection, sock: socket.socket) -> list[ev.Event]:
 
 
 def websocket_shutdown(
-    argv: Sequence[str], kill_after: float = 20.0, *, echo: bool = True
+    argv: Sequence[str], kill_after: float = 20.0, *, echo: bool = True, path: str = "/ws"
 ) -> WebSocketEnd:
-    """Open ``/ws`` on the server ``argv``, SIGTERM it, and see how the WebSocket ends.
+    """Open ``path`` on the server ``argv``, SIGTERM it, and see how the WebSocket ends.
 
     ``echo=False``: a client that never answers the server's close frame.
     """
-    with server_process(argv) as (proc, port):
-        with socket.create_connection((HOST, port), timeout=10) as sock:
-            conn = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-            sock.sendall(conn.send(ev.Request(host=f"{HOST}:{port}", target="/ws")))
-            messages: list[str] = []
-            code, ended = 1006, "fin"
-            accepted = False
-            for _ in range(1000):  # bounded: the handshake and the messages on accept
-                if accepted and len(messages) >= MESSAGES:
-                    break
-                for event in _events(conn, sock):
-                    if isinstance(event, ev.AcceptConnection):
-                        accepted = True
-                    elif isinstance(event, ev.TextMessage):
+    log = bytearray()
+    with (
+        server_process(argv, log=log) as (proc, port),
+        socket.create_connection((HOST, port), timeout=10) as sock,
+    ):
+        conn = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        sock.sendall(conn.send(ev.Request(host=f"{HOST}:{port}", target=path)))
+        messages: list[str] = []
+        code, ended = 1006, "fin"
+        accepted = False
+        for _ in range(1000):  # bounded: the handshake and the messages on accept
+            if accepted and len(messages) >= MESSAGES:
+                break
+            for event in _events(conn, sock):
+                if isinstance(event, ev.AcceptConnection):
+                    accepted = True
+                elif isinstance(event, ev.TextMessage):
+                    messages.append(event.data)
+        assert accepted, messages
+        assert len(messages) >= MESSAGES, messages
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            for _ in range(10_000):  # bounded by the socket's timeout too
+                data = sock.recv(65536)
+                if not data:
+                    break  # the server's FIN
+                conn.receive_data(data)
+                for event in conn.events():
+                    if isinstance(event, ev.TextMessage):
                         messages.append(event.data)
-            assert accepted, messages
-            assert len(messages) >= MESSAGES, messages
-            began = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            try:
-                for _ in range(10_000):  # bounded by the socket's timeout too
-                    data = sock.recv(65536)
-                    if not data:
-                        break  # the server's FIN
-                    conn.receive_data(data)
-                    for event in conn.events():
-                        if isinstance(event, ev.TextMessage):
-                            messages.append(event.data)
-                        elif isinstance(event, ev.CloseConnection):
-                            code = event.code
-                            if echo and conn.state is ConnectionState.REMOTE_CLOSING:
-                                sock.sendall(conn.send(event.response()))
-            except ConnectionResetError:
-                ended = "reset"
-            except TimeoutError:
-                ended = "timeout"
-            sock.close()  # as a client does once the server's FIN came
-            try:
-                proc.wait(kill_after)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            exited = time.monotonic() - began
-        return WebSocketEnd(code, messages, ended, exited)
+                    elif isinstance(event, ev.CloseConnection):
+                        code = event.code
+                        if echo and conn.state is ConnectionState.REMOTE_CLOSING:
+                            sock.sendall(conn.send(event.response()))
+        except ConnectionResetError:
+            ended = "reset"
+        except TimeoutError:
+            ended = "timeout"
+        sock.close()  # as a client does once the server's FIN came
+        try:
+            proc.wait(kill_after)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        exited = time.monotonic() - began
+    return WebSocketEnd(code, messages, ended, exited, bytes(log))

@@ -694,10 +694,13 @@ async def test_uvicorn_server_stats_read_from_another_thread() -> None:
 
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("parser", PARSERS)
-def test_uvicorn_websocket_shutdown_goes_away(parser: str, loop: str) -> None:
+@pytest.mark.parametrize("websocket", ["wsproto", "websockets-sansio"])
+def test_uvicorn_websocket_shutdown_goes_away(websocket: str, parser: str, loop: str) -> None:
     """At shutdown stock uvicorn's WebSocket closes with 1012; the drop-in's with 1001, all sent."""
     _need_parser(parser)
-    ws = ["--ws", "wsproto"]
+    if websocket == "websockets-sansio":
+        pytest.importorskip("websockets")
+    ws = ["--ws", websocket]
     stock = websocket_shutdown([*_argv(parser, loop), *ws])
     dropin = websocket_shutdown([*_argv(DROPIN[parser], loop), *ws])
     # Its close does not wait for the client's close frame: on asyncio's loop
@@ -764,3 +767,20 @@ def test_uvicorn_websocket_close_wait_is_bounded(loop: str) -> None:
     assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
     # WEBSOCKET_CLOSE_TIMEOUT, then the lingering close (IDLE_LINGER's idle 0.5 s).
     assert graceful_uvicorn.WEBSOCKET_CLOSE_TIMEOUT <= dropin.exited < 5.0, dropin
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("websocket", ["wsproto", "websockets-sansio"])
+def test_uvicorn_websocket_send_after_close_is_a_disconnect(websocket: str, loop: str) -> None:
+    """An app still sending after the drop-in's close frame gets an OSError, not a logged error."""
+    if websocket == "websockets-sansio":
+        pytest.importorskip("websockets")
+    ws = ["--ws", websocket]
+    # The client is slow to answer the close frame: the app sends in between.
+    stock = websocket_shutdown([*_argv("h11", loop), *ws], path="/chatty", echo=False)
+    dropin = websocket_shutdown([*_argv(DROPIN["h11"], loop), *ws], path="/chatty", echo=False)
+    assert stock.code == 1012, stock
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    assert dropin.in_order, dropin
+    assert len(dropin.messages) >= MESSAGES, dropin
+    assert b"Exception in ASGI application" not in dropin.log, dropin.log.decode()
