@@ -28,10 +28,10 @@ replaced by a subclass that changes only how connections end:
   and ``stats`` report the shutdown.
 
 * A WebSocket (HTTP/1.1) at the notice goes away: its close frame, with
-  ``websocket_close_code`` (1001), follows what the application sent (as the
-  application's own ``websocket.close``); the application gets
-  ``websocket.disconnect`` once the client's close frame is back, and the
-  connection ends with the lingering close, waiting at most
+  ``websocket_close_code`` (1001), follows what the application sent; the
+  application gets ``websocket.disconnect`` with that code (a send after it
+  is dropped), and once the client's close frame is back the connection
+  ends with the lingering close, waiting at most
   ``websocket_close_timeout`` for it. hypercorn cancels the application after
   its grace and sends 1011 (internal error).
 * A streaming answer sees the notice in ``Control.notice`` (``serve(...,
@@ -73,9 +73,11 @@ import hypercorn.asyncio.run as hypercorn_run
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, Updated
+from hypercorn.protocol.events import Data
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
-from hypercorn.typing import Framework, WebsocketCloseEvent
+from hypercorn.typing import Framework
+from wsproto.events import CloseConnection
 
 from ._accept import close_and_drain
 from ._dropin_options import (
@@ -316,19 +318,22 @@ class GracefulTCPServer(TCPServer):
     async def _close_websocket(self, stream: WSStream) -> None:
         """The close frame after what the application sent, then the client's, bounded.
 
-        Sent as the application's own ``websocket.close``; hypercorn tells the
-        application (``websocket.disconnect``) when the client's close frame
-        comes back, and then ends the connection (the lingering close). Past
-        ``websocket_close_timeout`` the connection closes without it.
+        The frame goes out as hypercorn sends its own (the stream's wsproto
+        connection, then a ``Data`` event), and the application gets
+        ``websocket.disconnect`` with the code. The stream stays CONNECTED to
+        hypercorn, so a send the application makes after it is dropped (as
+        wsproto refuses it) rather than raising UnexpectedMessageError, which
+        an application's own ``websocket.close`` would make of it. When the
+        client's close frame comes back hypercorn ends the connection (the
+        lingering close); past ``websocket_close_timeout`` it closes without it.
         """
         gone = self.ending.linger.future()
+        code = self.websocket_close_code
         try:
-            close: WebsocketCloseEvent = {
-                "type": "websocket.close",
-                "code": self.websocket_close_code,
-                "reason": None,
-            }
-            await stream.app_send(close)
+            data = stream.connection.send(CloseConnection(code=code))
+            await stream.send(Data(stream_id=stream.stream_id, data=data))
+            if stream.app_put is not None:
+                await stream.app_put({"type": "websocket.disconnect", "code": code})
         except Exception:
             logger.exception("the WebSocket close of %r raised; closing", self)
         else:

@@ -649,3 +649,14 @@ async def test_hypercorn_stream_ends_itself_at_the_notice(
     assert error is None, error
     assert got.endswith(b"event: bye\ndata: shutting down\n\n\r\n0\r\n\r\n"), got[-64:]
     assert took < 1.0, took  # at the notice, not after the grace
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_hypercorn_websocket_send_after_close_is_dropped(loop: str) -> None:
+    """An app still sending after the drop-in's close frame is not failed by hypercorn."""
+    # The client is slow to answer the close frame: the app sends in between.
+    dropin = websocket_shutdown([*_argv("dropin", loop), "2"], path="/chatty", echo=False)
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    assert dropin.in_order, dropin
+    assert len(dropin.messages) >= MESSAGES, dropin
+    assert b"UnexpectedMessageError" not in dropin.log, dropin.log.decode()
