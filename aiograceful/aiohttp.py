@@ -24,6 +24,17 @@ so a client that half-closes after its request loses the answer. Here:
   TLS for a TLS site), the grace, the force, and a let-go (a FIN, never a
   reset). A connection that attaches after the notice (a TLS handshake that
   ended during the shutdown) is told at once.
+* A WebSocket (``web.WebSocketResponse``) at the notice gets aiohttp's own
+  close, with ``websocket_close_code`` (1001, going away), after every
+  message the handler sent; the handler's ``async for msg in ws`` ends, and
+  the client's close frame is awaited for ``websocket_close_timeout``
+  seconds. Stock aiohttp sends none unless the application closes its
+  WebSockets in ``on_shutdown``: the handler is cancelled after the grace and
+  the client sees 1006. (Seen through the application's
+  ``on_response_prepare``, which the runner joins unless the application was
+  frozen before.) A streaming answer sees the notice in ``runner.notice``
+  (``request.app`` can hold the runner): ``await runner.notice.wait()``, then end
+  the stream; the grace bounds it.
 * ``shutdown_timeout`` keeps its meaning: how long requests in progress may
   take once the shutdown began (the grace). The whole shutdown is bounded by
   ``drain_delay + shutdown_timeout + force_timeout`` and a few short waits
@@ -73,7 +84,13 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from ._accept import close_and_drain
-from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
+from ._dropin_options import (
+    IDLE_LINGER,
+    LINGER,
+    SHUTDOWN_QUIET,
+    WEBSOCKET_CLOSE_CODE,
+    WEBSOCKET_CLOSE_TIMEOUT,
+)
 from ._ending import Ending
 from ._linger import Linger
 from ._options import LingerOptions, check_seconds, logger
@@ -86,6 +103,8 @@ __all__ = [
     "IDLE_LINGER",
     "LINGER",
     "SHUTDOWN_QUIET",
+    "WEBSOCKET_CLOSE_CODE",
+    "WEBSOCKET_CLOSE_TIMEOUT",
     "GracefulAppRunner",
     "GracefulRequestHandler",
     "GracefulWebServer",
@@ -100,12 +119,19 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
     of aiograceful uses); the handler answers what the Ending asks (the
     ``Conversation``: is a request being answered, is one half-received, how
     to tell the client). Class attributes: ``linger``, ``idle_linger``,
-    ``shutdown_quiet``.
+    ``shutdown_quiet``, ``websocket_close_code`` and ``websocket_close_timeout``
+    (a WebSocket's close at the notice: see :class:`GracefulAppRunner`).
     """
 
     linger: LingerOptions = LINGER
     idle_linger: LingerOptions = IDLE_LINGER
     shutdown_quiet: float = SHUTDOWN_QUIET
+    websocket_close_code: int = WEBSOCKET_CLOSE_CODE
+    websocket_close_timeout: float = WEBSOCKET_CLOSE_TIMEOUT
+
+    #: The WebSocket this connection was upgraded to (its response, once prepared).
+    websocket: aiohttp.web.WebSocketResponse | None = None
+    _websocket_close: asyncio.Future[None] | None = None
 
     _end: Ending | None = None
     _told = False
@@ -199,10 +225,20 @@ class GracefulRequestHandler(web_protocol.RequestHandler):
     # -- the shutdown's steps (called by the runner or the web server) -------------
 
     def notice(self) -> None:
-        """The shutdown began: answers say ``Connection: close``; idle, a quiet window."""
+        """The shutdown began: answers say ``Connection: close``; idle, a quiet window.
+
+        A WebSocket is closed (``websocket_close_code``) after what the
+        handler sent, and its client's close frame awaited for
+        ``websocket_close_timeout`` seconds.
+        """
         end = self._end
         if end is not None:
             end.notice()
+        ws = self.websocket
+        if ws is not None and not ws.closed and self._websocket_close is None:
+            self._websocket_close = asyncio.ensure_future(
+                _close_websocket(ws, self.websocket_close_code, self.websocket_close_timeout)
+            )
 
     def force(self, timeout: float) -> None:
         """The grace is over: close within ``timeout`` s and cancel the handler, as aiohttp does."""
@@ -426,6 +462,10 @@ class GracefulAppRunner(web_runner.AppRunner):
         await super().cleanup()
 
     async def _make_server(self) -> web_server.Server:
+        app = self._app
+        if not app.on_response_prepare.frozen:
+            # The WebSockets, for the notice (an app frozen already: not seen).
+            app.on_response_prepare.append(_note_websocket)
         server = await super()._make_server()
         web = self._web = GracefulWebServer(
             server.request_handler,
@@ -544,6 +584,26 @@ class _Target:
         for listener in self.listeners:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(listener.wait_closed(), LOST_WAIT)
+
+
+async def _close_websocket(ws: aiohttp.web.WebSocketResponse, code: int, timeout: float) -> None:
+    """aiohttp's close of a WebSocket (its close frame, then the client's), bounded by ``timeout``.
+
+    Past the bound (or on an error) aiohttp closes the transport: the lingering close.
+    """
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(ws.close(code=code), timeout)
+
+
+async def _note_websocket(request: BaseRequest, response: StreamResponse) -> None:
+    """``on_response_prepare``: a WebSocket response is its connection's, for the notice."""
+    if isinstance(response, aiohttp.web.WebSocketResponse):
+        handler = request.protocol
+        if isinstance(handler, GracefulRequestHandler):
+            handler.websocket = response
+            manager = handler._manager
+            if isinstance(manager, GracefulWebServer) and manager.notice.is_set():
+                handler.notice()  # upgraded after the notice: closed at once
 
 
 async def _adopt(

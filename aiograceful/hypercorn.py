@@ -27,6 +27,17 @@ replaced by a subclass that changes only how connections end:
   takes a :class:`Control`, whose ``notice`` (a readiness endpoint reads it)
   and ``stats`` report the shutdown.
 
+* A WebSocket (HTTP/1.1) at the notice goes away: its close frame, with
+  ``websocket_close_code`` (1001), follows what the application sent; the
+  application gets ``websocket.disconnect`` with that code (a send after it
+  is dropped), and once the client's close frame is back the connection
+  ends with the lingering close, waiting at most
+  ``websocket_close_timeout`` for it. hypercorn cancels the application after
+  its grace and sends 1011 (internal error).
+* A streaming answer sees the notice in ``Control.notice`` (``serve(...,
+  control=)``): ``await control.notice.wait()``, then end the stream; the
+  grace bounds it.
+
 * The accept queue is drained. hypercorn closes its listeners, which resets
   the connections still in the kernel's accept queue (and, on asyncio's
   loop, drops without a word one accepted in the same iteration). Here the
@@ -39,8 +50,8 @@ hypercorn offers no hook for its connection class nor its listeners:
 ``asyncio`` that module sees to asyncio with a ``start_server`` whose
 servers drain at close, while it runs (and puts hypercorn's back when the
 last ``serve`` returns); its listeners' connections are made with asyncio's
-streams protocol, subclassed to report the connection's end. HTTP/2 and
-WebSocket connections get the lingering close but not the header.
+streams protocol, subclassed to report the connection's end. HTTP/2
+connections get the lingering close but not the header.
 Supports hypercorn 0.16 (:data:`MINIMUM_VERSION`) to 0.18 (:data:`TESTED_UP_TO`),
 checked at import.
 """
@@ -77,11 +88,20 @@ import hypercorn.asyncio.run as hypercorn_run
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, Updated
+from hypercorn.protocol.events import Data
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.typing import Framework
+from wsproto.events import CloseConnection
 
 from ._accept import close_and_drain
-from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
+from ._dropin_options import (
+    IDLE_LINGER,
+    LINGER,
+    SHUTDOWN_QUIET,
+    WEBSOCKET_CLOSE_CODE,
+    WEBSOCKET_CLOSE_TIMEOUT,
+)
 from ._ending import Ending
 from ._h11 import CloseAwareConnection
 from ._linger import Linger
@@ -91,7 +111,16 @@ from ._shutdown import LOST_WAIT, ShutdownNotice, ShutdownPhase, run_shutdown
 from ._stats import Counters, ServerStats
 from ._streams import take_from
 
-__all__ = ["IDLE_LINGER", "LINGER", "SHUTDOWN_QUIET", "Control", "GracefulTCPServer", "serve"]
+__all__ = [
+    "IDLE_LINGER",
+    "LINGER",
+    "SHUTDOWN_QUIET",
+    "WEBSOCKET_CLOSE_CODE",
+    "WEBSOCKET_CLOSE_TIMEOUT",
+    "Control",
+    "GracefulTCPServer",
+    "serve",
+]
 
 
 class _NoticeConnection(CloseAwareConnection):
@@ -156,13 +185,17 @@ class GracefulTCPServer(TCPServer):
     of aiograceful uses); this class answers what the Ending asks. Class
     attributes: ``linger`` (the :class:`~aiograceful.LingerOptions` of a
     close with a request in it, :data:`LINGER`), ``idle_linger`` (of an idle
-    connection's close, :data:`IDLE_LINGER`) and ``shutdown_quiet``
-    (:data:`SHUTDOWN_QUIET`).
+    connection's close, :data:`IDLE_LINGER`), ``shutdown_quiet``
+    (:data:`SHUTDOWN_QUIET`), ``websocket_close_code`` (:data:`WEBSOCKET_CLOSE_CODE`)
+    and ``websocket_close_timeout`` (:data:`WEBSOCKET_CLOSE_TIMEOUT`).
     """
 
     linger: LingerOptions = LINGER
     idle_linger: LingerOptions = IDLE_LINGER
     shutdown_quiet: float = SHUTDOWN_QUIET
+    websocket_close_code: int = WEBSOCKET_CLOSE_CODE
+    websocket_close_timeout: float = WEBSOCKET_CLOSE_TIMEOUT
+    _websocket_close: asyncio.Future[None] | None = None
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -315,10 +348,45 @@ class GracefulTCPServer(TCPServer):
         return take_from(self.reader)[0]
 
     def tell(self) -> None:
-        """Every answer not yet started says ``Connection: close`` (HTTP/1.1)."""
+        """Answers not yet started say ``Connection: close``; a WebSocket goes away (HTTP/1.1)."""
         inner = self._h11()
-        if inner is not None and isinstance(inner.connection, CloseAwareConnection):
+        if inner is None:
+            return
+        if isinstance(inner.connection, CloseAwareConnection):
             inner.connection.close_wanted = True
+        stream = inner.stream
+        if (
+            isinstance(stream, WSStream)
+            and stream.state is ASGIWebsocketState.CONNECTED
+            and self._websocket_close is None
+        ):
+            self._websocket_close = asyncio.ensure_future(self._close_websocket(stream))
+
+    async def _close_websocket(self, stream: WSStream) -> None:
+        """The close frame after what the application sent, then the client's, bounded.
+
+        The frame goes out as hypercorn sends its own (the stream's wsproto
+        connection, then a ``Data`` event), and the application gets
+        ``websocket.disconnect`` with the code. The stream stays CONNECTED to
+        hypercorn, so a send the application makes after it is dropped (as
+        wsproto refuses it) rather than raising UnexpectedMessageError, which
+        an application's own ``websocket.close`` would make of it. When the
+        client's close frame comes back hypercorn ends the connection (the
+        lingering close); past ``websocket_close_timeout`` it closes without it.
+        """
+        gone = self.ending.linger.future()
+        code = self.websocket_close_code
+        try:
+            data = stream.connection.send(CloseConnection(code=code))
+            await stream.send(Data(stream_id=stream.stream_id, data=data))
+            if stream.app_put is not None:
+                await stream.app_put({"type": "websocket.disconnect", "code": code})
+        except Exception:
+            logger.exception("the WebSocket close of %r raised; closing", self)
+        else:
+            await asyncio.wait([gone], timeout=self.websocket_close_timeout)
+        if not gone.done():
+            self.ending.close()
 
     def task(self) -> asyncio.Task[Any] | None:
         """hypercorn's task serving the connection."""

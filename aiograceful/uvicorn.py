@@ -38,10 +38,19 @@ What changes, against stock uvicorn (0.54, both parsers):
   rather than lost; then it closes gracefully. Stock uvicorn closes idle
   connections at once, and the requests that raced the close are lost.
 
-The knobs are class attributes (``linger``, ``idle_linger``, ``shutdown_quiet``):
+The knobs are class attributes (``linger``, ``idle_linger``, ``shutdown_quiet``,
+``websocket_close_code``, ``websocket_close_timeout``):
 subclass to change them and pass the subclass's import string to ``--http``.
 
-WebSocket connections are handed to uvicorn's WebSocket protocol unchanged.
+* A WebSocket at shutdown goes away cleanly. uvicorn's WebSocket protocol
+  (wsproto's or websockets' sans-I/O one, ``--ws wsproto`` /
+  ``websockets-sansio``) still runs it, but at the notice an open WebSocket
+  sends a close frame with ``websocket_close_code`` (1001, going away; stock
+  uvicorn's is 1012) after every message the application sent, the
+  application receives ``websocket.disconnect`` with that code, and the
+  client's close frame is awaited for ``websocket_close_timeout`` seconds
+  (:data:`WEBSOCKET_CLOSE_TIMEOUT`); the transport then ends with the
+  lingering close. uvicorn's legacy ``--ws websockets`` protocol keeps its own (1012).
 On TLS, asyncio has no half-close: the lingering close reads and discards
 until the client closes, then sends close_notify, so a client still
 uploading reads the early answer (stock uvicorn's close fails it on asyncio's
@@ -86,10 +95,17 @@ import h11
 import uvicorn
 from uvicorn.config import Config
 from uvicorn.protocols.http import h11_impl
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.supervisors import Multiprocess
 
 from ._accept import HANDSHAKE_SETTLE, accept_queue_stats, close_and_drain
-from ._dropin_options import IDLE_LINGER, LINGER, SHUTDOWN_QUIET
+from ._dropin_options import (
+    IDLE_LINGER,
+    LINGER,
+    SHUTDOWN_QUIET,
+    WEBSOCKET_CLOSE_CODE,
+    WEBSOCKET_CLOSE_TIMEOUT,
+)
 from ._ending import Ending
 from ._h11 import CloseAwareConnection as _Connection
 from ._linger import Linger
@@ -110,6 +126,8 @@ __all__ = [
     "IDLE_LINGER",
     "LINGER",
     "SHUTDOWN_QUIET",
+    "WEBSOCKET_CLOSE_CODE",
+    "WEBSOCKET_CLOSE_TIMEOUT",
     "H11Protocol",
     "Server",
     "protocol_class",
@@ -162,8 +180,11 @@ class _Ending(asyncio.Protocol):
     linger: ClassVar[LingerOptions] = LINGER
     idle_linger: ClassVar[LingerOptions] = IDLE_LINGER
     shutdown_quiet: ClassVar[float] = SHUTDOWN_QUIET
+    websocket_close_code: ClassVar[int] = WEBSOCKET_CLOSE_CODE
+    websocket_close_timeout: ClassVar[float] = WEBSOCKET_CLOSE_TIMEOUT
 
     _end: Ending
+    ws_protocol_class: Any
     loop: asyncio.AbstractEventLoop
     server_state: Any
 
@@ -235,6 +256,7 @@ class H11Protocol(_Ending, h11_impl.H11Protocol):  # type: ignore[misc]  # eof_r
         end = self._end
         end.detach()
         self.transport = end.linger.transport
+        self.ws_protocol_class = _websocket_class(self.ws_protocol_class, type(self))
         super().handle_websocket_upgrade(event)
 
     # -- Conversation ----------------------------------------------------------
@@ -285,6 +307,7 @@ if TYPE_CHECKING or importlib.util.find_spec("httptools") is not None:
             end = self._end
             end.detach()
             self.transport = end.linger.transport
+            self.ws_protocol_class = _websocket_class(self.ws_protocol_class, type(self))
             super().handle_websocket_upgrade()
 
         def on_headers_complete(self) -> None:
@@ -372,6 +395,121 @@ def _keep_alive(cycle: Any, keep_alive: bool) -> None:
     cycle.default_headers = headers
 
 
+# uvicorn's WebSocket protocols whose shutdown is replaced (both sans-I/O:
+# wsproto's, and the websockets library's new one); its legacy "websockets"
+# protocol keeps its own (1012).
+_SANS_IO_WEBSOCKETS: Final = frozenset(
+    {
+        "uvicorn.protocols.websockets.wsproto_impl",
+        "uvicorn.protocols.websockets.websockets_sansio_impl",
+    }
+)
+
+
+class _WebSocketEnd:
+    """A WebSocket's close (its :class:`ClosingView`'s closer): the lingering close, once."""
+
+    __slots__ = ("closing", "linger", "options")
+
+    def __init__(self, linger: Linger, options: LingerOptions) -> None:
+        self.linger = linger
+        self.options = options
+        self.closing = False
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.linger.begin(self.options)
+
+
+# The classes _websocket_class made, by (uvicorn's class, the HTTP protocol class).
+_WEBSOCKET_CLASSES: Final[dict[tuple[Any, Any], Any]] = {}
+
+
+def _websocket_class(base: Any, owner: type[_Ending]) -> Any:
+    """uvicorn's WebSocket protocol ``base``, ending as ``owner`` (the HTTP protocol) says.
+
+    At the shutdown notice an open WebSocket sends its close frame with
+    ``owner.websocket_close_code`` after what the application sent before,
+    tells the application (``websocket.disconnect`` with that code), and waits
+    up to ``owner.websocket_close_timeout`` seconds for the client's close
+    frame; every close of its transport is the lingering close.
+    """
+    made = _WEBSOCKET_CLASSES.get((base, owner))
+    if made is None:
+        made = _WEBSOCKET_CLASSES[base, owner] = _make_websocket_class(base, owner)
+    return made
+
+
+def _make_websocket_class(base: Any, owner: type[_Ending]) -> Any:
+    if base is None or not any(c.__module__ in _SANS_IO_WEBSOCKETS for c in base.__mro__):
+        return base
+
+    class GracefulWebSocket(base):  # type: ignore[misc]
+        __qualname__ = f"{owner.__qualname__}.websocket({base.__qualname__})"
+
+        _ws_end: _WebSocketEnd
+        _went_away = False
+        close_sent: bool
+        handshake_complete: bool
+        read_paused: bool
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # uvicorn passes its arguments by keyword (both HTTP protocols).
+            self._graceful_server = _SERVERS.get(kwargs.get("server_state"))
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            linger = Linger(self.loop, transport, self)
+            server = self._graceful_server
+            if server is not None:
+                counters = server._counters
+                linger.on_lost = lambda linger: counters.count(linger.result)
+            self._ws_end = _WebSocketEnd(linger, owner.idle_linger)
+            super().connection_made(_Transport(transport, self._ws_end))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._ws_end.linger.lost(exc)
+            super().connection_lost(exc)
+
+        async def send(self, message: Any) -> None:
+            if self._went_away and message.get("type") in ("websocket.send", "websocket.close"):
+                # The close frame is out (the shutdown's): a send now is one to
+                # a disconnected client (ASGI: an OSError), not the app's error.
+                raise ClientDisconnected()
+            await super().send(message)
+
+        def shutdown(self) -> None:
+            if self.close_sent or not self.handshake_complete or self.transport.is_closing():
+                super().shutdown()
+                return
+            self.stop_keepalive()
+            code = owner.websocket_close_code
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code})
+            conn = self.conn
+            if hasattr(conn, "send_close"):  # websockets' sans-I/O protocol
+                conn.send_close(code)
+                data = b"".join(conn.data_to_send())
+            else:  # wsproto's
+                from wsproto.events import CloseConnection
+
+                data = conn.send(CloseConnection(code=code))
+            self.transport.write(data)
+            self.close_sent = True
+            self._went_away = True
+            if self.read_paused:
+                # The client's close frame must be read.
+                self.read_paused = False
+                self.transport.resume_reading()
+            # The client's close frame cancels this timer and closes (uvicorn's own).
+            self.close_timer = self.loop.call_later(
+                owner.websocket_close_timeout, self.transport.close
+            )
+
+    return GracefulWebSocket
+
+
 def _has_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if name == b"content-length":
@@ -403,8 +541,11 @@ class Server(uvicorn.Server):
     5. Let go of what is still open the plain way (a FIN; the kernel
        delivers what it holds), then the lifespan shutdown.
 
-    Connections of other protocol classes (WebSockets) are told by uvicorn's
-    own ``shutdown()`` and, when the grace period is over, closed.
+    WebSockets are told by their protocol's ``shutdown()`` (a close frame,
+    1001 by default, see the module's notes) and, when the grace period is
+    over, closed. A streaming answer (server-sent events) sees the notice in
+    :attr:`notice`: ``await server.notice.wait()`` (or ``is_set()``), then end
+    the stream; the grace bounds it, and its last chunk carries the end.
     :attr:`stats` counts how the connections ended, with the shutdown's phase.
     """
 
@@ -569,8 +710,12 @@ class _Target:
     def let_go(self) -> None:
         for connection in list(self.server.server_state.connections):
             end = getattr(connection, "_end", None)
+            ws_end = getattr(connection, "_ws_end", None)
             if isinstance(end, Ending) and not end.detached:
                 end.let_go()
+            elif isinstance(ws_end, _WebSocketEnd):
+                ws_end.closing = True
+                ws_end.linger.let_go()
             else:
                 connection.transport.abort()
 

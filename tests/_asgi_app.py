@@ -7,12 +7,16 @@
 * ``GET /hang``: never answers (until cancelled: a request the grace runs out on).
 * ``GET /stream``: an endless event stream, 1 KiB events as fast as the client
   reads them (until cancelled).
+* a WebSocket (any path): accepted; sends "0" to "99", then waits for the
+  client's messages until the disconnect (``/chatty``: sends on, every 10 ms,
+  until a send fails).
 * anything else: 200 ``ok``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 Scope = dict[str, Any]
@@ -29,6 +33,9 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "websocket":
+        await _websocket(receive, send, chatty=scope["path"] == "/chatty")
+        return
     if scope["type"] != "http":
         return
     if scope["method"] == "POST":
@@ -72,3 +79,43 @@ async def _stream(send: Any) -> None:
         # A server may take a send without suspending (once the connection is
         # closed, say): yield, as an event source waiting for its next event does.
         await asyncio.sleep(0)
+
+
+async def _websocket(receive: Any, send: Any, chatty: bool) -> None:
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    for i in range(100):
+        await send({"type": "websocket.send", "text": str(i)})
+    if chatty:
+        # Sends on, every 10 ms, until a send fails (the ASGI spec: an OSError).
+        for i in range(100, 10_100):
+            try:
+                await send({"type": "websocket.send", "text": str(i)})
+            except OSError:
+                return
+            await asyncio.sleep(0.01)
+        return
+    for _ in range(10_000_000):  # until the disconnect
+        if (await receive())["type"] == "websocket.disconnect":
+            return
+
+
+def event_stream(notice: Callable[[], bool]) -> Callable[[Scope, Any, Any], Awaitable[None]]:
+    """An ASGI event stream, an event each 10 ms, that ends itself once ``notice()`` is true."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        start = {"type": "http.response.start", "status": 200}
+        await send({**start, "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(10_000):  # bounded: 100 s of events; the grace ends it sooner
+            if notice():
+                last = b"event: bye\ndata: shutting down\n\n"
+                await send({"type": "http.response.body", "body": last, "more_body": False})
+                return
+            body = f"data: {i}\n\n".encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            await asyncio.sleep(0.01)
+
+    return app

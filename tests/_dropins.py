@@ -97,11 +97,16 @@ def env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def server_process(
-    argv: Sequence[str], *, start_timeout: float = 20.0, port_re: re.Pattern[bytes] = _PORT_RE
+    argv: Sequence[str],
+    *,
+    start_timeout: float = 20.0,
+    port_re: re.Pattern[bytes] = _PORT_RE,
+    log: bytearray | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """Run ``argv`` (a server that logs ``Running on http://127.0.0.1:PORT``); yield it and PORT.
 
     ``port_re``: how the server logs its port (group 1), for another server's log line.
+    ``log``: gets everything the server writes (stdout and stderr).
     """
     proc = subprocess.Popen(
         list(argv),
@@ -112,6 +117,7 @@ def server_process(
     )
     assert proc.stdout is not None
     output = bytearray()
+    drain: threading.Thread | None = None
     try:
         deadline = time.monotonic() + start_timeout
         port = None
@@ -129,18 +135,23 @@ def server_process(
                 if match:
                     port = int(match.group(1))
         # Keep draining its output, so a chatty server never blocks on the pipe.
-        drain = threading.Thread(target=_drain, args=(proc,), daemon=True)
+        if log is not None:
+            log += output
+        drain = threading.Thread(target=_drain, args=(proc, log), daemon=True)
         drain.start()
         yield proc, port
     finally:
+        if drain is not None and log is not None and proc.poll() is not None:
+            drain.join(5)  # exited: the log is whole once the pipe is read to its end
         stop(proc)
 
 
-def _drain(proc: subprocess.Popen[bytes]) -> None:
+def _drain(proc: subprocess.Popen[bytes], log: bytearray | None = None) -> None:
     assert proc.stdout is not None
     with contextlib.suppress(OSError, ValueError):
-        while os.read(proc.stdout.fileno(), 65536):
-            pass
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            if log is not None:
+                log += chunk
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:

@@ -58,9 +58,19 @@ def _aiohttp(dropin: bool, loop: asyncio.AbstractEventLoop, grace: float) -> Non
             await asyncio.sleep(0)  # as an event source waiting for its next event does
         return response
 
+    async def websocket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        for i in range(100):
+            await ws.send_str(str(i))
+        async for _message in ws:  # until the close
+            pass
+        return ws
+
     app = web.Application()
     app.add_routes(
         [
+            web.get("/ws", websocket),
             web.post("/upload", upload),
             web.get("/slow", slow),
             web.get("/stream", stream),

@@ -353,3 +353,23 @@ def silent_handshake(host: str, port: int) -> socket.socket:
     with contextlib.suppress(BlockingIOError):
         client.connect((host, port))
     return client
+
+
+def read_stream_and_close(sock: socket.socket) -> tuple[bytes, OSError | None]:
+    """Read to the stream's last chunk or the server's FIN, then close, as a client does.
+
+    (After a last chunk the connection is an idle keep-alive one: the drop-in
+    would keep it for its quiet window, and the client closes it here.)
+    """
+    got = b""
+    try:
+        for _ in range(100_000):  # bounded by the socket's timeout too
+            chunk = sock.recv(65536)
+            got += chunk
+            if not chunk or got.endswith(b"\r\n0\r\n\r\n"):
+                break
+    except OSError as exc:
+        return got, exc
+    finally:
+        sock.close()
+    return got, None

@@ -32,7 +32,8 @@ from _dropins import (
     server_process,
     wget_uploads,
 )
-from _util import assert_still_accepts, recv_until_eof
+from _util import assert_still_accepts, read_stream_and_close, recv_until_eof
+from _websocket import MESSAGES, websocket_shutdown
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -406,3 +407,74 @@ def test_aiohttp_stalled_stream_client_gets_what_stock_delivers(loop: str) -> No
     dropin = [python(), "tests/_serve_main.py", "aiohttp", "dropin", loop, grace]
     # The drop-in's bound: its grace, the force (1 s), and its app cleanup.
     assert_stalled_stream_gets_what_stock_delivers(stock, dropin, 1.0 + 1.0)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_aiohttp_websocket_shutdown_goes_away(loop: str) -> None:
+    """At shutdown stock aiohttp's WebSocket ends with no close frame; the drop-in's with 1001."""
+    stock = websocket_shutdown([*_argv("stock", loop), "2"])
+    dropin = websocket_shutdown([*_argv("dropin", loop), "2"])
+    assert stock.code == 1006, stock  # no close frame: cancelled after shutdown_timeout
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    assert dropin.in_order, dropin
+    assert len(dropin.messages) == MESSAGES, dropin
+    assert dropin.exited < 2.0, dropin  # within the grace, not after it
+
+
+async def _stream_at_cleanup(dropin: bool) -> tuple[bytes, OSError | None, float]:
+    """An event stream's client, the runner cleaned up 0.3 s in: what it read, its error, seconds.
+
+    The handler ends its stream once ``runner.notice`` is set (the drop-in's);
+    stock aiohttp's runner has none.
+    """
+    from aiohttp import web
+
+    from aiograceful.aiohttp import GracefulAppRunner
+
+    runners: list[GracefulAppRunner] = []
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(10_000):  # bounded: 100 s of events; the grace ends it sooner
+            if runners and runners[0].notice.is_set():
+                await response.write(b"event: bye\ndata: shutting down\n\n")
+                await response.write_eof()
+                return response
+            await response.write(f"data: {i}\n\n".encode())
+            await asyncio.sleep(0.01)
+        return response
+
+    app = web.Application()
+    app.add_routes([web.get("/events", events)])
+    runner_class = GracefulAppRunner if dropin else web.AppRunner
+    runner = runner_class(app, shutdown_timeout=1.0)
+    if isinstance(runner, GracefulAppRunner):
+        runners.append(runner)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    sock = await asyncio.to_thread(socket.create_connection, (HOST, port), 10)
+    with sock:
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: test\r\n\r\n")
+        reading = asyncio.ensure_future(asyncio.to_thread(read_stream_and_close, sock))
+        await asyncio.sleep(0.3)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await asyncio.wait_for(runner.cleanup(), 10)
+        took = loop.time() - began
+        got, error = await asyncio.wait_for(reading, 10)
+    return got, error, took
+
+
+async def test_aiohttp_stream_ends_itself_at_the_notice() -> None:
+    """A stream that reads runner.notice ends itself; stock aiohttp cuts it after the grace."""
+    stock, _stock_error, stock_took = await _stream_at_cleanup(dropin=False)
+    got, error, took = await _stream_at_cleanup(dropin=True)
+    # Stock: no notice to read; the handler is cancelled after the grace, its stream cut.
+    assert not stock.endswith(b"0\r\n\r\n"), stock[-64:]
+    assert stock_took >= 1.0, stock_took
+    assert error is None, error
+    assert got.endswith(b"event: bye\ndata: shutting down\n\n\r\n0\r\n\r\n"), got[-64:]
+    assert took < 1.0, took  # at the notice, not after the grace

@@ -24,6 +24,7 @@ import pytest
 
 pytest.importorskip("hypercorn")
 
+from _asgi_app import event_stream
 from _dropins import (
     HOST,
     ab_uploads,
@@ -47,10 +48,12 @@ from _util import (
     TCP_ESTABLISHED,
     assert_still_accepts,
     paced_read,
+    read_stream_and_close,
     recv_until_eof,
     set_linger_zero,
     wait_for_tcp_state,
 )
+from _websocket import MESSAGES, websocket_shutdown
 
 from aiograceful import CloseOutcome, CloseResult, LingerOptions
 from aiograceful._ending import Ending
@@ -588,3 +591,73 @@ def test_hypercorn_stalled_stream_client_gets_what_stock_delivers(loop: str) -> 
     # kills it (the kernel still delivers what it holds). The drop-in's bound:
     # its grace and the force (1 s).
     assert_stalled_stream_gets_what_stock_delivers(stock, dropin, 1.0 + 1.0, stock_kill_after=5)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_hypercorn_websocket_shutdown_goes_away(loop: str) -> None:
+    """At shutdown stock hypercorn's WebSocket gets 1011 after the grace; the drop-in's 1001."""
+    stock = websocket_shutdown([*_argv("stock", loop), "2"])
+    dropin = websocket_shutdown([*_argv("dropin", loop), "2"])
+    assert (stock.code, stock.ended) == (1011, "fin"), stock  # the app cancelled: internal error
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    assert dropin.in_order, dropin
+    assert len(dropin.messages) == MESSAGES, dropin
+    assert dropin.exited < 2.0, dropin  # within the grace, not after it
+
+
+async def _stream_at_shutdown(dropin: bool) -> tuple[bytes, OSError | None, float]:
+    """An event stream's client, hypercorn shut down 0.3 s in: what it read, its error, seconds.
+
+    The app ends its stream once ``control.notice`` is set (the drop-in's);
+    stock hypercorn has none.
+    """
+    from hypercorn.asyncio import serve as stock_serve
+
+    from aiograceful.hypercorn import Control
+    from aiograceful.hypercorn import serve as dropin_serve
+
+    control = Control()
+    app = event_stream(lambda: dropin and control.notice.is_set())
+    serve = functools.partial(dropin_serve, control=control) if dropin else stock_serve
+    loop = asyncio.get_running_loop()
+    async with hypercorn_serving(serve, app=app, graceful_timeout=1.0) as (port, stop):
+        sock = await asyncio.to_thread(socket.create_connection, (HOST, port), 10)
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: test\r\n\r\n")
+        reading = asyncio.ensure_future(asyncio.to_thread(read_stream_and_close, sock))
+        await asyncio.sleep(0.3)
+        began = loop.time()
+        stop.set()
+    took = loop.time() - began
+    got, error = await asyncio.wait_for(reading, 10)
+    return got, error, took
+
+
+async def test_hypercorn_stream_ends_itself_at_the_notice(
+    loop_exception_guard: list[dict[str, Any]],
+) -> None:
+    """A stream that reads Control.notice ends itself; stock hypercorn cuts it after the grace."""
+    stock, _stock_error, stock_took = await _stream_at_shutdown(dropin=False)
+    # Stock hypercorn's cancel of the app reaches the loop's exception handler
+    # (a CancelledError in asyncio's streams callback): shown, then cleared.
+    stock_reports = list(loop_exception_guard)
+    loop_exception_guard.clear()
+    assert stock_reports, "stock hypercorn's cancel reported nothing"
+    assert all(isinstance(c.get("exception"), asyncio.CancelledError) for c in stock_reports)
+    got, error, took = await _stream_at_shutdown(dropin=True)
+    # Stock: no notice to read; the app is cancelled after the grace, its stream cut.
+    assert not stock.endswith(b"0\r\n\r\n"), stock[-64:]
+    assert stock_took >= 1.0, stock_took
+    assert error is None, error
+    assert got.endswith(b"event: bye\ndata: shutting down\n\n\r\n0\r\n\r\n"), got[-64:]
+    assert took < 1.0, took  # at the notice, not after the grace
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_hypercorn_websocket_send_after_close_is_dropped(loop: str) -> None:
+    """An app still sending after the drop-in's close frame is not failed by hypercorn."""
+    # The client is slow to answer the close frame: the app sends in between.
+    dropin = websocket_shutdown([*_argv("dropin", loop), "2"], path="/chatty", echo=False)
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    assert dropin.in_order, dropin
+    assert len(dropin.messages) >= MESSAGES, dropin
+    assert b"UnexpectedMessageError" not in dropin.log, dropin.log.decode()

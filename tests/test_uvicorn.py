@@ -31,6 +31,7 @@ from _util import (
     TCP_CLOSE_WAIT,
     UPLOAD_HEAD,
     assert_still_accepts,
+    read_stream_and_close,
     wait_for_tcp_state,
 )
 
@@ -38,6 +39,7 @@ pytest.importorskip("uvicorn")
 
 import click
 import uvicorn
+from _asgi_app import event_stream
 from _dropins import (
     HOST,
     LoadCounts,
@@ -56,6 +58,7 @@ from _dropins import (
     wget_uploads,
 )
 from _exported import uvicorn_with_a_request
+from _websocket import MESSAGES, websocket_shutdown
 
 from aiograceful import CloseOutcome, ShutdownPhase
 from aiograceful import uvicorn as graceful_uvicorn
@@ -760,3 +763,97 @@ async def test_uvicorn_server_stats_read_from_another_thread() -> None:
         assert stats.shutdown_duration is not None, stats
         assert stats.shutdown_duration > 0, stats
         await asyncio.wait_for(shutdown, 10)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("parser", PARSERS)
+@pytest.mark.parametrize("websocket", ["wsproto", "websockets-sansio"])
+def test_uvicorn_websocket_shutdown_goes_away(websocket: str, parser: str, loop: str) -> None:
+    """At shutdown stock uvicorn's WebSocket closes with 1012; the drop-in's with 1001, all sent."""
+    _need_parser(parser)
+    if websocket == "websockets-sansio":
+        pytest.importorskip("websockets")
+    ws = ["--ws", websocket]
+    stock = websocket_shutdown([*_argv(parser, loop), *ws])
+    dropin = websocket_shutdown([*_argv(DROPIN[parser], loop), *ws])
+    # Its close does not wait for the client's close frame: on asyncio's loop
+    # that frame sometimes arrives after the close and the client is reset.
+    assert stock.code == 1012, stock
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    assert dropin.in_order, dropin
+    assert len(dropin.messages) == MESSAGES, dropin
+    assert dropin.exited < 5.0, dropin
+
+
+async def _stream_at_shutdown(dropin: bool) -> tuple[bytes, OSError | None, float]:
+    """An event stream's client, the server shut down 0.3 s in: what it read, its error, seconds."""
+    servers: list[graceful_uvicorn.Server] = []
+    config = uvicorn.Config(
+        event_stream(lambda: bool(servers) and servers[0].notice.is_set()),
+        host=HOST,
+        port=0,
+        lifespan="off",
+        log_level="critical",
+        http=graceful_uvicorn.H11Protocol if dropin else "h11",
+        timeout_graceful_shutdown=1,
+    )
+    server = graceful_uvicorn.Server(config) if dropin else uvicorn.Server(config)
+    if isinstance(server, graceful_uvicorn.Server):
+        servers.append(server)
+    config.load()
+    server.lifespan = config.lifespan_class(config)
+    await server.startup()
+    port = server.servers[0].sockets[0].getsockname()[1]
+    sock = socket.create_connection((HOST, port), timeout=10)
+    with sock:
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: test\r\n\r\n")
+        reading = asyncio.ensure_future(asyncio.to_thread(read_stream_and_close, sock))
+        await asyncio.sleep(0.3)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await asyncio.wait_for(server.shutdown(), 10)
+        took = loop.time() - began
+        got, error = await asyncio.wait_for(reading, 10)
+    return got, error, took
+
+
+async def test_uvicorn_stream_ends_itself_at_the_notice() -> None:
+    """A stream that reads Server.notice ends itself; stock uvicorn cuts it after the grace."""
+    stock, _stock_error, stock_took = await _stream_at_shutdown(dropin=False)
+    got, error, took = await _stream_at_shutdown(dropin=True)
+    # Stock: no notice to read; the app is cancelled after the grace, its stream cut.
+    assert not stock.endswith(b"0\r\n\r\n"), stock[-64:]
+    assert stock_took >= 1.0, stock_took
+    assert error is None, error
+    assert got.endswith(b"event: bye\ndata: shutting down\n\n\r\n0\r\n\r\n"), got[-64:]
+    assert took < 1.0, took  # at the notice, not after the grace
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_uvicorn_websocket_close_wait_is_bounded(loop: str) -> None:
+    """A client that never answers the close frame holds the drop-in's exit ~2 s, then a FIN."""
+    ws = ["--ws", "wsproto"]
+    stock = websocket_shutdown([*_argv("h11", loop), *ws], echo=False)
+    dropin = websocket_shutdown([*_argv(DROPIN["h11"], loop), *ws], echo=False)
+    assert stock.code == 1012, stock
+    assert stock.exited < 1.0, stock  # stock does not wait for the client's close frame
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    # WEBSOCKET_CLOSE_TIMEOUT, then the lingering close (IDLE_LINGER's idle 0.5 s).
+    assert graceful_uvicorn.WEBSOCKET_CLOSE_TIMEOUT <= dropin.exited < 5.0, dropin
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("websocket", ["wsproto", "websockets-sansio"])
+def test_uvicorn_websocket_send_after_close_is_a_disconnect(websocket: str, loop: str) -> None:
+    """An app still sending after the drop-in's close frame gets an OSError, not a logged error."""
+    if websocket == "websockets-sansio":
+        pytest.importorskip("websockets")
+    ws = ["--ws", websocket]
+    # The client is slow to answer the close frame: the app sends in between.
+    stock = websocket_shutdown([*_argv("h11", loop), *ws], path="/chatty", echo=False)
+    dropin = websocket_shutdown([*_argv(DROPIN["h11"], loop), *ws], path="/chatty", echo=False)
+    assert stock.code == 1012, stock
+    assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
+    assert dropin.in_order, dropin
+    assert len(dropin.messages) >= MESSAGES, dropin
+    assert b"Exception in ASGI application" not in dropin.log, dropin.log.decode()
