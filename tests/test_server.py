@@ -1380,3 +1380,114 @@ def test_tcp_info_layout_matches_the_kernel() -> None:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
         unacked, sacked = struct.unpack_from("II", raw, 8 + 4 * 4)
     assert (unacked, sacked) == (0, 37)
+
+
+# -- the quiet window never cuts what is still moving ----------------------------------
+
+
+async def _echo_lines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while line := await reader.readline():
+        writer.write(b"ANS " + line)
+        await writer.drain()
+
+
+async def _upload_count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads ``SIZE\\n`` then SIZE bytes in read(n) calls, answers ``GOT n``, then the next."""
+    while head := await reader.readline():
+        size, got = int(head), 0
+        while got < size:
+            chunk = await reader.read(65536)
+            if not chunk:
+                return
+            got += len(chunk)
+        writer.write(b"GOT %d\n" % got)
+        await writer.drain()
+
+
+def _trickle(port: int, payload: bytes, gap: float, start: float) -> bytes:
+    """Send ``payload`` a byte every ``gap`` s, starting ``start`` s from now; read the answer."""
+    with socket.create_connection((LOCALHOST, port), timeout=20) as sock:
+        time.sleep(start)
+        for i in range(len(payload)):
+            sock.sendall(payload[i : i + 1])
+            time.sleep(gap)
+        return sock.recv(4096)
+
+
+async def test_start_server_request_trickling_in_after_the_notice_is_answered() -> None:
+    """A request arriving a byte every 0.3 s through several quiet windows (6 s) is answered."""
+    server = await aiograceful.start_server(_echo_lines, LOCALHOST, 0, grace=20)
+    client = asyncio.ensure_future(
+        asyncio.to_thread(_trickle, port_of(server), b"a slow, slow request\n", 0.3, 0.2)
+    )
+    await asyncio.sleep(0.1)
+    report = await asyncio.wait_for(server.shutdown(), 30)
+    assert await client == b"ANS a slow, slow request\n"
+    assert report.forced == 0, report
+
+
+async def test_start_server_upload_mid_body_at_the_notice_is_answered() -> None:
+    """A body read with read(n) while it arrives slowly, across quiet windows, is read whole."""
+    server = await aiograceful.start_server(_upload_count, LOCALHOST, 0, grace=20)
+
+    def upload() -> bytes:
+        with socket.create_connection((LOCALHOST, port_of(server)), timeout=20) as sock:
+            sock.sendall(b"6000\n")
+            for _ in range(12):  # 500 B every 0.4 s: 4.8 s, past four quiet windows
+                sock.sendall(b"u" * 500)
+                time.sleep(0.4)
+            return sock.recv(4096)
+
+    client = asyncio.ensure_future(asyncio.to_thread(upload))
+    await asyncio.sleep(0.3)
+    report = await asyncio.wait_for(server.shutdown(), 30)
+    assert await client == b"GOT 6000\n"
+    assert report.forced == 0, report
+
+
+async def test_start_server_connection_in_steady_use_loses_no_request() -> None:
+    """A client sending a request every 0.25 s through the shutdown gets every answer, then a FIN
+    once it stops."""
+    server = await aiograceful.start_server(_echo_lines, LOCALHOST, 0, grace=20)
+
+    def pingpong() -> tuple[int, int]:
+        answered = lost = 0
+        with socket.create_connection((LOCALHOST, port_of(server)), timeout=10) as sock:
+            for i in range(20):  # 5 s: past several quiet windows
+                sock.sendall(b"ping %d\n" % i)
+                if sock.recv(4096).startswith(b"ANS"):
+                    answered += 1
+                else:
+                    lost += 1
+                    break
+                time.sleep(0.25)
+        return answered, lost
+
+    client = asyncio.ensure_future(asyncio.to_thread(pingpong))
+    await asyncio.sleep(0.3)
+    shutdown = asyncio.ensure_future(server.shutdown())
+    assert await client == (20, 0)
+    report = await asyncio.wait_for(shutdown, 30)
+    assert report.forced == 0, report
+
+
+async def test_create_server_default_notice_answers_a_request_on_the_wire() -> None:
+    """A GracefulProtocol with the default notice closes by the quiet window: a request sent
+    0.3 s after the notice is answered, not met by a FIN."""
+
+    class Echo(GracefulProtocol):
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(b"ANS " + data)
+
+    server = await create_server(Echo, LOCALHOST, 0, grace=20)
+    reader, writer = await asyncio.open_connection(LOCALHOST, port_of(server))
+    shutdown = asyncio.ensure_future(server.shutdown())
+    await asyncio.sleep(0.3)
+    writer.write(b"late\n")
+    assert await asyncio.wait_for(reader.read(100), 5) == b"ANS late\n"
+    assert await asyncio.wait_for(reader.read(100), 5) == b""  # then the quiet window's close
+    writer.close()
+    await writer.wait_closed()
+    report = await asyncio.wait_for(shutdown, 30)
+    assert report.forced == 0, report
+    assert report.duration < 5.0, report
