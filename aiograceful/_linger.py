@@ -151,6 +151,10 @@ class CloseWaiter(asyncio.Future[CloseResult]):
 
     _linger: Linger | None
 
+    def detach(self) -> None:
+        """Forget the close (its result is in): a later cancel gives up nothing."""
+        self._linger = None
+
     def cancel(self, msg: Any | None = None) -> bool:
         cancelled = super().cancel(msg)
         linger = self._linger
@@ -174,7 +178,7 @@ class Linger(CloseRecord):
         waiter = CloseWaiter(loop=self.loop)
         result = self.result
         if result is not None:
-            waiter._linger = None
+            waiter.detach()
             waiter.set_result(result)
             return waiter
         waiter._linger = self

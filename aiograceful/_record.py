@@ -20,7 +20,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import Any, Final, Protocol, Self
 
 from . import _deadlines
 from ._deadlines import Timed  # by name: a compiled subclass needs its base so
@@ -40,10 +40,8 @@ from ._state import Event, HalfCloseMachine, HalfCloseState
 if sys.platform != "win32":
     import fcntl
 
-if TYPE_CHECKING:  # for annotations only: the subclass and its waiter
-    from ._linger import CloseWaiter
 
-__all__ = ["POLL_FIRST", "CloseRecord"]
+__all__ = ["POLL_FIRST", "CloseRecord", "Waiter"]
 
 # The send side is sampled first after POLL_FIRST seconds, then at doubling
 # intervals up to POLL_MAX (and a quarter of the bounds in force), so that a
@@ -66,6 +64,16 @@ _IDLE_TIMEOUT: Final = CloseOutcome.IDLE_TIMEOUT
 _PEER_RESET: Final = CloseOutcome.PEER_RESET
 _ON_LOST: Final = Event.LOST
 _ON_PEER_RESET: Final = Event.PEER_RESET
+
+
+class Waiter(Protocol):
+    """One caller's future of the result (``_linger.CloseWaiter``), as the record completes it."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: CloseResult, /) -> None: ...
+    def detach(self) -> None:
+        """Forget the close: a cancel after the result has nothing to give up."""
+        ...
 
 
 class CloseRecord(Timed):
@@ -141,7 +149,7 @@ class CloseRecord(Timed):
         self.on_lost: Callable[[Self], None] | None = None
         self._future: asyncio.Future[CloseResult] | None = None
         # One caller's waiter (the common case: no list), or a list of them.
-        self._waiters: CloseWaiter | list[CloseWaiter] | None = None
+        self._waiters: Waiter | list[Waiter] | None = None
         # The transport's socket for the kernel's queue counts, looked up on
         # first use (uvloop makes its socket object then: a getsockname());
         # None where they do not apply (not TCP, not Linux).
@@ -303,7 +311,7 @@ class CloseRecord(Timed):
         if waiters is not None:
             self._waiters = None
             for waiter in waiters if isinstance(waiters, list) else (waiters,):
-                waiter._linger = None
+                waiter.detach()
                 if not waiter.done():
                     waiter.set_result(result)
         # The watches' callbacks hold their owner (a server connection, and
