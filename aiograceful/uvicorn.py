@@ -57,7 +57,7 @@ uploading reads the early answer (stock uvicorn's close fails it on asyncio's
 loop); a client that half-closes a TLS connection is closed by asyncio
 itself, as in stock uvicorn.
 
-Supports uvicorn 0.22 (:data:`MINIMUM_VERSION`) to 0.54 (:data:`TESTED_UP_TO`),
+Supports uvicorn 0.22 (:data:`MINIMUM_VERSION`) to 0.55 (:data:`TESTED_UP_TO`),
 checked at import; the subclasses use uvicorn's protocol attributes
 (``cycle``, ``conn``, ``flow``, ``transport``), which a later uvicorn may change.
 """
@@ -75,7 +75,7 @@ from ._versions import check_server_version
 #: The oldest uvicorn this drop-in supports (see the README for why).
 MINIMUM_VERSION: Final = "0.22"
 #: The newest uvicorn its tests ran against; a newer one works with a warning.
-TESTED_UP_TO: Final = "0.54"
+TESTED_UP_TO: Final = "0.55"
 check_server_version(__name__, "uvicorn", MINIMUM_VERSION, TESTED_UP_TO)
 
 import asyncio
@@ -95,8 +95,15 @@ import h11
 import uvicorn
 from uvicorn.config import Config
 from uvicorn.protocols.http import h11_impl
-from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.supervisors import Multiprocess
+
+try:
+    from uvicorn.protocols.utils import ClientDisconnected
+except ImportError:  # uvicorn < 0.27 has no class of its own for it
+
+    class ClientDisconnected(OSError):  # type: ignore[no-redef]
+        """A send to a WebSocket client that has gone (ASGI: an ``OSError``)."""
+
 
 from ._accept import HANDSHAKE_SETTLE, accept_queue_stats, close_and_drain
 from ._dropin_options import (
