@@ -28,8 +28,11 @@ so a client that half-closes after its request loses the answer. Here:
   close, with ``websocket_close_code`` (1001, going away), after every
   message the handler sent; the handler's ``async for msg in ws`` ends, and
   the client's close frame is awaited for ``websocket_close_timeout``
-  seconds. Stock aiohttp sends none unless the application closes its
-  WebSockets in ``on_shutdown``: the handler is cancelled after the grace and
+  seconds. (aiohttp before 3.10.4 wakes a handler waiting in ``receive()``
+  before it writes the close frame: the handler's own close, 1000 when it
+  returns, goes first; every message is still sent, then a FIN.) Stock
+  aiohttp sends none unless the application closes its WebSockets in
+  ``on_shutdown``: the handler is cancelled after the grace and
   the client sees 1006. (Seen through the application's
   ``on_response_prepare``, which the runner joins unless the application was
   frozen before.) A streaming answer sees the notice in ``runner.notice``

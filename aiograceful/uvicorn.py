@@ -478,6 +478,10 @@ def _make_websocket_class(base: Any, owner: type[_Ending]) -> Any:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._ws_end.linger.lost(exc)
+            # uvicorn < 0.53 has no close timer of its own to cancel: ours goes here.
+            timer = getattr(self, "close_timer", None)
+            if timer is not None:
+                timer.cancel()
             super().connection_lost(exc)
 
         async def send(self, message: Any) -> None:
@@ -491,7 +495,9 @@ def _make_websocket_class(base: Any, owner: type[_Ending]) -> Any:
             if self.close_sent or not self.handshake_complete or self.transport.is_closing():
                 super().shutdown()
                 return
-            self.stop_keepalive()
+            stop_keepalive = getattr(self, "stop_keepalive", None)  # its pings: uvicorn >= 0.46
+            if stop_keepalive is not None:
+                stop_keepalive()
             code = owner.websocket_close_code
             self.queue.put_nowait({"type": "websocket.disconnect", "code": code})
             conn = self.conn

@@ -59,6 +59,7 @@ from _dropins import (
 )
 from _exported import uvicorn_with_a_request
 from _websocket import MESSAGES, websocket_shutdown
+from uvicorn.config import WS_PROTOCOLS
 
 from aiograceful import CloseOutcome, ShutdownPhase
 from aiograceful import uvicorn as graceful_uvicorn
@@ -92,32 +93,38 @@ NO_CLI_IMPORT_STRING = (
 )
 
 
-def _argv(http: str, loop: str) -> list[str]:
+def _argv(http: str, loop: str, **options: object) -> list[str]:
     """uvicorn serving ``_asgi_app:app`` with ``http`` (a parser's name, or ``module:Class``).
 
     A class goes to ``--http`` where the CLI takes an import string, and to
     ``uvicorn.run(http=Class)`` (``Config(http=Class)``: the same server, the
     same protocol) on the uvicorn whose CLI does not (before 0.36).
+    ``options`` are ``Config``'s (``ws="wsproto"``, ``workers=2``): CLI
+    options on the first path, ``uvicorn.run`` arguments on the second.
     """
     if ":" in http and not CLI_TAKES_IMPORT_STRING:
-        return _uvicorn_run_argv(http, loop)
-    return _cli_argv(http, loop)
+        return _uvicorn_run_argv(http, loop, **options)
+    return _cli_argv(http, loop, **options)
 
 
-def _cli_argv(http: str, loop: str) -> list[str]:
-    return [
+def _cli_argv(http: str, loop: str, **options: object) -> list[str]:
+    argv = [
         python(), "-m", "uvicorn", "_asgi_app:app", "--host", HOST, "--port", "0",
         "--http", http, "--loop", loop, "--log-level", "info", "--no-access-log",
     ]  # fmt: skip
+    for name, value in options.items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
 
 
-def _uvicorn_run_argv(http: str, loop: str) -> list[str]:
+def _uvicorn_run_argv(http: str, loop: str, **options: object) -> list[str]:
     """``uvicorn.run(app, http=Class)`` for ``http`` = ``module:Class`` (any uvicorn)."""
     module, name = http.split(":")
+    extra = "".join(f", {key}={value!r}" for key, value in options.items())
     code = (
         f"import uvicorn; from {module} import {name}; "
         f"uvicorn.run('_asgi_app:app', host={HOST!r}, port=0, http={name}, loop={loop!r}, "
-        "log_level='info', access_log=False)"
+        f"log_level='info', access_log=False{extra})"
     )
     return [python(), "-c", code]
 
@@ -125,6 +132,14 @@ def _uvicorn_run_argv(http: str, loop: str) -> list[str]:
 def _need_parser(parser: str) -> None:
     if parser == "httptools":
         pytest.importorskip("httptools")
+
+
+def _need_websocket(websocket: str) -> None:
+    """Skip unless this uvicorn offers ``--ws websocket`` (websockets-sansio: uvicorn >= 0.35)."""
+    if websocket == "websockets-sansio":
+        pytest.importorskip("websockets")
+    if websocket not in WS_PROTOCOLS:
+        pytest.skip(f"uvicorn {uvicorn.__version__} has no --ws {websocket}")
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +364,7 @@ def test_uvicorn_probe_half_close_verdict_does_not_depend_on_the_app(
 def test_uvicorn_probe_idle_check_concludes() -> None:
     """Against stock uvicorn the idle check concludes within its wait: the connection serves
     one request, then uvicorn's keep-alive timeout closes it with a FIN."""
-    with server_process([*_argv("h11", "asyncio"), "--timeout-keep-alive", "1"]) as (_p, port):
+    with server_process(_argv("h11", "asyncio", timeout_keep_alive=1)) as (_p, port):
         _, found = run_probe(HOST, port, http=True, body_size=1 << 20, wait=4, timeout=3)
     idle = next(v for v in found if v.check == "idle (or shutdown) close")
     assert idle.status == "pass", idle
@@ -600,7 +615,7 @@ def _workers_load(argv: list[str]) -> LoadCounts:
 @pytest.mark.slow
 def test_uvicorn_cli_workers_lose_requests_at_sigterm() -> None:
     """``uvicorn --workers 2`` with the drop-in protocols: the supervisor's exit resets some."""
-    argv = [*_argv(DROPIN["h11"], "asyncio"), "--workers", "2"]
+    argv = _argv(DROPIN["h11"], "asyncio", workers=2)
     seen = []
     for _ in range(2):
         counts = _workers_load(argv)
@@ -771,11 +786,9 @@ async def test_uvicorn_server_stats_read_from_another_thread() -> None:
 def test_uvicorn_websocket_shutdown_goes_away(websocket: str, parser: str, loop: str) -> None:
     """At shutdown stock uvicorn's WebSocket closes with 1012; the drop-in's with 1001, all sent."""
     _need_parser(parser)
-    if websocket == "websockets-sansio":
-        pytest.importorskip("websockets")
-    ws = ["--ws", websocket]
-    stock = websocket_shutdown([*_argv(parser, loop), *ws])
-    dropin = websocket_shutdown([*_argv(DROPIN[parser], loop), *ws])
+    _need_websocket(websocket)
+    stock = websocket_shutdown(_argv(parser, loop, ws=websocket))
+    dropin = websocket_shutdown(_argv(DROPIN[parser], loop, ws=websocket))
     # Its close does not wait for the client's close frame: on asyncio's loop
     # that frame sometimes arrives after the close and the client is reset.
     assert stock.code == 1012, stock
@@ -832,9 +845,8 @@ async def test_uvicorn_stream_ends_itself_at_the_notice() -> None:
 @pytest.mark.parametrize("loop", LOOPS)
 def test_uvicorn_websocket_close_wait_is_bounded(loop: str) -> None:
     """A client that never answers the close frame holds the drop-in's exit ~2 s, then a FIN."""
-    ws = ["--ws", "wsproto"]
-    stock = websocket_shutdown([*_argv("h11", loop), *ws], echo=False)
-    dropin = websocket_shutdown([*_argv(DROPIN["h11"], loop), *ws], echo=False)
+    stock = websocket_shutdown(_argv("h11", loop, ws="wsproto"), echo=False)
+    dropin = websocket_shutdown(_argv(DROPIN["h11"], loop, ws="wsproto"), echo=False)
     assert stock.code == 1012, stock
     assert stock.exited < 1.0, stock  # stock does not wait for the client's close frame
     assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
@@ -846,12 +858,11 @@ def test_uvicorn_websocket_close_wait_is_bounded(loop: str) -> None:
 @pytest.mark.parametrize("websocket", ["wsproto", "websockets-sansio"])
 def test_uvicorn_websocket_send_after_close_is_a_disconnect(websocket: str, loop: str) -> None:
     """An app still sending after the drop-in's close frame gets an OSError, not a logged error."""
-    if websocket == "websockets-sansio":
-        pytest.importorskip("websockets")
-    ws = ["--ws", websocket]
+    _need_websocket(websocket)
     # The client is slow to answer the close frame: the app sends in between.
-    stock = websocket_shutdown([*_argv("h11", loop), *ws], path="/chatty", echo=False)
-    dropin = websocket_shutdown([*_argv(DROPIN["h11"], loop), *ws], path="/chatty", echo=False)
+    stock = websocket_shutdown(_argv("h11", loop, ws=websocket), path="/chatty", echo=False)
+    dropin_argv = _argv(DROPIN["h11"], loop, ws=websocket)
+    dropin = websocket_shutdown(dropin_argv, path="/chatty", echo=False)
     assert stock.code == 1012, stock
     assert (dropin.code, dropin.ended) == (1001, "fin"), dropin
     assert dropin.in_order, dropin
