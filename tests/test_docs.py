@@ -393,3 +393,13 @@ async def test_docs_exporter_snippets_export_a_server(
         aiograceful.prometheus.unregister(plain_server)
     exec(block("aiograceful.otel.observe").code, {"server": plain_server})
     aiograceful.otel.unobserve(plain_server)  # raises if the snippet had not observed it
+
+
+def test_docs_api_reference_lists_every_public_name() -> None:
+    """The API page documents exactly aiograceful.__all__, and every public module has a page."""
+    page = (ROOT / "docs" / "api" / "aiograceful.md").read_text()
+    members = re.findall(r"^        - (\w+)$", page, flags=re.M)
+    assert sorted(members) == sorted(aiograceful.__all__)
+    pages = "".join(p.read_text() for p in (ROOT / "docs" / "api").glob("*.md"))
+    for module in ("uvicorn", "hypercorn", "aiohttp", "gunicorn", "prometheus", "otel"):
+        assert f"::: aiograceful.{module}\n" in pages, module
