@@ -1,6 +1,6 @@
 """aiograceful: end asyncio TCP connections without losing data.
 
-See the README for the hazards this library exists for and how to use it.
+See README.md and the docs (docs/) for the hazards it exists for and how to use it.
 """
 
 # First: it picks the compiled close path or the Python one (see _compiled),

@@ -151,7 +151,7 @@ async def start_server(
     returns (or raises: the exception is logged on the ``aiograceful``
     logger), its writer is closed with :func:`graceful_close`.
 
-    Options (defaults beside nginx's; see the README for the full table):
+    Options (defaults beside nginx's; docs/timing.md has the full table):
 
     * ``grace``: seconds connections get after the shutdown notice (10 s).
     * ``force_timeout``: linger bound for those still open after ``grace`` (1 s).

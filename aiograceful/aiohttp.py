@@ -66,7 +66,7 @@ from typing import Final
 
 from ._versions import check_server_version
 
-#: The oldest aiohttp this drop-in supports (see the README for why).
+#: The oldest aiohttp this drop-in supports (docs/dropins.md says why).
 MINIMUM_VERSION: Final = "3.9"
 #: The newest aiohttp its tests ran against; a newer one works with a warning.
 TESTED_UP_TO: Final = "3.14"

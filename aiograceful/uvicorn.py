@@ -72,7 +72,7 @@ from typing import Final
 
 from ._versions import check_server_version
 
-#: The oldest uvicorn this drop-in supports (see the README for why).
+#: The oldest uvicorn this drop-in supports (docs/dropins.md says why).
 MINIMUM_VERSION: Final = "0.22"
 #: The newest uvicorn its tests ran against; a newer one works with a warning.
 TESTED_UP_TO: Final = "0.55"

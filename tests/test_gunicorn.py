@@ -36,7 +36,7 @@ WORKERS = ["UvicornWorker", "UvicornH11Worker"]
 #: New connections the stop may reset unanswered (``LoadCounts.unsent``): the
 #: arbiter closed its copy of the listener first, and one that completes its
 #: handshake between the last worker's final accept() and its close is reset
-#: with the queue (about one stop in 15 on loopback; see the README).
+#: with the queue (about one stop in 15 on loopback; see docs/dropins.md).
 STOP_WINDOW = 1
 #: Two reloads under load, then the stop.
 RELOADS = [(1.0, signal.SIGHUP), (3.0, signal.SIGHUP), (5.0, signal.SIGTERM)]
